@@ -1,0 +1,1 @@
+"""Datasets: the image-caption folder format and the embedded synthetic people."""

@@ -1,0 +1,9 @@
+"""Errors that tell the user what is wrong with their input and how to fix it."""
+
+
+class PogdiffError(Exception):
+    """A user-facing problem: the CLI prints its message on one line, without a traceback."""
+
+
+class DatasetError(PogdiffError):
+    """The dataset folder, its metadata or one of its images cannot be used as given."""

@@ -1,0 +1,40 @@
+"""The weight psi of PoGDiff's second term (Sec. 3.2, Eqs. 9, 11, 12).
+
+psi = psi_img * psi_txt: how much of the neighbour's prediction to borrow, larger when
+the neighbour image looks alike (and more so when it shows the same identity), and
+larger for captions in sparse regions of the text space.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def image_similarity_weight(similarity: torch.Tensor, same_identity: torch.Tensor,
+                            a1: float = 1.0, a2: float = 1.0) -> torch.Tensor:
+    """Eq. 9: psi_img = max(0, s) ** (a1 + a2 * 1[I(x) != I(x')]).
+
+    The paper's footnote: s = 0.4, a1 = a2 = 1 gives 0.4 for the same person, 0.16 otherwise.
+    """
+    exponent = a1 + a2 * (~same_identity.bool()).to(similarity.dtype)
+    return similarity.clamp(min=0).pow(exponent)
+
+
+def inverse_text_density_weight(elbo: torch.Tensor, a3: float = 1.0, max_ratio: float = 10.0) -> torch.Tensor:
+    """Eq. 11: psi_txt = 1 / (a3 * exp(ELBO(y))), computed in log space so it cannot overflow.
+
+    exp(ELBO) of a high-dimensional embedding is far outside float range, so densities
+    are taken relative to the dataset's median density (a constant the paper's a3 would
+    absorb) and clipped to [1/max_ratio, max_ratio] before a3 is applied: the median
+    caption weighs 1/a3, rare captions up to max_ratio/a3.
+    """
+    log_weight = -(elbo - elbo.median())
+    bound = math.log(max_ratio)
+    return log_weight.clamp(-bound, bound).exp() / a3
+
+
+def pog_weight(psi_img: torch.Tensor, psi_txt: torch.Tensor) -> torch.Tensor:
+    """Eq. 12 (via Eq. 7): psi = psi_img * psi_txt."""
+    return psi_img * psi_txt

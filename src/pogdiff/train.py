@@ -1,0 +1,266 @@
+"""The training loop: one readable loop (after facebookresearch/DiT ``train.py``), run by accelerate.
+
+The same code runs on a CPU, a GPU, or several GPUs/nodes under ``accelerate launch``.
+Data are small enough to hold in memory (pixels or cached latents); batches come from a
+stateless, seeded index schedule, so a resumed run draws exactly what an uninterrupted
+one would (the random draws of t, eps, neighbours and caption dropout come from the
+RNG states that accelerate saves with each checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from pogdiff.backbone import RUN_FILE, PixelBackbone
+from pogdiff.data.dataset import load_dataset
+from pogdiff.errors import DatasetError, PogdiffError
+from pogdiff.losses import METHODS, TrainBatch
+from pogdiff.tables import build_tables
+
+
+@dataclass
+class TrainConfig:
+    """Training options. Defaults suit the small CPU backbone; ``PAPER_PRESETS`` hold Sec. 4.1's."""
+
+    data_dir: str
+    output_dir: str
+    method: str = "pogdiff"
+    seed: int = 0
+    # data
+    resolution: int = 32
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_column: str = "text"
+    identity_column: str = "identity"
+    image_column: str = "file_name"
+    caption_dropout: float = 0.1
+    # optimisation
+    train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 500
+    learning_rate: float = 1e-3
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    snr_gamma: float | None = None
+    # method (Sec. 3.2); ignored by methods that do not use them
+    k: int = 10
+    method_options: dict = field(default_factory=dict)
+    vae_latent_dim: int = 8
+    # small backbone
+    text_max_length: int = 24
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    # bookkeeping
+    checkpointing_steps: int | None = None
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    overwrite: bool = False
+    report_to: str | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+# Sec. 4.1: lr 1e-5; large sets 12,000 steps at 8 x 4; small/medium 6,000 steps at 8 x 1.
+PAPER_PRESETS = {
+    "paper-large": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 4,
+                    "max_train_steps": 12000, "resolution": 512},
+    "paper-small": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 1,
+                    "max_train_steps": 6000, "resolution": 512},
+}
+
+
+def batch_rows(num_rows: int, global_batch: int, micro_step: int, seed: int,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of the ``micro_step``-th global batch: a fresh seeded shuffle each epoch (drop-last).
+
+    With ``weights`` (resampling methods) rows are drawn with replacement in proportion to them.
+    """
+    per_epoch = num_rows // global_batch
+    epoch, position = divmod(micro_step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is None:
+        order = torch.randperm(num_rows, generator=generator)
+    else:
+        order = torch.multinomial(weights, per_epoch * global_batch, replacement=True, generator=generator)
+    return order[position * global_batch:(position + 1) * global_batch]
+
+
+def prepare_output_dir(config: TrainConfig) -> Path:
+    """Refuse to mix two runs in one folder: resume, overwrite, or pick another folder."""
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint:
+        return out
+    if out.exists() and any(out.iterdir()):
+        holds_run = (out / RUN_FILE).exists() or any(out.glob("checkpoint-*"))
+        if not config.overwrite:
+            what = "already holds a run" if holds_run else "is not empty"
+            raise PogdiffError(f"{out}: output folder {what}; pass --resume-from-checkpoint latest to continue it, "
+                               "--overwrite to replace it, or choose another --output-dir")
+        if not holds_run:
+            raise PogdiffError(f"{out}: --overwrite only replaces a pogdiff run, and this folder holds something else")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise PogdiffError(f"{out}: cannot write to the output folder ({error.strerror}); choose another --output-dir")
+    return out
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def train(config: TrainConfig) -> Path:
+    """Fine-tune with ``config.method`` and write a run folder; returns its path."""
+    if config.method not in METHODS:
+        raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    out = prepare_output_dir(config)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
+        log_with=config.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(config.seed, device_specific=True)
+
+    dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
+    global_batch = config.train_batch_size * accelerator.num_processes
+    if len(dataset) < global_batch:
+        raise DatasetError(f"{config.data_dir}: {len(dataset)} images, fewer than one batch of {global_batch}; "
+                           "lower --train-batch-size")
+    images = dataset.load_images(config.resolution, config.center_crop)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # same initial weights on every rank and every method
+        backbone = PixelBackbone.create(config.resolution, config.text_max_length, config.block_out_channels)
+    with accelerator.main_process_first():
+        tables = build_tables(dataset, images, backbone.text_encoder, k=config.k,
+                              vae_latent_dim=config.vae_latent_dim, seed=config.seed, cache_dir=config.cache_dir)
+    x0_all = backbone.encode_images(images)
+    tables = tables.to(accelerator.device)
+    loss_fn = METHODS[config.method](backbone.scheduler, tables, snr_gamma=config.snr_gamma, **config.method_options)
+    row_weights = loss_fn.sampling_weights()
+
+    unet = backbone.unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=config.max_train_steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    ema = None
+    if config.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=config.ema_decay, use_ema_warmup=True)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("pogdiff", config={k: v for k, v in asdict(config).items()
+                                                     if isinstance(v, (int, float, str, bool))})
+
+    global_step = 0
+    if config.resume_from_checkpoint:
+        checkpoint = latest_checkpoint(out) if config.resume_from_checkpoint == "latest" \
+            else Path(config.resume_from_checkpoint)
+        if checkpoint is None or not checkpoint.is_dir():
+            raise PogdiffError(f"{out}: no checkpoint to resume from ({config.resume_from_checkpoint}); "
+                               "drop --resume-from-checkpoint to start afresh")
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name.split("-")[-1])
+
+    def denoiser(x_t, t, cond):
+        return unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+    uncond = tables.uncond_states
+    bar = tqdm(total=config.max_train_steps, initial=global_step, desc=f"train {config.method}", unit="step",
+               disable=not (config.progress and accelerator.is_local_main_process))
+    micro_step = global_step * config.gradient_accumulation_steps
+    while global_step < config.max_train_steps:
+        rows = batch_rows(len(dataset), global_batch, micro_step, config.seed, row_weights)
+        rows = rows[accelerator.process_index::accelerator.num_processes].to(accelerator.device)
+        micro_step += 1
+        with accelerator.accumulate(unet):
+            x0 = x0_all[rows.cpu()].to(accelerator.device)
+            if config.random_flip:
+                flip = torch.rand(len(rows), device=x0.device) < 0.5
+                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            dropped = torch.rand(len(rows), device=x0.device) < config.caption_dropout
+            cond = torch.where(dropped[:, None, None], uncond.expand(len(rows), -1, -1), tables.text_states[rows])
+            loss = loss_fn(denoiser, TrainBatch(x0, cond, rows, dropped)).mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(unet).parameters())
+        loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+        if not math.isfinite(loss_value):
+            raise PogdiffError(f"training diverged at step {global_step} (loss {loss_value}); "
+                               "lower --learning-rate or check the data")
+        bar.update()
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
+                and global_step < config.max_train_steps:
+            save_checkpoint(accelerator, out, global_step, config.checkpoints_total_limit)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        backbone.save(out, final)
+        info = {**backbone.run_info(), "config": asdict(config), "num_processes": accelerator.num_processes,
+                "steps": global_step}
+        (out / RUN_FILE).write_text(json.dumps(info, indent=2, default=str))
+    accelerator.end_training()
+    return out
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None) -> None:
+    """Save the full training state atomically: written to a temporary folder, then renamed."""
+    accelerator.wait_for_everyone()
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)
+        if total_limit:
+            done = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            for old in done[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def run_label(config: dict) -> str:
+    """A run's name in tables: its method, plus the method options it changed (e.g. ablations)."""
+    options = ",".join(f"{k}={v}" for k, v in sorted(config.get("method_options", {}).items()))
+    return f"{config['method']}({options})" if options else config["method"]
+
+
+def config_fields() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}

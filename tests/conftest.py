@@ -1,0 +1,31 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_toy_dataset(root, counts=(12, 6, 2), size=32, seed=0):
+    """Solid-colour-ish images, one colour per identity, captions naming it."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    palette = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (200, 200, 40)]
+    names = ["Anna", "Bruno", "Chen", "Dara"]
+    rows = []
+    for ident, count in enumerate(counts):
+        for j in range(count):
+            array = np.clip(np.array(palette[ident]) + rng.integers(-30, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            file = f"images/{ident}_{j}.png"
+            Image.fromarray(array).save(root / file)
+            rows.append({"file_name": file, "text": f"An image of {names[ident]}, pose {j % 3}.",
+                         "identity": names[ident]})
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+@pytest.fixture
+def toy_data(tmp_path):
+    return write_toy_dataset(tmp_path / "data")
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return tmp_path / "cache"

@@ -1,0 +1,111 @@
+"""Eq. 13 against a hand computation, and where gradient flows."""
+
+import torch
+from diffusers import DDPMScheduler
+
+from pogdiff.losses import PoGDiffLoss, TrainBatch, VanillaLoss
+from pogdiff.neighbours import NeighbourTable
+from pogdiff.tables import DatasetTables
+
+
+class TinyDenoiser(torch.nn.Module):
+    """eps(x_t, t, y) = W x_t + mean_tokens(y) . v, elementwise: small enough to compute by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.v = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+        self.calls_with_grad = []
+
+    def forward(self, x_t, t, cond):
+        self.calls_with_grad.append(torch.is_grad_enabled())
+        return self.w * x_t + (cond.mean(1) @ self.v)[:, None, None, None]
+
+
+def make_tables():
+    g = torch.Generator().manual_seed(1)
+    return DatasetTables(
+        text_states=torch.randn(4, 2, 3, generator=g),
+        uncond_states=torch.zeros(2, 3),
+        neighbours=NeighbourTable(torch.tensor([[1, 2], [0, 2], [3, 0], [2, 1]]),
+                                  torch.tensor([[0.8, 0.2], [0.5, 0.5], [0.9, 0.1], [0.6, 0.4]])),
+        identity=torch.tensor([0, 0, 1, 1]),
+        elbo=torch.tensor([-1.0, 0.0, 1.0, 2.0]))
+
+
+def make_batch(tables):
+    g = torch.Generator().manual_seed(2)
+    index = torch.tensor([0, 2, 3])
+    return TrainBatch(torch.randn(3, 1, 2, 2, generator=g), tables.text_states[index], index,
+                      torch.tensor([False, False, True]))
+
+
+def test_pogdiff_loss_matches_hand_computation():
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    tables = make_tables()
+    batch = make_batch(tables)
+    model = TinyDenoiser()
+    loss_fn = PoGDiffLoss(scheduler, tables, a1=1.0, a2=1.0, a3=1.0, psi_txt_max_ratio=100.0)
+    torch.manual_seed(7)
+    loss = loss_fn(model, batch)
+
+    torch.manual_seed(7)  # replay the same draws: eps, t, then the neighbour (Eq. 8)
+    eps = torch.randn_like(batch.x0)
+    t = torch.randint(0, 100, (3,))
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * batch.x0 + (1 - abar).sqrt() * eps
+    weights = tables.neighbours.similarity[batch.index] / tables.neighbours.similarity[batch.index].sum(1, keepdim=True)
+    choice = torch.multinomial(weights, 1).squeeze(1)
+    j = tables.neighbours.index[batch.index, choice]
+    s = tables.neighbours.similarity[batch.index, choice]
+    same = tables.identity[batch.index] == tables.identity[j]
+    psi_img = s ** torch.where(same, 1.0, 2.0)                           # Eq. 9
+    psi_txt = torch.exp(-(tables.elbo[batch.index] - tables.elbo.median()))  # Eq. 11, median-normalised
+    psi = psi_img * psi_txt * torch.tensor([1.0, 1.0, 0.0])              # third caption was dropped
+    pred = 0.5 * x_t + (batch.cond.mean(1) @ model.v.detach())[:, None, None, None]
+    pred_nb = 0.5 * x_t + (tables.text_states[j].mean(1) @ model.v.detach())[:, None, None, None]
+    expected = ((pred - eps) ** 2).mean((1, 2, 3)) + psi * ((pred - pred_nb) ** 2).mean((1, 2, 3))
+    assert torch.allclose(loss.detach(), expected, atol=1e-5)
+
+
+def test_target_branch_has_no_gradient_by_default():
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    tables = make_tables()
+    batch = make_batch(tables)
+    model = TinyDenoiser()
+    torch.manual_seed(3)
+    PoGDiffLoss(scheduler, tables)(model, batch).sum().backward()
+    assert model.calls_with_grad == [True, False]
+    default_grad = model.v.grad.clone()
+
+    model.v.grad = None
+    model.w.grad = None
+    torch.manual_seed(3)
+    PoGDiffLoss(scheduler, tables, target_grad=True)(model, batch).sum().backward()
+    assert model.calls_with_grad[2:] == [True, True]
+    assert not torch.allclose(model.v.grad, default_grad)
+
+
+def test_pogdiff_with_zero_psi_equals_vanilla():
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    tables = make_tables()
+    tables.neighbours.similarity.zero_()  # psi_img = 0 everywhere
+    batch = make_batch(tables)
+    torch.manual_seed(5)
+    pog = PoGDiffLoss(scheduler, tables)(TinyDenoiser(), batch)
+    torch.manual_seed(5)
+    vanilla = VanillaLoss(scheduler, tables)(TinyDenoiser(), batch)
+    assert torch.allclose(pog, vanilla)
+
+
+def test_ablations_switch_factors_off():
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    tables = make_tables()
+    rows, nbrs, sims = torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([0.4, 0.4])
+    full = PoGDiffLoss(scheduler, tables, psi_txt_max_ratio=100.0)
+    no_img = PoGDiffLoss(scheduler, tables, use_psi_img=False, psi_txt_max_ratio=100.0)
+    no_txt = PoGDiffLoss(scheduler, tables, use_psi_txt=False)
+    txt = torch.exp(torch.tensor(1.0))  # elbo -1 against the (lower) median 0
+    assert torch.allclose(full.psi(rows, nbrs, sims), torch.stack([0.4 * txt, 0.16 * txt]))
+    assert torch.allclose(no_img.psi(rows, nbrs, sims), torch.stack([txt, txt]))
+    assert torch.allclose(no_txt.psi(rows, nbrs, sims), torch.tensor([0.4, 0.16]))
