@@ -50,3 +50,19 @@ def test_batch_rows_is_a_seeded_epoch_shuffle():
     assert not torch.equal(torch.cat([batch_rows(10, 3, s, seed=0) for s in range(3, 6)]), epoch)
     weights = torch.tensor([0.0] * 9 + [1.0])
     assert (batch_rows(10, 3, 0, seed=0, weights=weights) == 9).all()
+
+
+def test_pogdiff_run_writes_a_readable_psi_summary(toy_data, tmp_path, cache_dir):
+    import json
+
+    from safetensors.torch import load_file
+
+    run = train(TrainConfig(str(toy_data), str(tmp_path / "run"), method="pogdiff", max_train_steps=1,
+                            train_batch_size=4, cache_dir=str(cache_dir), progress=False))
+    summary = json.loads((run / "psi_summary.json").read_text())
+    assert summary["minority"]["rows"] == 2 and summary["majority"]["rows"] == 18  # toy: 12 + 6 vs 2
+    for group in summary.values():
+        assert group["psi"]["min"] <= group["psi"]["median"] <= group["psi"]["max"]
+    weights = load_file(run / "psi.safetensors")
+    assert torch.allclose(weights["psi"], weights["psi_img"] * weights["psi_txt"], atol=1e-6)
+    assert (weights["psi_img"] >= 0).all() and (weights["psi_img"] <= 1).all()

@@ -115,6 +115,16 @@ class PoGDiffLoss(DiffusionLoss):
         psi_txt = self.psi_txt[rows] if self.use_psi_txt else ones
         return pog_weight(psi_img, psi_txt)
 
+    def row_weights(self) -> dict[str, torch.Tensor]:
+        """Per training row: psi_txt, and psi_img and psi in expectation over the neighbour draw (Eq. 8)."""
+        table = self.tables.neighbours
+        rows = torch.arange(len(self.tables), device=table.index.device)[:, None].expand_as(table.index)
+        psi = self.psi(rows.flatten(), table.index.flatten(), table.similarity.flatten()).view_as(table.index)
+        weights = table.sampling_weights()
+        expected_psi = (weights * psi).sum(1)
+        psi_txt = self.psi_txt if self.use_psi_txt else torch.ones_like(expected_psi)
+        return {"psi_txt": psi_txt, "psi_img": expected_psi / psi_txt, "psi": expected_psi}
+
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
         x_t, t, _, target = self.diffuse(batch.x0)
         prediction = denoiser(x_t, t, batch.cond)

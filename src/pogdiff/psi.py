@@ -38,3 +38,16 @@ def inverse_text_density_weight(elbo: torch.Tensor, a3: float = 1.0, max_ratio: 
 def pog_weight(psi_img: torch.Tensor, psi_txt: torch.Tensor) -> torch.Tensor:
     """Eq. 12 (via Eq. 7): psi = psi_img * psi_txt."""
     return psi_img * psi_txt
+
+
+def summarise(weights: dict[str, torch.Tensor], is_few: torch.Tensor) -> dict:
+    """Quantiles of each per-row weight for majority and minority ("Few") rows, for people to read."""
+    probs = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    summary = {}
+    for group, mask in (("majority", ~is_few), ("minority", is_few)):
+        if mask.any():
+            summary[group] = {"rows": int(mask.sum()), **{
+                name: dict(zip(("min", "q25", "median", "q75", "max"),
+                               [round(v, 4) for v in values[mask].float().quantile(probs).tolist()]))
+                for name, values in weights.items()}}
+    return summary

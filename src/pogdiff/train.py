@@ -19,8 +19,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from pogdiff import psi
 from pogdiff.backbone import RUN_FILE, PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.errors import DatasetError, PogdiffError
@@ -154,6 +156,8 @@ def train(config: TrainConfig) -> Path:
     tables = tables.to(accelerator.device)
     loss_fn = METHODS[config.method](backbone.scheduler, tables, snr_gamma=config.snr_gamma, **config.method_options)
     row_weights = loss_fn.sampling_weights()
+    if accelerator.is_main_process and hasattr(loss_fn, "row_weights"):
+        save_psi_summary(out, loss_fn.row_weights(), dataset)
 
     unet = backbone.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
@@ -235,6 +239,15 @@ def train(config: TrainConfig) -> Path:
         (out / RUN_FILE).write_text(json.dumps(info, indent=2, default=str))
     accelerator.end_training()
     return out
+
+
+def save_psi_summary(out: Path, weights: dict[str, torch.Tensor], dataset) -> None:
+    """psi per training row (psi.safetensors) and its quantiles, majority vs minority (psi_summary.json)."""
+    few = dataset.few_identities()
+    is_few = torch.tensor([name in few for name in dataset.identity_names])
+    weights = {k: v.float().cpu().contiguous() for k, v in weights.items()}
+    save_file({**weights, "is_few": is_few}, out / "psi.safetensors")
+    (out / "psi_summary.json").write_text(json.dumps(psi.summarise(weights, is_few), indent=2))
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None) -> None:

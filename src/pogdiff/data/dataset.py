@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from pogdiff.errors import DatasetError
 
 METADATA_FILE = "metadata.jsonl"
+FEW_MAX_IMAGES = 5  # "Few" (minority) identities have at most this many training images
 
 
 @dataclass
@@ -42,6 +43,10 @@ class ImageTextDataset:
 
     def identity_counts(self) -> Counter:
         return Counter(self.identity_names)
+
+    def few_identities(self, few_max_images: int = FEW_MAX_IMAGES) -> set[str]:
+        """The minority ("Few") identities: at most ``few_max_images`` training images."""
+        return {name for name, count in self.identity_counts().items() if count <= few_max_images}
 
     def identity_codes(self) -> torch.Tensor:
         """Integer code per row, equal codes meaning the same identity (Eq. 9's indicator)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pogdiff.backbone import load_backbone, read_run_info
-from pogdiff.data.dataset import ImageTextDataset, load_dataset
+from pogdiff.data.dataset import FEW_MAX_IMAGES, ImageTextDataset, load_dataset
 from pogdiff.encoders import ImageEncoder
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge
 from pogdiff.evaluation.pictures import save_grid, to_pil
@@ -21,10 +21,6 @@ from pogdiff.tables import default_cache_dir
 from pogdiff.train import run_label
 
 PROMPT = "An image of {name}."  # App. B
-
-
-def few_identities(dataset: ImageTextDataset, few_max_images: int) -> set[str]:
-    return {name for name, count in dataset.identity_counts().items() if count <= few_max_images}
 
 
 def identity_order(dataset: ImageTextDataset) -> list[str]:
@@ -51,7 +47,7 @@ def real_images_by_identity(data_dir: Path, dataset: ImageTextDataset, resolutio
 
 def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str | Path,
                   num_images: int = 8, num_inference_steps: int = 50, guidance_scale: float | None = None,
-                  seed: int = 0, few_max_images: int = 5, cache_dir: str | Path | None = None,
+                  seed: int = 0, few_max_images: int = FEW_MAX_IMAGES, cache_dir: str | Path | None = None,
                   progress: bool = True) -> dict:
     """Generate and score every run on ``data_dir``'s identities; write metrics.json and sample grids."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
@@ -60,7 +56,7 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     cache_dir = Path(cache_dir or default_cache_dir())
     names = identity_order(dataset)
     counts = dataset.identity_counts()
-    few = few_identities(dataset, few_max_images)
+    few = dataset.few_identities(few_max_images)
     judge = make_judge(data_dir, dataset, cache_dir, progress)
     results = {}
     for run_dir in run_dirs:
