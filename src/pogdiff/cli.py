@@ -1,9 +1,8 @@
-"""The ``pogdiff`` command line: data, train, sample, evaluate, demo."""
+"""The ``pogdiff`` command line: data, train, sample, evaluate, benchmark, demo."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
@@ -18,14 +17,18 @@ def _data_synth(args) -> None:
 
 
 def _train(args) -> None:
-    from pogdiff.losses import METHODS
+    from pogdiff.losses import method_parameters
     from pogdiff.train import PAPER_PRESETS, TrainConfig, config_fields, train
 
     typed = vars(args)
     values = {**PAPER_PRESETS.get(typed.get("preset"), {}),
               **{k: v for k, v in typed.items() if k in config_fields()}}
-    accepted = inspect.signature(METHODS[values.get("method", "pogdiff")].__init__).parameters
-    values["method_options"] = {k: v for k, v in typed.items() if k in accepted and k not in config_fields()}
+    method = values.get("method", "pogdiff")
+    values["method_options"] = {k: v for k, v in typed.items() if k in args.method_flags}
+    wrong = [args.method_flags[k] for k in values["method_options"] if k not in method_parameters(method)]
+    if wrong:
+        raise PogdiffError(f"{', '.join(wrong)} does not apply to --method {method}; drop it or choose the method "
+                           "it belongs to (see pogdiff train --help)")
     values["progress"] = not args.no_progress
     out = train(TrainConfig(**values))
     print(f"run saved to {out}")
@@ -64,7 +67,20 @@ def _demo(args) -> None:
              num_images=args.num_images, cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
+def _benchmark(args) -> None:
+    from pogdiff.benchmark import DEFAULT_METHODS, DEFAULT_SEEDS, QUICK_SEEDS, budget_from, run_benchmark
+
+    budget = budget_from(args.quick, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
+                         learning_rate=args.learning_rate, num_images=args.num_images,
+                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                         few_max_images=args.few_max_images)
+    seeds = args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS
+    run_benchmark(args.out, args.methods or DEFAULT_METHODS, seeds, budget, data=args.data, preset=args.preset,
+                  cache_dir=args.cache_dir, progress=not args.no_progress)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pogdiff.benchmark import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
     from pogdiff.data.synth import PRESETS
     from pogdiff.losses import METHODS
     from pogdiff.train import PAPER_PRESETS, TrainConfig
@@ -122,17 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     option("--resume-from-checkpoint", "'latest' or a checkpoint folder")
     option("--overwrite", "replace a run already in --output-dir", action="store_true")
     option("--report-to", "log to this tracker under OUTPUT_DIR/logs", choices=["tensorboard"])
+    # Options of one method: their dest is the loss constructor's parameter name, which receives them.
+    method_flags = {}
+
+    def method_option(group, name, **kwargs):
+        action = group.add_argument(name, **kwargs)
+        method_flags[action.dest] = name
+
     pog = t.add_argument_group("PoGDiff (Sec. 3.2)")
     pog.add_argument("--k", type=int, help=f"neighbours per image, Eq. 8 (default: {d.k})")
-    pog.add_argument("--a1", type=float, help="Eq. 9 exponent for the same identity (default: 1.0)")
-    pog.add_argument("--a2", type=float, help="Eq. 9 extra exponent for another identity (default: 1.0)")
-    pog.add_argument("--a3", type=float, help="Eq. 11 scale of the inverse text density (default: 1.0)")
-    pog.add_argument("--psi-txt-max-ratio", type=float, help="clip psi_txt to [1/r, r] x the median (default: 10)")
-    pog.add_argument("--no-psi-img", dest="use_psi_img", action="store_false", help="ablation: psi_img = 1")
-    pog.add_argument("--no-psi-txt", dest="use_psi_txt", action="store_false", help="ablation: psi_txt = 1")
-    pog.add_argument("--target-grad", action="store_true", help="let gradient flow through eps(x_t, y')")
+    method_option(pog, "--a1", type=float, help="Eq. 9 exponent for the same identity (default: 1.0)")
+    method_option(pog, "--a2", type=float, help="Eq. 9 extra exponent for another identity (default: 1.0)")
+    method_option(pog, "--a3", type=float, help="Eq. 11 scale of the inverse text density (default: 1.0)")
+    method_option(pog, "--psi-txt-max-ratio", type=float, help="clip psi_txt to [1/r, r] x the median (default: 10)")
+    method_option(pog, "--no-psi-img", dest="use_psi_img", action="store_false", help="ablation: psi_img = 1")
+    method_option(pog, "--no-psi-txt", dest="use_psi_txt", action="store_false", help="ablation: psi_txt = 1")
+    method_option(pog, "--target-grad", action="store_true", help="let gradient flow through eps(x_t, y')")
     pog.add_argument("--vae-latent-dim", type=int, help=f"text-density VAE, Eq. 10 (default: {d.vae_latent_dim})")
-    t.set_defaults(func=_train)
+    cbdm = t.add_argument_group("CBDM (Qin et al., 2023)")
+    method_option(cbdm, "--cbdm-tau", dest="tau", type=float, help="regulariser weight, w = tau * t / T (default: 1.0)")
+    resample = t.add_argument_group("balanced resampling")
+    method_option(resample, "--density-max-ratio", type=float,
+                  help="without identities: clip inverse text-density weights to [1/r, r] x the median (default: 10)")
+    t.set_defaults(func=_train, method_flags=method_flags)
 
     s = sub.add_parser("sample", parents=[common], help="generate images from a run")
     s.add_argument("run", help="run folder written by `pogdiff train`")
@@ -152,6 +180,34 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance-scale", type=float)
     e.add_argument("--few-max-images", type=int, default=5, help="Few = identities with at most this many images")
     e.set_defaults(func=_evaluate)
+
+    full = Budget()
+    b = sub.add_parser("benchmark", help="every method x seed on one dataset and budget: tables with 95%% intervals",
+                       description="Train and evaluate methods x seeds with one budget; write OUT/metrics.json, "
+                       "OUT/benchmark.md and OUT/benchmark.html. Re-running the same command skips finished cells.")
+    b.add_argument("--out", default="benchmark-out", help="benchmark folder (default: benchmark-out)")
+    b.add_argument("--data", help="dataset folder (default: the embedded synthetic set, written into OUT/data)")
+    b.add_argument("--preset", choices=sorted(PRESETS), default="small", help="embedded set without --data "
+                   "(default: small)")
+    b.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help=f"rows: {', '.join(METHODS)}, the ablations {', '.join(ABLATIONS)}, or METHOD:option=value,... "
+                   f"e.g. cbdm:tau=0.5 (default: {' '.join(DEFAULT_METHODS)})")
+    b.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                   help="training and sampling seeds (default: 0 1 2; --quick: 0 1)")
+    b.add_argument("--quick", action="store_true", help=f"smoke-test budget: {QUICK.max_train_steps} steps at batch "
+                   f"{QUICK.train_batch_size}, {QUICK.num_images} images per identity, {QUICK.num_inference_steps} "
+                   "DDIM steps; typed options still win")
+    b.add_argument("--max-train-steps", type=int, help=f"(default: {full.max_train_steps})")
+    b.add_argument("--train-batch-size", type=int, help=f"(default: {full.train_batch_size})")
+    b.add_argument("--learning-rate", type=float, help=f"(default: {full.learning_rate})")
+    b.add_argument("--num-images", type=int, help=f"generated images per identity (default: {full.num_images})")
+    b.add_argument("--num-inference-steps", type=int, help=f"DDIM steps (default: {full.num_inference_steps})")
+    b.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the backbone's)")
+    b.add_argument("--few-max-images", type=int, help=f"Few = identities with at most this many training images "
+                   f"(default: {full.few_max_images})")
+    b.add_argument("--cache-dir", help="where encoder tables and judges are cached (default ~/.cache/pogdiff)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=_benchmark)
 
     m = sub.add_parser("demo", parents=[common], help="vanilla vs PoGDiff on the embedded default")
     m.add_argument("--out", default="demo-out")

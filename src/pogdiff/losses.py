@@ -12,6 +12,7 @@ overrides :meth:`DiffusionLoss.sampling_weights`. Register new classes in ``METH
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -137,7 +138,122 @@ class PoGDiffLoss(DiffusionLoss):
         return self.example_weights(t) * loss
 
 
+class CBDMLoss(DiffusionLoss):
+    """CBDM, class-balancing diffusion (Qin et al., CVPR 2023; qym7/CBDM-pytorch ``diffusion.py``):
+
+        L = ||eps(x_t, y) - eps||^2 + w ||eps(x_t, y) - sg(eps(x_t, y_b))||^2
+                                    + (w / 4) ||sg(eps(x_t, y)) - eps(x_t, y_b)||^2,   w = tau * t / T
+
+    The first term pulls the prediction under the example's caption towards the one under
+    a balanced condition y_b; the second (commitment) term pulls the y_b prediction back.
+    CBDM draws y_b uniformly over class labels; with free-form captions y_b is the caption
+    of a training row drawn uniformly (the row itself included, as CBDM's draw includes the
+    example's own class). Both branches need gradient, so they run as one batched forward;
+    examples whose caption was dropped for guidance get no regulariser (CBDM skips it for
+    unconditional batches) and are left out of the y_b half.
+    """
+
+    def __init__(self, scheduler, tables: DatasetTables, snr_gamma: float | None = None, tau: float = 1.0):
+        super().__init__(scheduler, tables, snr_gamma)
+        self.tau = tau
+
+    def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
+        x_t, t, _, target = self.diffuse(batch.x0)
+        balanced = torch.randint(0, len(self.tables), (len(x_t),), device=x_t.device)
+        kept = (~batch.dropped).nonzero().squeeze(1)
+        both = denoiser(torch.cat([x_t, x_t[kept]]), torch.cat([t, t[kept]]),
+                        torch.cat([batch.cond, self.tables.text_states[balanced[kept]]]))
+        prediction, balanced_prediction = both[:len(x_t)], both[len(x_t):]
+        conditioned = prediction[kept]
+        weight = self.tau * t[kept].float() / self.num_timesteps
+        regulariser = torch.zeros(len(x_t), device=x_t.device)
+        regulariser[kept] = weight * (mse_per_example(conditioned, balanced_prediction.detach())
+                                      + 0.25 * mse_per_example(conditioned.detach(), balanced_prediction))
+        return self.example_weights(t) * (mse_per_example(prediction, target) + regulariser)
+
+
+class T2HLoss(DiffusionLoss):
+    """T2H, tail-to-head target transfer (Zhang et al., ICLR 2024; MediaBrain-SJTU/OC_LT
+    ``diffusion.py``, ``do_transfer_x0`` with ``transfer_mode='t2h'``).
+
+    No extra term: the regression target of example i is redrawn from a batch member j
+    (i itself included) with probability proportional to
+
+        exp(-||x0_i + sigma_t eps_i - x0_j||^2 / (2 sigma_t^2)),   sigma_t^2 = 1 / abar_t - 1,
+
+    i.e. the posterior that the noisy x_t came from x0_j. The draw is kept only when j's
+    condition is at least as frequent as i's (tail to head), else j = i; OC_LT applies it
+    to every example at every step (no probability or time cut-off by default), whether
+    or not the caption was dropped. Class frequency becomes the caption's text density
+    exp(ELBO) from the same VAE as PoGDiff's psi_txt (Eq. 10), as the PoGDiff paper
+    adapted it. The new target is the noise that makes x_t from x0_j:
+    eps' = (x_t - sqrt(abar_t) x0_j) / sqrt(1 - abar_t), or its velocity for v-prediction.
+    """
+
+    def transfer_probabilities(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, B) row-stochastic matrix: the probability of drawing source j for example i."""
+        abar = self.scheduler.alphas_cumprod.to(x0.device, torch.float64)[t]
+        sigma2 = 1 / abar - 1
+        x0 = x0.double().flatten(1)
+        anchor = x0 + sigma2.sqrt()[:, None] * noise.double().flatten(1)  # x_t / sqrt(abar_t)
+        distance2 = torch.cdist(anchor, x0).pow(2)
+        return torch.softmax(-distance2 / (2 * sigma2[:, None]), dim=1).float()
+
+    def transfer(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Batch position of each example's new source x0_j: drawn, then kept only towards denser captions."""
+        drawn = torch.multinomial(self.transfer_probabilities(x0, noise, t), 1).squeeze(1)
+        towards_head = self.tables.elbo[rows[drawn]] >= self.tables.elbo[rows]
+        return torch.where(towards_head, drawn, torch.arange(len(x0), device=x0.device))
+
+    def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
+        x_t, t, noise, _ = self.diffuse(batch.x0)
+        with torch.no_grad():
+            source = batch.x0[self.transfer(batch.x0, noise, t, batch.index)]
+            abar = self.scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.dim() - 1))
+            new_noise = (x_t - abar.sqrt() * source) / (1 - abar).sqrt()
+            if self.scheduler.config.prediction_type == "v_prediction":
+                target = self.scheduler.get_velocity(source, new_noise, t)
+            else:
+                target = new_noise
+        return self.example_weights(t) * mse_per_example(denoiser(x_t, t, batch.cond), target)
+
+
+class ResampleLoss(DiffusionLoss):
+    """Balanced resampling: the standard loss on batches that oversample the minority.
+
+    Not in the paper; what practitioners do today with per-folder repeats (kohya-ss
+    sd-scripts' ``num_repeats``). Each row is drawn with probability proportional to
+    1 / (images of its identity), so every identity is seen equally often. When rows carry
+    no shared identity (no identity column: every row is its own identity) it falls back
+    to the inverse text density of Eq. 11, exp(-ELBO) relative to the median, clipped to
+    [1/max_ratio, max_ratio] so that no single caption takes over.
+    """
+
+    def __init__(self, scheduler, tables: DatasetTables, snr_gamma: float | None = None,
+                 density_max_ratio: float = 10.0):
+        super().__init__(scheduler, tables, snr_gamma)
+        self.density_max_ratio = density_max_ratio
+
+    def sampling_weights(self) -> torch.Tensor:
+        identity = self.tables.identity.cpu()
+        _, codes, counts = identity.unique(return_inverse=True, return_counts=True)
+        if len(counts) == len(identity):
+            weights = inverse_text_density_weight(self.tables.elbo.cpu(), 1.0, self.density_max_ratio)
+        else:
+            weights = 1.0 / counts[codes].double()
+        return (weights / weights.sum()).float()
+
+
 METHODS: dict[str, type[DiffusionLoss]] = {
     "vanilla": VanillaLoss,
     "pogdiff": PoGDiffLoss,
+    "cbdm": CBDMLoss,
+    "t2h": T2HLoss,
+    "resample": ResampleLoss,
 }
+
+
+def method_parameters(method: str) -> dict[str, inspect.Parameter]:
+    """The options a method's constructor takes beyond the shared (scheduler, tables, snr_gamma)."""
+    shared = {"self", "scheduler", "tables", "snr_gamma"}
+    return {name: p for name, p in inspect.signature(METHODS[method].__init__).parameters.items() if name not in shared}

@@ -1,0 +1,336 @@
+"""``pogdiff benchmark``: every row of the paper's tables on the same data, budget and seeds.
+
+Each (method, seed) cell trains one run and evaluates it with :func:`evaluate_runs`
+(sampling seeded by the same seed, so methods see the same noise); the cells are then
+aggregated per method into a mean and a 95% Student-t interval over seeds, for every
+numeric metric under All and Few, and each method is compared with vanilla seed by
+seed on Few identity accuracy. A finished cell is never run again, so re-running the
+same command continues an interrupted benchmark.
+
+Methods are named ``METHOD`` or ``METHOD:option=value,...`` (a constructor argument of
+the method's loss, e.g. ``cbdm:tau=0.5``); the paper's Table 5 ablations have the short
+names in :data:`ABLATIONS`.
+
+Layout of the output folder::
+
+    OUT/benchmark.json                 the settings; a re-run must use the same ones
+    OUT/data/                          the embedded dataset, unless --data is given
+    OUT/runs/NAME/seed-S/              training runs
+    OUT/eval/NAME/seed-S/cell.json     a finished cell (plus samples and evaluate's metrics.json)
+    OUT/metrics.json, benchmark.md, benchmark.html
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from pogdiff.backbone import RUN_FILE
+from pogdiff.data.dataset import load_dataset
+from pogdiff.data.synth import write_dataset
+from pogdiff.errors import PogdiffError
+from pogdiff.evaluation.evaluate import evaluate_runs
+from pogdiff.losses import METHODS, method_parameters
+from pogdiff.train import TrainConfig, train
+
+DEFAULT_METHODS = ("vanilla", "cbdm", "t2h", "resample", "pogdiff")
+DEFAULT_SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 1)
+ABLATIONS = {  # Table 5: PoGDiff without one factor of psi (without y' altogether is vanilla)
+    "pogdiff-no-psi-img": "pogdiff:use_psi_img=false",
+    "pogdiff-no-psi-txt": "pogdiff:use_psi_txt=false",
+}
+BASELINE = "vanilla"
+PAIRED_METRIC = ("few", "id_acc")
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every method gets: same steps, batch and learning rate, same sampling for evaluation."""
+
+    max_train_steps: int = 300
+    train_batch_size: int = 16
+    learning_rate: float = 1e-3
+    num_images: int = 8
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    few_max_images: int = 5
+
+
+QUICK = Budget(max_train_steps=20, train_batch_size=8, num_images=2, num_inference_steps=10)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the table: a method and the constructor options it runs with."""
+
+    name: str
+    method: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
+
+
+def parse_method(text: str) -> MethodSpec:
+    """``METHOD`` or ``METHOD:option=value,...`` or an ablation name, checked against the loss's options."""
+    method, _, options_text = ABLATIONS.get(text, text).partition(":")
+    if method not in METHODS:
+        raise PogdiffError(f"unknown method {text!r}; choose from {', '.join([*METHODS, *ABLATIONS])}, "
+                           "optionally with options as METHOD:option=value,...")
+    parameters = method_parameters(method)
+    options = {}
+    for item in filter(None, options_text.split(",")):
+        key, equals, value = item.partition("=")
+        if key not in parameters or not equals:
+            raise PogdiffError(f"{text!r}: {method} takes option=value with option one of "
+                               f"{', '.join(parameters) or '(none)'}, got {item!r}")
+        options[key] = _parse_value(text, key, value, parameters[key].default)
+    return MethodSpec(text, method, options)
+
+
+def _parse_value(text: str, key: str, value: str, default):
+    try:
+        if isinstance(default, bool):
+            return {"true": True, "false": False}[value.lower()]
+        return type(default)(value) if default is not None else float(value)
+    except (KeyError, ValueError):
+        kind = "true or false" if isinstance(default, bool) else "number" if default is None else type(default).__name__
+        raise PogdiffError(f"{text!r}: {key} takes a {kind}, got {value!r}") from None
+
+
+def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: list[int] = DEFAULT_SEEDS,
+                  budget: Budget = Budget(), data: str | Path | None = None, preset: str = "small",
+                  cache_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Train and evaluate every (method, seed) cell not yet done; write metrics.json, benchmark.md and .html."""
+    out = Path(out)
+    specs = list({spec.name: spec for spec in map(parse_method, methods)}.values())
+    seeds = list(dict.fromkeys(seeds))
+    if not specs or not seeds:
+        raise PogdiffError("nothing to run: give at least one of --methods and one of --seeds")
+    if data:
+        load_dataset(data)  # a bad dataset fails here, before the folder is committed to these settings
+    settings = {"data": str(Path(data).resolve()) if data else f"embedded synthetic '{preset}' preset, seed 0",
+                "budget": asdict(budget)}
+    check_settings(out, settings)
+    data_dir = Path(data) if data else embedded_dataset(out, preset)
+
+    start = time.time()
+    cells = [(spec, seed) for seed in seeds for spec in specs]
+    results: dict[str, dict[int, dict]] = {spec.name: {} for spec in specs}
+    for number, (spec, seed) in enumerate(cells, 1):
+        cell, fresh = run_cell(out, spec, seed, data_dir, budget, cache_dir, progress)
+        took = ", ".join(f"{step} {s:.0f} s" for step, s in cell["seconds"].items()) if fresh else "done earlier"
+        print(f"[{number}/{len(cells)}] {spec.name}, seed {seed}: {took}", flush=True)
+        results[spec.name][seed] = cell
+
+    metrics = summarise(specs, seeds, results, settings)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "benchmark.md").write_text(markdown_report(metrics))
+    (out / "benchmark.html").write_text(html_report(metrics))
+    print(markdown_report(metrics))
+    print(f"written: {out / 'metrics.json'}, {out / 'benchmark.md'}, {out / 'benchmark.html'}   "
+          f"wall time of this invocation: {time.time() - start:.0f} s")
+    return metrics
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuse to mix cells of different budgets or data in one folder."""
+    path = out / "benchmark.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            changed = [k for k in settings["budget"] if stored.get("budget", {}).get(k) != settings["budget"][k]]
+            what = ", ".join(changed) or "data"
+            raise PogdiffError(f"{out}: holds a benchmark run with other settings ({what}); use the same settings "
+                               "to continue it, or another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise PogdiffError(f"{out}: folder exists and is not a pogdiff benchmark folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2))
+
+
+def embedded_dataset(out: Path, preset: str) -> Path:
+    """The synthetic dataset in OUT/data, written once (into a temporary folder, then renamed)."""
+    data = out / "data"
+    if not (data / "synth.json").is_file():
+        tmp = out / ".data.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_dataset(tmp, preset=preset, seed=0)
+        tmp.rename(data)
+    return data
+
+
+def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Budget,
+             cache_dir: str | Path | None, progress: bool) -> tuple[dict, bool]:
+    """Train (unless the run is finished) and evaluate one (method, seed); a finished cell is read back.
+
+    Returns the cell's results and whether anything ran now.
+    """
+    run = out / "runs" / spec.folder / f"seed-{seed}"
+    evaluation = out / "eval" / spec.folder / f"seed-{seed}"
+    cell_file = evaluation / "cell.json"
+    if cell_file.is_file():
+        return json.loads(cell_file.read_text()), False
+    seconds = {}
+    if not (run / RUN_FILE).is_file():
+        shutil.rmtree(run, ignore_errors=True)  # an interrupted run of this benchmark: start it again
+        began = time.time()
+        train(TrainConfig(str(data_dir), str(run), method=spec.method, method_options=dict(spec.options), seed=seed,
+                          max_train_steps=budget.max_train_steps, train_batch_size=budget.train_batch_size,
+                          learning_rate=budget.learning_rate,
+                          cache_dir=str(cache_dir) if cache_dir else None, progress=progress))
+        seconds["train"] = round(time.time() - began, 1)
+    began = time.time()
+    metrics = evaluate_runs([run], data_dir, evaluation, num_images=budget.num_images,
+                            num_inference_steps=budget.num_inference_steps, guidance_scale=budget.guidance_scale,
+                            seed=seed, few_max_images=budget.few_max_images, cache_dir=cache_dir, progress=progress)
+    seconds["evaluate"] = round(time.time() - began, 1)
+    (result,) = metrics["methods"].values()
+    cell = {"method": spec.method, "options": spec.options, "seed": seed, "label": next(iter(metrics["methods"])),
+            "all": result["all"], "few": result["few"], "per_identity": result["per_identity"], "seconds": seconds,
+            "identity_judge": metrics["identity_judge"], "num_identities": metrics["num_identities"]}
+    tmp = cell_file.with_name("cell.json.tmp")
+    tmp.write_text(json.dumps(cell, indent=2))
+    os.replace(tmp, cell_file)
+    return cell, True
+
+
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean and the half-width of its Student-t confidence interval over ``values`` (None for one value)."""
+    from scipy.stats import t as student_t
+
+    n = len(values)
+    mean = sum(values) / n
+    half_width = None
+    if n > 1:
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        half_width = float(student_t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "half_width": half_width, "n": n}
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Every numeric metric under ``all`` and ``few``, over seeds: {split: {key: mean_interval or None}}."""
+    summary = {}
+    for split in ("all", "few"):
+        summary[split] = {}
+        for key in dict.fromkeys(k for cell in per_seed.values() for k in cell[split]):
+            seen = [cell[split].get(key) for cell in per_seed.values()]
+            values = [v for v in seen if _numeric(v)]
+            if values or all(v is None for v in seen):  # None: no Few identities; other types are not metrics
+                summary[split][key] = mean_interval(values) if values else None
+    return summary
+
+
+def paired_difference(per_seed: dict[int, dict], baseline: dict[int, dict], metric=PAIRED_METRIC) -> dict | None:
+    """Per seed ``method - baseline`` on one metric, with its mean and interval over the seeds both have."""
+    split, key = metric
+    diffs = {seed: cell[split][key] - baseline[seed][split][key] for seed, cell in per_seed.items()
+             if seed in baseline and _numeric(cell[split].get(key)) and _numeric(baseline[seed][split].get(key))}
+    if not diffs:
+        return None
+    return {"metric": f"{split}.{key}", "baseline": BASELINE, "per_seed": diffs, **mean_interval(list(diffs.values()))}
+
+
+def summarise(specs: list[MethodSpec], seeds: list[int], results: dict[str, dict[int, dict]], settings: dict) -> dict:
+    methods = {}
+    for spec in specs:
+        cells = results[spec.name]
+        first = next(iter(cells.values()))
+        methods[spec.name] = {"method": spec.method, "options": spec.options, "label": first["label"],
+                              **aggregate(cells),
+                              "seeds": {seed: {"all": c["all"], "few": c["few"], "seconds": c["seconds"]}
+                                        for seed, c in cells.items()}}
+    baseline = next((results[s.name] for s in specs if s.name == BASELINE), None)
+    paired = {} if baseline is None else {s.name: paired_difference(results[s.name], baseline)
+                                          for s in specs if s.name != BASELINE}
+    any_cell = next(iter(results[specs[0].name].values()))
+    return {"settings": settings, "seeds": seeds, "confidence": CONFIDENCE,
+            "identity_judge": any_cell["identity_judge"], "num_identities": any_cell["num_identities"],
+            "methods": methods, "paired_vs_vanilla": paired}
+
+
+def format_interval(summary: dict | None, digits: int = 3) -> str:
+    if summary is None:
+        return "–"
+    if summary["half_width"] is None:
+        return f"{summary['mean']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f} ± {summary['half_width']:.{digits}f}"
+
+
+def table_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """The paper's layout: rows = methods, columns = metric x (All, Few), cells 'mean ± half-width'."""
+    methods = metrics["methods"]
+    keys = list(dict.fromkeys(k for m in methods.values() for split in ("all", "few") for k in m[split]))
+    header = ["method"] + [f"{k} {split}" for k in keys for split in ("All", "Few")]
+    rows = [[name] + [format_interval(m[split.lower()].get(k)) for k in keys for split in ("All", "Few")]
+            for name, m in methods.items()]
+    return header, rows
+
+
+def paired_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["method", f"Δ vs {BASELINE} (mean ± half-width)", "per seed"]
+    rows = [[name, format_interval(p), "–" if p is None else ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())]
+            for name, p in metrics["paired_vs_vanilla"].items()]
+    return header, rows
+
+
+def describe(metrics: dict) -> str:
+    s, b = metrics["settings"], metrics["settings"]["budget"]
+    ids = metrics["num_identities"]
+    guidance = b["guidance_scale"] if b["guidance_scale"] is not None else "backbone default"
+    return (f"Data: {s['data']} ({ids['all']} identities, Few = {ids['few']} with <= {b['few_max_images']} training "
+            f"images). Same budget for every method: {b['max_train_steps']} steps, batch {b['train_batch_size']}, "
+            f"lr {b['learning_rate']}. Evaluation: {b['num_images']} images per identity, DDIM "
+            f"{b['num_inference_steps']} steps, guidance {guidance}, judge {metrics['identity_judge']}. "
+            f"Seeds {', '.join(map(str, metrics['seeds']))}: mean ± half-width of the "
+            f"{metrics['confidence']:.0%} Student-t interval over seeds.")
+
+
+def markdown_report(metrics: dict) -> str:
+    def table(header, rows):
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+    parts = ["# pogdiff benchmark", "", describe(metrics), "", table(*table_rows(metrics))]
+    if metrics["paired_vs_vanilla"]:
+        parts += ["", f"Paired comparison with {BASELINE} on Few id_acc, seed by seed (a seed fixes the initial "
+                  "weights, the batch order except for resample, and the sampling noise):", "",
+                  table(*paired_rows(metrics))]
+    return "\n".join(parts) + "\n"
+
+
+def html_report(metrics: dict) -> str:
+    def table(header, rows):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    paired = ""
+    if metrics["paired_vs_vanilla"]:
+        paired = f"<h2>Paired comparison with {BASELINE}, Few id_acc</h2>" + table(*paired_rows(metrics))
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "th,td{border:1px solid #999;padding:4px 10px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}th{background:#eee}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pogdiff benchmark</title>"
+            f"<style>{style}</style></head><body><h1>pogdiff benchmark</h1><p>{html.escape(describe(metrics))}</p>"
+            f"{table(*table_rows(metrics))}{paired}</body></html>\n")
+
+
+def budget_from(quick: bool, **typed) -> Budget:
+    """The default or --quick budget, with the options given on the command line winning."""
+    return replace(QUICK if quick else Budget(), **{k: v for k, v in typed.items() if v is not None})
