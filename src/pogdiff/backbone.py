@@ -1,9 +1,17 @@
 """Backbones: what denoises, in which space, conditioned by which frozen text encoder.
 
-:class:`PixelBackbone` is the small one that trains on a CPU in minutes: a diffusers
-``UNet2DConditionModel`` on 32x32 pixels, cross-attending to MiniLM token states, with
-a DDPM noise schedule. A run folder stores it the diffusers way (``unet/``,
-``scheduler/``) plus ``pogdiff_run.json`` naming the text encoder.
+- :class:`PixelBackbone`: the small model that trains on a CPU in minutes, a diffusers
+  ``UNet2DConditionModel`` on 32x32 pixels cross-attending to MiniLM token states.
+- :class:`StableDiffusionBackbone`: a diffusers text-to-image checkpoint (Stable Diffusion
+  v1.5, the paper's backbone, or any with the same parts), trained in the latent space of
+  its frozen VAE (Rombach et al., 2022), either fully or through LoRA adapters (Hu et al.,
+  2022) with peft.
+
+Both offer what training, sampling and evaluation use: ``unet``, ``scheduler`` (the
+training noise schedule), ``text_encoder``, ``resolution``, ``cache_images`` (what the
+training loop keeps per image) and ``x0_from_cache`` (x0 of Eq. 1 drawn from it),
+``decode``, ``to``, ``run_info`` and ``save``. A run folder holds ``pogdiff_run.json``
+next to the weights in diffusers' own layout.
 """
 
 from __future__ import annotations
@@ -14,10 +22,11 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from pogdiff.encoders import TextEncoder
+from pogdiff.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError
 
 RUN_FILE = "pogdiff_run.json"
+PIPELINE_FILE = "model_index.json"  # what diffusers writes at the top of a pipeline folder
 
 
 class PixelBackbone:
@@ -25,6 +34,9 @@ class PixelBackbone:
 
     kind = "pixel"
     default_guidance_scale = 3.0
+    default_learning_rate = 1e-3  # trained from scratch
+    sample_batch_size = 64
+    image_cache_name = None  # pixels need no encoding, hence no cache on disk
 
     def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: TextEncoder):
         self.unet = unet
@@ -54,32 +66,204 @@ class PixelBackbone:
         scheduler = DDPMScheduler.from_pretrained(run_dir / "scheduler")
         return cls(unet, scheduler, TextEncoder.minilm(info["text_max_length"]))
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size
+
+    def cache_images(self, images: torch.Tensor) -> torch.Tensor:
         return images
+
+    def x0_from_cache(self, cached: torch.Tensor) -> torch.Tensor:
+        return cached
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return x0.clamp(-1, 1)
 
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "PixelBackbone":
+        move_frozen_to(device, dtype, self.unet, self.text_encoder.model)
+        return self
+
     def run_info(self) -> dict:
         return {"backbone": self.kind, "text_encoder": self.text_encoder.name,
-                "text_max_length": self.text_encoder.max_length, "resolution": self.unet.config.sample_size}
+                "text_max_length": self.text_encoder.max_length, "resolution": self.resolution}
 
     def save(self, run_dir: Path, unet: UNet2DConditionModel) -> None:
         unet.save_pretrained(run_dir / "unet")
         self.scheduler.save_pretrained(run_dir / "scheduler")
 
 
+class StableDiffusionBackbone:
+    """A diffusers Stable Diffusion checkpoint: UNet, VAE, CLIP text encoder + tokenizer, scheduler.
+
+    Training follows diffusers' ``examples/text_to_image`` scripts: the noise schedule is a
+    ``DDPMScheduler`` with the checkpoint's scheduler config, x0 is the VAE latent times its
+    scaling factor, the VAE and text encoder are frozen. With ``lora_rank`` only LoRA
+    adapters on the attention projections are trained (rank = alpha, Gaussian init, as
+    ``train_text_to_image_lora.py``), and the run saves them alone in diffusers' LoRA format.
+    """
+
+    kind = "stable-diffusion"
+    default_guidance_scale = 7.5
+    sample_batch_size = 8
+    lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")  # as train_text_to_image_lora.py
+
+    def __init__(self, unet: UNet2DConditionModel, vae, scheduler: DDPMScheduler, text_encoder: TextEncoder,
+                 pretrained: str, lora_rank: int | None = None):
+        self.unet = unet
+        self.vae = vae.eval().requires_grad_(False)
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.pretrained = pretrained
+        self.lora_rank = lora_rank
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, lora_rank: int | None = None) -> "StableDiffusionBackbone":
+        """Load a pipeline folder or hub id; with ``lora_rank``, add fresh LoRA adapters to train."""
+        from diffusers import AutoencoderKL
+
+        if Path(path).is_dir():
+            check_pipeline_folder(Path(path))
+            path = str(Path(path).resolve())
+        try:
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+            scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+            text_encoder = TextEncoder.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise PogdiffError(f"{path}: cannot load a Stable Diffusion checkpoint ({str(error).splitlines()[0]}); "
+                               "pass a folder written by StableDiffusionPipeline.save_pretrained or a hub id "
+                               "already in the local Hugging Face cache") from None
+        backbone = cls(unet, vae, scheduler, text_encoder, str(path))
+        if lora_rank:
+            backbone.add_lora(lora_rank)
+        return backbone
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> "StableDiffusionBackbone":
+        """A pogdiff run (full weights, or LoRA adapters on its base checkpoint) or a plain pipeline folder."""
+        info = read_run_info(Path(run_dir))
+        if not info.get("lora_rank"):
+            return cls.from_pretrained(run_dir)
+        backbone = cls.from_pretrained(info["pretrained"])
+        backbone.unet.load_lora_adapter(str(run_dir), prefix="unet", use_safetensors=True)
+        backbone.lora_rank = info["lora_rank"]
+        return backbone
+
+    def add_lora(self, rank: int) -> None:
+        from peft import LoraConfig
+
+        self.unet.requires_grad_(False)
+        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                         target_modules=list(self.lora_target_modules)))
+        self.lora_rank = rank
+
+    @property
+    def default_learning_rate(self) -> float:
+        # Sec. 4.1 fine-tunes the whole UNet at 1e-5; diffusers' LoRA script defaults to 1e-4.
+        return 1e-4 if self.lora_rank else 1e-5
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_cache_name(self) -> str:
+        return f"vae-{weights_fingerprint(self.vae.encoder)}-{weights_fingerprint(self.vae.quant_conv)}"
+
+    @torch.no_grad()
+    def cache_images(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """The VAE posterior q(z | x) of every image: its mean and log-variance, (N, 2C, h, w)."""
+        moments = []
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(self.vae.device, self.vae.dtype)
+            moments.append(self.vae.encode(batch).latent_dist.parameters.float().cpu())
+        return torch.cat(moments)
+
+    def x0_from_cache(self, cached: torch.Tensor) -> torch.Tensor:
+        """A fresh z ~ q(z | x) at every step, scaled, exactly as when the VAE encodes each batch."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        return DiagonalGaussianDistribution(cached).sample() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        latents = x0.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents).sample.clamp(-1, 1)
+
+    def to(self, device, dtype: torch.dtype = torch.float32) -> "StableDiffusionBackbone":
+        move_frozen_to(device, dtype, self.unet, self.vae, self.text_encoder.model)
+        return self
+
+    def run_info(self) -> dict:
+        return {"backbone": self.kind, "pretrained": self.pretrained, "lora_rank": self.lora_rank,
+                "text_encoder": self.text_encoder.name, "resolution": self.resolution}
+
+    def save(self, run_dir: Path, unet: UNet2DConditionModel) -> None:
+        """A folder ``StableDiffusionPipeline.from_pretrained`` loads (LoRA: ``load_lora_weights`` on the base)."""
+        from diffusers import StableDiffusionPipeline
+
+        if self.lora_rank:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionPipeline.save_lora_weights(run_dir, unet_lora_layers=layers, safe_serialization=True)
+            return
+        # The other parts are reloaded from the checkpoint, not saved from memory: they stay
+        # bit-identical to it even when training held them in half precision.
+        pipeline = StableDiffusionPipeline.from_pretrained(self.pretrained, unet=unet)
+        pipeline.save_pretrained(run_dir, safe_serialization=True)
+
+
+def move_frozen_to(device, dtype: torch.dtype, *modules: torch.nn.Module) -> None:
+    """Move modules to ``device``; parameters not being trained go to ``dtype`` (half precision
+    under mixed precision), trained ones stay float32, as diffusers' training scripts keep them."""
+    for module in modules:
+        module.to(device)
+        for param in module.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(dtype)
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    """A Stable Diffusion-like pipeline folder: one UNet, VAE, CLIP text encoder, tokenizer, scheduler."""
+    index = folder / PIPELINE_FILE
+    if not index.is_file():
+        raise PogdiffError(f"{folder}: not a diffusers pipeline folder (no {PIPELINE_FILE}); pass the folder "
+                           "StableDiffusionPipeline.save_pretrained wrote, or a hub id")
+    components = json.loads(index.read_text())
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components]
+    if missing or "text_encoder_2" in components:
+        what = f"it has no {', '.join(missing)}" if missing else "it has a second text encoder (SDXL-like)"
+        raise PogdiffError(f"{index}: a {components.get('_class_name', 'pipeline')} is not supported ({what}); "
+                           "pogdiff trains Stable Diffusion 1.x/2.x-like checkpoints")
+
+
 def read_run_info(run_dir: Path) -> dict:
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise PogdiffError(f"{run_dir}: not a pogdiff run folder (no {RUN_FILE}); pass the --output-dir of a "
-                           "finished `pogdiff train`")
-    return json.loads(path.read_text())
+    """``pogdiff_run.json`` of a run; for a plain diffusers pipeline folder, the same keys made up from it
+    (labelled by its folder name)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (run_dir / PIPELINE_FILE).is_file():
+        return {"backbone": StableDiffusionBackbone.kind, "pretrained": str(run_dir.resolve()), "lora_rank": None,
+                "config": {"method": run_dir.resolve().name}}
+    raise PogdiffError(f"{run_dir}: neither a pogdiff run folder (no {RUN_FILE}) nor a diffusers pipeline folder "
+                       f"(no {PIPELINE_FILE}); pass the --output-dir of a finished `pogdiff train` or a "
+                       "Stable Diffusion folder")
 
 
-def load_backbone(run_dir: str | Path):
-    """The backbone of a finished run, ready to sample."""
+BACKBONES = {PixelBackbone.kind: PixelBackbone, StableDiffusionBackbone.kind: StableDiffusionBackbone}
+
+
+def load_backbone(run_dir: str | Path, device: str | torch.device | None = None):
+    """The backbone of a finished run or of any Stable Diffusion pipeline folder, ready to sample:
+    on the GPU in half precision where there is one, else on the CPU in float32."""
     info = read_run_info(Path(run_dir))
-    if info["backbone"] == PixelBackbone.kind:
-        return PixelBackbone.from_run(run_dir)
-    raise PogdiffError(f"{run_dir}: unknown backbone {info['backbone']!r} in {RUN_FILE}")
+    if info["backbone"] not in BACKBONES:
+        raise PogdiffError(f"{run_dir}: unknown backbone {info['backbone']!r} in {RUN_FILE}")
+    backbone = BACKBONES[info["backbone"]].from_run(run_dir)
+    backbone.unet.eval().requires_grad_(False)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return backbone.to(device, torch.float16 if device.type == "cuda" else torch.float32)

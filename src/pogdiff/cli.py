@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--cache-dir", help="where encoder tables and judges are cached (default ~/.cache/pogdiff)")
+    common.add_argument("--cache-dir",
+                        help="where encoder tables, latents and judges are cached (default ~/.cache/pogdiff)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -115,27 +116,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", required=True, help="run folder to write")
     option("--method", "training objective", choices=sorted(METHODS))
     option("--preset", "the paper's Sec. 4.1 hyper-parameters (typed options still win)", choices=sorted(PAPER_PRESETS))
+    option("--pretrained", "diffusers Stable Diffusion checkpoint to fine-tune, a folder or hub id "
+           "(default: the small CPU backbone, trained from scratch)", metavar="PATH_OR_HUB_ID")
+    option("--lora-rank", "train LoRA adapters of this rank on the UNet's attention instead of the whole UNet",
+           type=int, metavar="R")
     option("--caption-column", "metadata column holding the caption")
     option("--identity-column", "metadata column holding the identity (Eq. 9 indicator, All/Few split)")
     option("--image-column", "metadata column holding the image path")
-    option("--resolution", "training resolution", type=int)
+    option("--resolution", "training resolution (default: the backbone's, 32 small, 512 SD v1.5)", type=int)
     option("--no-center-crop", "crop images at the top-left instead of the centre",
            dest="center_crop", action="store_false")
-    option("--random-flip", "flip images horizontally at random", action="store_true")
+    option("--random-flip", "flip images horizontally at random (SD: the mirror image's latents are cached too)",
+           action="store_true")
     option("--caption-dropout", "probability of the empty caption, for classifier-free guidance", type=float)
     option("--train-batch-size", "batch size per device", type=int)
     option("--gradient-accumulation-steps", "micro-batches per optimizer step", type=int)
     option("--max-train-steps", "optimizer steps", type=int)
-    option("--learning-rate", "AdamW learning rate", type=float)
+    option("--learning-rate", "AdamW learning rate (default: 1e-3 small, 1e-5 SD, 1e-4 SD LoRA)", type=float)
     option("--lr-scheduler", "constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup")
     option("--lr-warmup-steps", "warm-up steps of the learning-rate schedule", type=int)
-    option("--mixed-precision", "fp16/bf16 on a GPU", choices=["no", "fp16", "bf16"])
+    option("--mixed-precision", "fp16/bf16 on a GPU: frozen weights in half precision, trained ones float32",
+           choices=["no", "fp16", "bf16"])
+    option("--gradient-checkpointing", "recompute activations in the backward pass: less memory, slower",
+           action="store_true")
     option("--use-ema", "keep an exponential moving average of the weights and save it", action="store_true")
     option("--ema-decay", "EMA decay (with warm-up)", type=float)
     option("--snr-gamma", "Min-SNR weighting gamma (5.0 is usual)", type=float)
     option("--checkpointing-steps", "save the training state every N steps", type=int)
     option("--checkpoints-total-limit", "keep at most this many checkpoints", type=int)
     option("--resume-from-checkpoint", "'latest' or a checkpoint folder")
+    option("--validation-prompts", "sample these prompts every --validation-steps into OUTPUT_DIR/validation",
+           nargs="+", metavar="PROMPT")
+    option("--validation-steps", "steps between validation grids", type=int)
+    option("--num-validation-images", "images per validation prompt", type=int)
     option("--overwrite", "replace a run already in --output-dir", action="store_true")
     option("--report-to", "log to this tracker under OUTPUT_DIR/logs", choices=["tensorboard"])
     # Options of one method: their dest is the loss constructor's parameter name, which receives them.
@@ -163,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train, method_flags=method_flags)
 
     s = sub.add_parser("sample", parents=[common], help="generate images from a run")
-    s.add_argument("run", help="run folder written by `pogdiff train`")
+    s.add_argument("run", help="run folder written by `pogdiff train`, or any Stable Diffusion pipeline folder")
     s.add_argument("--prompt", required=True)
     s.add_argument("--num-images", type=int, default=4)
     s.add_argument("--out", required=True)
@@ -172,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_sample)
 
     e = sub.add_parser("evaluate", parents=[common], help="score runs per identity, All and Few")
-    e.add_argument("runs", nargs="+", metavar="RUN")
+    e.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or Stable Diffusion pipeline folders")
     e.add_argument("--data", required=True, help="the dataset the runs were trained on")
     e.add_argument("--out", required=True)
     e.add_argument("--num-images", type=int, default=8, help="generated images per identity")

@@ -9,6 +9,7 @@ CLIP text encoder instead (see :meth:`TextEncoder.from_pretrained`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,18 @@ class TextEncoder:
 
     ``pooling="mean"`` averages the states over real tokens and L2-normalises
     (sentence-transformers' recipe for MiniLM); ``pooling="pooler"`` takes the model's
-    pooled output (CLIP's end-of-text token).
+    pooled output (CLIP's end-of-text token). ``use_attention_mask=False`` encodes the
+    padded prompt the way Stable Diffusion was trained and samples (diffusers'
+    ``StableDiffusionPipeline.encode_prompt``): padding states then match the pipeline's.
     """
 
-    def __init__(self, tokenizer, model, max_length: int, pooling: str, name: str):
+    def __init__(self, tokenizer, model, max_length: int, pooling: str, name: str, use_attention_mask: bool = True):
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.max_length = max_length
         self.pooling = pooling
         self.name = name
+        self.use_attention_mask = use_attention_mask
 
     @classmethod
     def minilm(cls, max_length: int = 24) -> "TextEncoder":
@@ -54,12 +58,18 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, subfolder: str = "text_encoder") -> "TextEncoder":
-        """The CLIP text encoder and tokenizer of a diffusers checkpoint (folder or hub id)."""
+        """The CLIP text encoder and tokenizer of a diffusers checkpoint (folder or hub id).
+
+        Its name, which keys the cached tables, is a fingerprint of the weights: two folders
+        holding the same encoder share caches, and a folder whose weights change does not.
+        """
         from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         model = CLIPTextModel.from_pretrained(path, subfolder=subfolder)
-        return cls(tokenizer, model, tokenizer.model_max_length, "pooler", name=f"{path}/{subfolder}")
+        return cls(tokenizer, model, tokenizer.model_max_length, "pooler",
+                   name=f"clip-{weights_fingerprint(model)}@{tokenizer.model_max_length}",
+                   use_attention_mask=getattr(model.config, "use_attention_mask", False))
 
     @property
     def device(self) -> torch.device:
@@ -71,7 +81,8 @@ class TextEncoder:
         for start in range(0, len(captions), batch_size):
             tokens = self.tokenizer(captions[start:start + batch_size], padding="max_length", truncation=True,
                                     max_length=self.max_length, return_tensors="pt").to(self.device)
-            output = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+            output = self.model(input_ids=tokens.input_ids,
+                                attention_mask=tokens.attention_mask if self.use_attention_mask else None)
             hidden = output.last_hidden_state
             if self.pooling == "mean":
                 mask = tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -81,6 +92,15 @@ class TextEncoder:
             states.append(hidden.float().cpu())
             pooled.append(vector.float().cpu())
         return TextEmbeddings(torch.cat(states), torch.cat(pooled))
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's parameters and buffers (names, shapes, dtypes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class ImageEncoder:

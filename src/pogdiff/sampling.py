@@ -9,14 +9,18 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def generate(backbone, prompts: list[str], num_images: int = 1, num_inference_steps: int = 50,
-             guidance_scale: float | None = None, seed: int = 0, batch_size: int = 64,
+             guidance_scale: float | None = None, seed: int = 0, batch_size: int | None = None,
              progress: bool = True) -> torch.Tensor:
     """Images (len(prompts) * num_images, 3, H, W) in [-1, 1], prompt-major order.
 
     ``guidance_scale`` defaults to the backbone's (3.0 for the small pixel model, 7.5 for
-    Stable Diffusion); 1.0 turns guidance off.
+    Stable Diffusion); 1.0 turns guidance off. For a latent backbone the loop runs on
+    latents and ``backbone.decode`` turns them into images. The initial noise comes from a
+    CPU generator seeded by ``seed``: the same images on any device, and the global
+    random state is left alone (training's validation images do not change its draws).
     """
     guidance = backbone.default_guidance_scale if guidance_scale is None else guidance_scale
+    batch_size = batch_size or backbone.sample_batch_size
     unet = backbone.unet.eval()
     device, dtype = unet.device, unet.dtype
     scheduler = DDIMScheduler.from_config(backbone.scheduler.config)

@@ -99,3 +99,39 @@ def _load(path: Path) -> DatasetTables:
     t = load_file(path)
     return DatasetTables(t["text_states"], t["uncond_states"],
                          NeighbourTable(t["neighbour_index"], t["neighbour_similarity"]), t["identity"], t["elbo"])
+
+
+def training_images(backbone, dataset: ImageTextDataset, images: torch.Tensor, center_crop: bool,
+                    random_flip: bool, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """What the training loop draws x0 from: (V, N, ...) with V = 2 (image, mirror image) under
+    ``random_flip``, else 1.
+
+    For a latent backbone these are the frozen VAE's posteriors, encoded once and cached by
+    dataset content, resolution, crop and VAE weights. The mirror image is encoded on its own
+    rather than flipping latents: the VAE is not equivariant to flips, so this is what
+    diffusers' script (which flips pixels, then encodes) trains on.
+    """
+    def encode() -> torch.Tensor:  # in chunks, so that no flipped copy of all images is ever held
+        flips = (False, True) if random_flip else (False,)
+        # Contiguous as when loaded from the cache file: the memory layout of x0 changes which
+        # convolution kernels run, hence the last bits of the result.
+        return torch.stack([torch.cat([backbone.cache_images(chunk.flip(-1) if flip else chunk)
+                                       for chunk in images.split(256)]) for flip in flips]).contiguous()
+
+    if backbone.image_cache_name is None:
+        return encode()
+    params = {"dataset": dataset.content_hash(), "encoder": backbone.image_cache_name, "resolution": images.shape[-1],
+              "center_crop": center_crop, "random_flip": random_flip, "version": 1}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
+    path = Path(cache_dir or default_cache_dir()) / f"images-{key}.safetensors"
+    if path.is_file():
+        cached = load_file(path)["images"]
+        if not torch.isfinite(cached).all():
+            raise PogdiffError(f"{path}: NaN or inf in cached image encodings; delete this cache file and run again")
+        return cached
+    cached = encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({"images": cached.contiguous()}, tmp, metadata={"params": json.dumps(params)})
+    os.replace(tmp, path)
+    return cached

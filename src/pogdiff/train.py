@@ -12,34 +12,47 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from safetensors.torch import save_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pogdiff import psi
-from pogdiff.backbone import RUN_FILE, PixelBackbone
+from pogdiff.backbone import RUN_FILE, PixelBackbone, StableDiffusionBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.errors import DatasetError, PogdiffError
+from pogdiff.evaluation.pictures import save_grid
 from pogdiff.losses import METHODS, TrainBatch
-from pogdiff.tables import build_tables
+from pogdiff.sampling import generate
+from pogdiff.tables import build_tables, training_images
+
+TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
 
 
 @dataclass
 class TrainConfig:
-    """Training options. Defaults suit the small CPU backbone; ``PAPER_PRESETS`` hold Sec. 4.1's."""
+    """Training options, named and meant as in diffusers' ``train_text_to_image.py``.
+
+    ``None`` defaults depend on the backbone: the small CPU one (``pretrained=None``) or a
+    diffusers checkpoint. ``PAPER_PRESETS`` hold Sec. 4.1's settings.
+    """
 
     data_dir: str
     output_dir: str
     method: str = "pogdiff"
     seed: int = 0
+    # backbone: a diffusers Stable Diffusion checkpoint (folder or hub id), else the small pixel model
+    pretrained: str | None = None
+    lora_rank: int | None = None
     # data
-    resolution: int = 32
+    resolution: int | None = None  # the backbone's own: 32 small, 512 for SD v1.5
     center_crop: bool = True
     random_flip: bool = False
     caption_column: str = "text"
@@ -50,12 +63,13 @@ class TrainConfig:
     train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 500
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None  # 1e-3 small (from scratch), 1e-5 full SD (Sec. 4.1), 1e-4 LoRA
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
     use_ema: bool = False
     ema_decay: float = 0.9999
     snr_gamma: float | None = None
@@ -70,6 +84,9 @@ class TrainConfig:
     checkpointing_steps: int | None = None
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None
+    validation_prompts: list[str] | None = None
+    validation_steps: int = 500
+    num_validation_images: int = 4
     overwrite: bool = False
     report_to: str | None = None
     cache_dir: str | None = None
@@ -79,9 +96,9 @@ class TrainConfig:
 # Sec. 4.1: lr 1e-5; large sets 12,000 steps at 8 x 4; small/medium 6,000 steps at 8 x 1.
 PAPER_PRESETS = {
     "paper-large": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 4,
-                    "max_train_steps": 12000, "resolution": 512},
+                    "max_train_steps": 12000},
     "paper-small": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 1,
-                    "max_train_steps": 6000, "resolution": 512},
+                    "max_train_steps": 6000},
 }
 
 
@@ -134,25 +151,32 @@ def train(config: TrainConfig) -> Path:
     """Fine-tune with ``config.method`` and write a run folder; returns its path."""
     if config.method not in METHODS:
         raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.lora_rank and not config.pretrained:
+        raise PogdiffError("--lora-rank adapts a pretrained checkpoint: pass --pretrained PATH_OR_HUB_ID too")
     out = prepare_output_dir(config)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
         log_with=config.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    set_seed(config.seed, device_specific=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     global_batch = config.train_batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
         raise DatasetError(f"{config.data_dir}: {len(dataset)} images, fewer than one batch of {global_batch}; "
                            "lower --train-batch-size")
-    images = dataset.load_images(config.resolution, config.center_crop)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # same initial weights on every rank and every method
-        backbone = PixelBackbone.create(config.resolution, config.text_max_length, config.block_out_channels)
-    with accelerator.main_process_first():
+        torch.manual_seed(config.seed)  # same initial weights (or LoRA adapters) on every rank and for every method
+        backbone = make_backbone(config)
+    config = replace(config, resolution=config.resolution or backbone.resolution,
+                     learning_rate=config.learning_rate or backbone.default_learning_rate)
+    images = dataset.load_images(config.resolution, config.center_crop)
+    backbone.to(accelerator.device)  # the frozen encoders run once, in float32, for the caches
+    with accelerator.local_main_process_first():
         tables = build_tables(dataset, images, backbone.text_encoder, k=config.k,
                               vae_latent_dim=config.vae_latent_dim, seed=config.seed, cache_dir=config.cache_dir)
-    x0_all = backbone.encode_images(images)
+        x0_cache = training_images(backbone, dataset, images, config.center_crop, config.random_flip, config.cache_dir)
+    del images
+    backbone.to(accelerator.device, weight_dtype)
     tables = tables.to(accelerator.device)
     loss_fn = METHODS[config.method](backbone.scheduler, tables, snr_gamma=config.snr_gamma, **config.method_options)
     row_weights = loss_fn.sampling_weights()
@@ -160,22 +184,29 @@ def train(config: TrainConfig) -> Path:
         save_psi_summary(out, loss_fn.row_weights(), dataset)
 
     unet = backbone.unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trained = [p for p in unet.parameters() if p.requires_grad]  # the whole UNet, or its LoRA adapters
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    checkpoint_trained_weights_only(accelerator)
     ema = None
     if config.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=config.ema_decay, use_ema_warmup=True)
+        ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     if accelerator.is_main_process:
         accelerator.init_trackers("pogdiff", config={k: v for k, v in asdict(config).items()
                                                      if isinstance(v, (int, float, str, bool))})
 
+    # Seeded here, after the set-up: its random draws (e.g. building encoders on a cache miss)
+    # must not shift those of training. A resumed run restores the checkpoint's states instead.
+    set_seed(config.seed, device_specific=True)
     global_step = 0
     if config.resume_from_checkpoint:
         checkpoint = latest_checkpoint(out) if config.resume_from_checkpoint == "latest" \
@@ -184,6 +215,8 @@ def train(config: TrainConfig) -> Path:
             raise PogdiffError(f"{out}: no checkpoint to resume from ({config.resume_from_checkpoint}); "
                                "drop --resume-from-checkpoint to start afresh")
         accelerator.load_state(str(checkpoint))
+        if ema is not None:
+            ema.to(accelerator.device)  # accelerate loads custom states onto the CPU
         global_step = int(checkpoint.name.split("-")[-1])
 
     def denoiser(x_t, t, cond):
@@ -198,16 +231,15 @@ def train(config: TrainConfig) -> Path:
         rows = rows[accelerator.process_index::accelerator.num_processes].to(accelerator.device)
         micro_step += 1
         with accelerator.accumulate(unet):
-            x0 = x0_all[rows.cpu()].to(accelerator.device)
-            if config.random_flip:
-                flip = torch.rand(len(rows), device=x0.device) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            flipped = torch.rand(len(rows), device=rows.device) < 0.5 if config.random_flip \
+                else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+            x0 = backbone.x0_from_cache(x0_cache[flipped.long().cpu(), rows.cpu()].to(accelerator.device))
             dropped = torch.rand(len(rows), device=x0.device) < config.caption_dropout
             cond = torch.where(dropped[:, None, None], uncond.expand(len(rows), -1, -1), tables.text_states[rows])
             loss = loss_fn(denoiser, TrainBatch(x0, cond, rows, dropped)).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+                accelerator.clip_grad_norm_(trained, config.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -215,7 +247,7 @@ def train(config: TrainConfig) -> Path:
             continue
         global_step += 1
         if ema is not None:
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            ema.step(trained)
         loss_value = accelerator.gather(loss.detach()[None]).mean().item()
         if not math.isfinite(loss_value):
             raise PogdiffError(f"training diverged at step {global_step} (loss {loss_value}); "
@@ -226,13 +258,16 @@ def train(config: TrainConfig) -> Path:
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
             save_checkpoint(accelerator, out, global_step, config.checkpoints_total_limit)
+        if config.validation_prompts and accelerator.is_main_process and \
+                (global_step % config.validation_steps == 0 or global_step == config.max_train_steps):
+            log_validation(accelerator, backbone, config, out, global_step, ema, trained)
     bar.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet)
         if ema is not None:
-            ema.copy_to(final.parameters())
+            ema.copy_to(trained)
         backbone.save(out, final)
         info = {**backbone.run_info(), "config": asdict(config), "num_processes": accelerator.num_processes,
                 "steps": global_step}
@@ -248,6 +283,55 @@ def save_psi_summary(out: Path, weights: dict[str, torch.Tensor], dataset) -> No
     weights = {k: v.float().cpu().contiguous() for k, v in weights.items()}
     save_file({**weights, "is_few": is_few}, out / "psi.safetensors")
     (out / "psi_summary.json").write_text(json.dumps(psi.summarise(weights, is_few), indent=2))
+
+
+def make_backbone(config: TrainConfig):
+    if config.pretrained:
+        return StableDiffusionBackbone.from_pretrained(config.pretrained, config.lora_rank)
+    return PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
+
+
+def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
+    """Checkpoints hold the trained parameters only (a few MB for LoRA, not the frozen UNet)."""
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(models[0])
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                      Path(output_dir) / TRAINED_WEIGHTS_FILE)
+        weights.clear()
+
+    def load(models, input_dir):
+        model = accelerator.unwrap_model(models.pop())
+        state = load_file(Path(input_dir) / TRAINED_WEIGHTS_FILE)
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            raise PogdiffError(f"{input_dir}: this checkpoint holds other weights than this run trains "
+                               "(another --lora-rank or --pretrained?); resume with the options it was saved with")
+        model.load_state_dict(state, strict=False)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def log_validation(accelerator: Accelerator, backbone, config: TrainConfig, out: Path, step: int, ema,
+                   trained: list[torch.nn.Parameter]) -> None:
+    """Sample the validation prompts with the current weights (the EMA ones with --use-ema):
+    a grid in OUTPUT_DIR/validation/ and, with --report-to tensorboard, in the log."""
+    if ema is not None:
+        ema.store(trained)
+        ema.copy_to(trained)
+    images = generate(backbone, config.validation_prompts, config.num_validation_images, seed=config.seed,
+                      progress=False)
+    backbone.unet.train()
+    if ema is not None:
+        ema.restore(trained)
+    per_prompt = images.view(len(config.validation_prompts), config.num_validation_images, *images.shape[1:])
+    path = save_grid(list(zip(config.validation_prompts, per_prompt)), out / "validation" / f"step-{step:06d}.png",
+                     cell=min(images.shape[-1], 256))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(Image.open(path)), step, dataformats="HWC")
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None) -> None:
