@@ -89,6 +89,9 @@ class Evaluation:
         self.dataset = load_dataset(data_dir)
         heldout = data_dir / HELDOUT_DIR
         self.heldout = load_dataset(heldout) if (heldout / "metadata.jsonl").is_file() else None
+        for split in (self.dataset, self.heldout):  # decode every image now: a broken one fails before sampling
+            if split is not None:
+                split.load_images(8)
         self.names = identity_order(self.dataset)
         self.counts = self.dataset.identity_counts()
         self.few = self.dataset.few_identities(few_max_images)
@@ -176,7 +179,9 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     (``samples/<method>/``) and one grid per method (``samples-<method>.png``) into
     ``out_dir``. ``num_images`` images are generated per identity, ``num_images_few``
     (default: the same) per Few identity; ``paper_protocol`` uses App. B's counts instead
-    (:func:`paper_sample_counts`).
+    (:func:`paper_sample_counts`). ``features`` names the feature space of fd, sim and
+    recall (:func:`pogdiff.evaluation.features.load_feature_extractor`) or is an extractor
+    object; ``identity_judge`` is one of :data:`JUDGES`.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not run_dirs:

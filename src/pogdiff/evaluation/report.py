@@ -50,7 +50,7 @@ def write_report(path: str | Path, metrics: dict, data: ReportData, images_per_c
         "<h2>Samples</h2><p>Real training images, then each method's samples for \"An image of {name}.\", "
         "minority first.</p>" + _sample_grid(data, images_per_cell),
         "<h2>Training set</h2>" + _image(identity_histogram(data), "identity-count histogram"),
-        "<h2>PoGDiff weights</h2>" + (_image(psi_image(data.psi), "psi, majority vs minority") if data.psi else
+        "<h2>PoGDiff weights</h2>" + (_image(psi_figure(data.psi), "psi, majority vs minority") if data.psi else
                                       "<p>No run here has a psi.safetensors (only PoGDiff runs write one).</p>"),
         "<h2>Features of minority identities</h2>"
         f"<p>PCA of {html.escape(metrics['feature_space'])} features, fitted on all training images.</p>"
@@ -94,8 +94,9 @@ def _fmt(value) -> str:
 
 
 def _best(values: list, key: str):
+    """The best value of a column, None when there is nothing to single out (no values, or all equal)."""
     present = [v for v in values if v is not None]
-    if not present:
+    if len(set(present)) < 2:
         return None
     return min(present) if key in LOWER_IS_BETTER else max(present)
 
@@ -114,8 +115,8 @@ def _summary_table(metrics: dict) -> str:
             for split in ("all", "few"):
                 value = result[split][k]
                 text = _fmt(value)
-                cells.append(f"<td><b>{text}</b></td>" if value is not None and value == best[k, split] and
-                             len(methods) > 1 else f"<td>{text}</td>")
+                cells.append(f"<td><b>{text}</b></td>" if value is not None and value == best[k, split]
+                             else f"<td>{text}</td>")
         body += f"<tr><td class=\"name\">{html.escape(label)}</td>{''.join(cells)}</tr>"
     return f"<table>{head}{body}</table>"
 
@@ -181,7 +182,7 @@ def identity_histogram(data: ReportData) -> Figure:
     return figure
 
 
-def psi_image(psi: dict[str, dict[str, torch.Tensor]]) -> Figure:
+def psi_figure(psi: dict[str, dict[str, torch.Tensor]]) -> Figure:
     """psi_txt, psi_img and psi per training row, majority vs minority, one row of panels per run."""
     quantities = ("psi_txt", "psi_img", "psi")
     figure = Figure(figsize=(10, 2.8 * len(psi)))
@@ -190,9 +191,9 @@ def psi_image(psi: dict[str, dict[str, torch.Tensor]]) -> Figure:
         few = tensors["is_few"].bool()
         for ax, key in zip(axes[row], quantities):
             values = tensors[key].float()
-            groups = [values[~few].numpy(), values[few].numpy()]
-            ax.boxplot([g for g in groups if len(g)], tick_labels=[l for l, g in zip(("majority", "minority"), groups)
-                                                                   if len(g)])
+            groups = {label: values[mask].numpy() for label, mask in (("majority", ~few), ("minority", few)) if mask.any()}
+            ax.boxplot(list(groups.values()))
+            ax.set_xticks(range(1, len(groups) + 1), [f"{label} ({len(v)})" for label, v in groups.items()])
             if (values > 0).all():
                 ax.set_yscale("log")
             ax.set_title(f"{method}: {key}", fontsize=9)
