@@ -11,6 +11,8 @@ $(BIN)/pogdiff: pyproject.toml
 	# torch 2.13.0 is pinned first: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Faces for the dlib judge's tests: the package's DCGAN weights; --no-deps skips its wandb and torchvision.
+	$(BIN)/python -m pip install -q --no-deps gan-face-generate
 	touch $@
 
 install: $(BIN)/pogdiff

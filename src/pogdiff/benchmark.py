@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pogdiff.backbone import RUN_FILE
-from pogdiff.data.dataset import load_dataset
+from pogdiff.data.dataset import FEW_MAX_IMAGES, load_dataset
 from pogdiff.data.synth import write_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.evaluation.evaluate import evaluate_runs
@@ -62,7 +62,7 @@ class Budget:
     num_images: int = 8
     num_inference_steps: int = 50
     guidance_scale: float | None = None
-    few_max_images: int = 5
+    few_max_images: int = FEW_MAX_IMAGES
 
 
 QUICK = Budget(max_train_steps=20, train_batch_size=8, num_images=2, num_inference_steps=10)

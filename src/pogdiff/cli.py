@@ -55,9 +55,13 @@ def _evaluate(args) -> None:
     metrics = evaluate_runs(args.runs, args.data, args.out, num_images=args.num_images,
                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                             seed=args.seed, few_max_images=args.few_max_images, cache_dir=args.cache_dir,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, features=args.features,
+                            inception_weights=args.inception_weights, recall_threshold=args.recall_threshold,
+                            identity_judge=args.identity_judge, face_detector=args.face_detector,
+                            num_images_few=args.num_images_few, paper_protocol=args.paper_protocol)
+    print(f"fd, sim, recall in {metrics['feature_space']} features; id_acc by {metrics['identity_judge']}")
     print(format_table(metrics))
-    print(f"metrics written to {Path(args.out) / 'metrics.json'}")
+    print(f"metrics written to {Path(args.out) / 'metrics.json'}, report to {Path(args.out) / 'report.html'}")
 
 
 def _demo(args) -> None:
@@ -81,7 +85,10 @@ def _benchmark(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from pogdiff.benchmark import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
+    from pogdiff.data.dataset import FEW_MAX_IMAGES
     from pogdiff.data.synth import PRESETS
+    from pogdiff.evaluation.evaluate import JUDGES
+    from pogdiff.evaluation.features import DEFAULT_FEATURES
     from pogdiff.losses import METHODS
     from pogdiff.train import PAPER_PRESETS, TrainConfig
 
@@ -188,10 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or Stable Diffusion pipeline folders")
     e.add_argument("--data", required=True, help="the dataset the runs were trained on")
     e.add_argument("--out", required=True)
-    e.add_argument("--num-images", type=int, default=8, help="generated images per identity")
+    e.add_argument("--num-images", type=int, default=8, help="generated images per identity (default: 8; "
+                   "the paper's App. B uses 100, 20 on large sets: see --paper-protocol)")
+    e.add_argument("--num-images-few", type=int, help="generated images per Few identity (default: --num-images)")
+    e.add_argument("--paper-protocol", action="store_true",
+                   help="App. B sample counts: 100 per identity (20 with >= 500 training images), 500 per Few identity")
     e.add_argument("--num-inference-steps", type=int, default=50)
     e.add_argument("--guidance-scale", type=float)
-    e.add_argument("--few-max-images", type=int, default=5, help="Few = identities with at most this many images")
+    e.add_argument("--few-max-images", type=int, default=FEW_MAX_IMAGES,
+                   help=f"Few = identities with at most this many training images (default: {FEW_MAX_IMAGES})")
+    e.add_argument("--features", default=DEFAULT_FEATURES, metavar="SPACE",
+                   help=f"feature space of fd, sim and recall: {DEFAULT_FEATURES} (default, offline), inception "
+                   "(with --inception-weights), or a Hugging Face image model id or folder, e.g. facebook/dinov2-base")
+    e.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth, for --features "
+                   "inception (needs torch-fidelity: pip install 'pogdiff[inception]')")
+    e.add_argument("--recall-threshold", type=float, default=0.9,
+                   help="Eq. 17: cosine similarity that covers a training image (default: 0.9)")
+    e.add_argument("--identity-judge", choices=JUDGES, default="auto",
+                   help="id_acc judge: synth (CNN on fresh renders of a `pogdiff data synth` set), faces (dlib face "
+                   "descriptors, nearest identity; no face = wrong), features (nearest identity centroid in --features); "
+                   "auto: synth when DATA/synth.json exists, else features")
+    e.add_argument("--face-detector", choices=["hog", "cnn"], default="hog", help="dlib detector of the faces judge")
     e.set_defaults(func=_evaluate)
 
     full = Budget()

@@ -1,26 +1,58 @@
 """``pogdiff evaluate``: sample "An image of {name}." for every identity and score the runs.
 
-Scores are computed per identity, then averaged over All identities and over the Few
-(minority) ones: identities with at most ``few_max_images`` training images.
+Every metric is computed per identity, then averaged over All identities and over the
+Few (minority) ones, identities with at most ``few_max_images`` training images (the
+paper's protocol, App. B and E):
+
+- ``fd``: Fréchet distance between the identity's generated images and its real images,
+  training and held-out (``DATA/heldout``) together: the paper takes all the source
+  images of the identity. Needs >= 2 images on each side, else None.
+- ``sim``: mean cosine similarity between generated and held-out real images (the
+  paper's DINO score); without a ``DATA/heldout`` folder, the training images stand in
+  (and metrics.json says so). None for an identity with no held-out image.
+- ``recall`` (Eq. 17): fraction of the identity's training images covered by a generated
+  image (cosine similarity >= ``recall_threshold``).
+- ``id_acc``: fraction of the generated images a judge assigns to the intended identity.
+
+fd, sim and recall are measured in one feature space (``features``); metrics.json and
+report.html name it, and the judge. Averages skip the identities whose value is None;
+metrics.json lists them under ``skipped``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from pogdiff.backbone import load_backbone, read_run_info
 from pogdiff.data.dataset import FEW_MAX_IMAGES, ImageTextDataset, load_dataset
-from pogdiff.encoders import ImageEncoder
+from pogdiff.errors import PogdiffError
+from pogdiff.evaluation import metrics as m
+from pogdiff.evaluation.features import DEFAULT_FEATURES, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge
 from pogdiff.evaluation.pictures import save_grid, to_pil
+from pogdiff.evaluation.report import ReportData, write_report
 from pogdiff.sampling import generate
 from pogdiff.tables import default_cache_dir
 from pogdiff.train import run_label
 
 PROMPT = "An image of {name}."  # App. B
+METRIC_KEYS = ("fd", "sim", "recall", "id_acc")
+JUDGES = ("auto", "synth", "faces", "features")
+HELDOUT_DIR = "heldout"
+
+
+def paper_sample_counts(num_training_images: int) -> tuple[int, int]:
+    """Generated images per identity in App. B: (All, Few).
+
+    100 per identity for the small and medium sets (32 and 100 training images), 20 for
+    the large ones (~1,000), and 500 per minority identity for the Few-shot numbers.
+    """
+    return (20 if num_training_images >= 500 else 100), 500
 
 
 def identity_order(dataset: ImageTextDataset) -> list[str]:
@@ -29,67 +61,200 @@ def identity_order(dataset: ImageTextDataset) -> list[str]:
     return sorted(counts, key=lambda name: counts[name])
 
 
-def make_judge(data_dir: Path, dataset: ImageTextDataset, cache_dir: Path, progress: bool):
-    synth = data_dir / "synth.json"
-    if synth.is_file():
-        return SynthIdentityJudge.for_dataset(synth, cache_dir, progress=progress)
-    real = real_images_by_identity(data_dir, dataset, resolution=64)
-    return CentroidJudge(ImageEncoder(), real)
+def by_identity(images: torch.Tensor, identity_names: list[str]) -> dict[str, torch.Tensor]:
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(identity_names):
+        rows.setdefault(name, []).append(i)
+    return {name: images[index] for name, index in rows.items()}
 
 
-def real_images_by_identity(data_dir: Path, dataset: ImageTextDataset, resolution: int) -> dict[str, torch.Tensor]:
-    """Held-out images (``DATA/heldout``) where they exist, else the training images, per identity."""
-    source = load_dataset(data_dir / "heldout") if (data_dir / "heldout" / "metadata.jsonl").is_file() else dataset
-    images = source.load_images(resolution)
-    names = source.identity_names
-    return {name: images[[i for i, n in enumerate(names) if n == name]] for name in dict.fromkeys(names)}
+@dataclass
+class RealImages:
+    """Real images of every identity at one resolution, their features, and the identity judge."""
+
+    training: dict[str, torch.Tensor]
+    training_features: dict[str, torch.Tensor]
+    heldout_features: dict[str, torch.Tensor] | None  # None: the dataset has no DATA/heldout
+    judge: object
+
+
+class Evaluation:
+    """One dataset, one feature space, one judge: scores any number of runs."""
+
+    def __init__(self, data_dir: Path, features, inception_weights, identity_judge: str, face_detector: str,
+                 few_max_images: int, cache_dir: Path, progress: bool):
+        if identity_judge not in JUDGES:
+            raise PogdiffError(f"unknown identity judge {identity_judge!r}; choose one of {', '.join(JUDGES)}")
+        self.data_dir = data_dir
+        self.dataset = load_dataset(data_dir)
+        heldout = data_dir / HELDOUT_DIR
+        self.heldout = load_dataset(heldout) if (heldout / "metadata.jsonl").is_file() else None
+        for split in (self.dataset, self.heldout):  # decode every image now: a broken one fails before sampling
+            if split is not None:
+                split.load_images(8)
+        self.names = identity_order(self.dataset)
+        self.counts = self.dataset.identity_counts()
+        self.few = self.dataset.few_identities(few_max_images)
+        self.extractor = load_feature_extractor(features, inception_weights)
+        synth = data_dir / "synth.json"
+        if identity_judge == "auto":
+            identity_judge = "synth" if synth.is_file() else "features"
+        if identity_judge == "synth" and not synth.is_file():
+            raise PogdiffError(f"{synth}: not found; the synth judge only scores datasets written by "
+                               "`pogdiff data synth`; use --identity-judge features or faces")
+        self.judge_kind = identity_judge
+        self.face_detector = face_detector
+        self._synth_judge = (SynthIdentityJudge.for_dataset(synth, cache_dir, progress=progress)
+                             if identity_judge == "synth" else None)
+        self._real: dict[int, RealImages] = {}
+
+    def real(self, resolution: int) -> RealImages:
+        """Real images at the resolution of the generated ones (loaded once per resolution)."""
+        if resolution not in self._real:
+            training = by_identity(self.dataset.load_images(resolution), self.dataset.identity_names)
+            training_features = {n: self.extractor(images) for n, images in training.items()}
+            heldout_features = None
+            if self.heldout is not None:
+                heldout = by_identity(self.heldout.load_images(resolution), self.heldout.identity_names)
+                heldout_features = {n: self.extractor(images) for n, images in heldout.items() if n in self.counts}
+            self._real[resolution] = RealImages(training, training_features, heldout_features,
+                                                self._make_judge(training))
+        return self._real[resolution]
+
+    def _make_judge(self, training: dict[str, torch.Tensor]):
+        if self.judge_kind == "synth":
+            return self._synth_judge
+        if self.judge_kind == "faces":
+            from pogdiff.evaluation.faces import FaceDescriptor, FaceJudge
+
+            return FaceJudge(training, FaceDescriptor(self.face_detector))
+        return CentroidJudge(self.extractor, training)
+
+    def references(self) -> dict[str, str]:
+        if self.heldout is None:
+            return {"fd": "training images of the identity (no DATA/heldout)",
+                    "sim": "training images of the identity (no DATA/heldout, so not held out)"}
+        return {"fd": "training and held-out (DATA/heldout) images of the identity",
+                "sim": "held-out images of the identity (DATA/heldout)"}
+
+    def score(self, generated: dict[str, torch.Tensor], recall_threshold: float) -> tuple[dict, dict]:
+        """Per-identity metrics and the generated images' features."""
+        real = self.real(next(iter(generated.values())).shape[-1])
+        features = {n: self.extractor(images) for n, images in generated.items()}
+        per_identity = {}
+        for name in self.names:
+            training = real.training_features[name]
+            if real.heldout_features is None:  # no DATA/heldout: the training images stand in
+                fd_reference = sim_reference = training
+            else:
+                heldout = real.heldout_features.get(name, training[:0])
+                fd_reference, sim_reference = torch.cat([training, heldout]), heldout
+            predicted = real.judge.predict(generated[name])
+            scores = {
+                "fd": m.frechet_distance(features[name], fd_reference),
+                "sim": m.mean_similarity(features[name], sim_reference),
+                "recall": m.recall(features[name], training, recall_threshold),
+                "id_acc": m.identity_accuracy(predicted, name),
+                "train_images": self.counts[name],
+                "generated_images": len(generated[name]),
+                "fd_reference_images": len(fd_reference),
+                "sim_reference_images": len(sim_reference),
+            }
+            if self.judge_kind == "faces":
+                scores["no_face"] = sum(p is None for p in predicted)
+            per_identity[name] = scores
+        return per_identity, features
 
 
 def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str | Path,
                   num_images: int = 8, num_inference_steps: int = 50, guidance_scale: float | None = None,
                   seed: int = 0, few_max_images: int = FEW_MAX_IMAGES, cache_dir: str | Path | None = None,
-                  progress: bool = True) -> dict:
-    """Generate and score every run on ``data_dir``'s identities; write metrics.json and sample grids."""
+                  progress: bool = True, *, features=DEFAULT_FEATURES,
+                  inception_weights: str | Path | None = None, recall_threshold: float = 0.9,
+                  identity_judge: str = "auto", face_detector: str = "hog", num_images_few: int | None = None,
+                  paper_protocol: bool = False, report: bool = True) -> dict:
+    """Generate and score every run on ``data_dir``'s identities.
+
+    Writes ``metrics.json``, ``report.html`` (unless ``report=False``), the samples
+    (``samples/<method>/``) and one grid per method (``samples-<method>.png``) into
+    ``out_dir``. ``num_images`` images are generated per identity, ``num_images_few``
+    (default: the same) per Few identity; ``paper_protocol`` uses App. B's counts instead
+    (:func:`paper_sample_counts`). ``features`` names the feature space of fd, sim and
+    recall (:func:`pogdiff.evaluation.features.load_feature_extractor`) or is an extractor
+    object; ``identity_judge`` is one of :data:`JUDGES`.
+    """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if not run_dirs:
+        raise PogdiffError("no run to evaluate; pass one or more run folders written by `pogdiff train`")
+    if not -1.0 <= recall_threshold <= 1.0:
+        raise PogdiffError(f"recall threshold {recall_threshold} is not a cosine similarity; pass a value in [-1, 1]")
+    evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
+                            Path(cache_dir or default_cache_dir()), progress)
+    names, few = evaluation.names, evaluation.few
+    if paper_protocol:
+        num_images, num_images_few = paper_sample_counts(len(evaluation.dataset))
+    num_images_few = num_images_few or num_images
+    if min(num_images, num_images_few) < 1:
+        raise PogdiffError("--num-images must be at least 1")
+    samples_for = {n: num_images_few if n in few else num_images for n in names}
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(data_dir)
-    cache_dir = Path(cache_dir or default_cache_dir())
-    names = identity_order(dataset)
-    counts = dataset.identity_counts()
-    few = dataset.few_identities(few_max_images)
-    judge = make_judge(data_dir, dataset, cache_dir, progress)
-    results = {}
+    results, generated_all, features_all, psi = {}, {}, {}, {}
     for run_dir in run_dirs:
-        label = run_label(read_run_info(Path(run_dir))["config"])
+        label = _unique(run_label(read_run_info(Path(run_dir))["config"]), results)
         backbone = load_backbone(run_dir)
-        images = generate(backbone, [PROMPT.format(name=n) for n in names], num_images, num_inference_steps,
-                          guidance_scale, seed, progress=progress)
-        per_image = images.view(len(names), num_images, *images.shape[1:])
-        save_samples(per_image, names, out_dir / "samples" / label)
-        save_grid([(f"{n} ({counts[n]} train)", per_image[i]) for i, n in enumerate(names)],
+        generated = {}
+        for count in sorted(set(samples_for.values())):
+            group = [n for n in names if samples_for[n] == count]
+            images = generate(backbone, [PROMPT.format(name=n) for n in group], count, num_inference_steps,
+                              guidance_scale, seed, progress=progress)
+            generated.update(zip(group, images.split(count)))
+        generated = {n: generated[n] for n in names}
+        save_samples(generated, out_dir / "samples" / label)
+        save_grid([(f"{n} ({evaluation.counts[n]} train)", generated[n]) for n in names],
                   out_dir / f"samples-{label}.png")
-        predicted = judge.predict(images)
-        per_identity = {n: {"id_acc": sum(p == n for p in predicted[i * num_images:(i + 1) * num_images]) / num_images,
-                            "train_images": counts[n]} for i, n in enumerate(names)}
+        per_identity, features_all[label] = evaluation.score(generated, recall_threshold)
+        generated_all[label] = generated
         results[label] = {"all": average(per_identity, names), "few": average(per_identity, [n for n in names if n in few]),
-                          "per_identity": per_identity, "run": str(run_dir)}
-    metrics = {"methods": results, "identity_judge": judge.name, "num_images_per_identity": num_images,
-               "num_inference_steps": num_inference_steps, "few_max_images": few_max_images,
-               "num_identities": {"all": len(names), "few": len(few)}}
+                          "per_identity": per_identity,
+                          "skipped": {k: [n for n in names if per_identity[n][k] is None] for k in ("fd", "sim")},
+                          "run": str(run_dir)}
+        if evaluation.judge_kind == "faces":
+            missing = sum(v["no_face"] for v in per_identity.values())
+            total = sum(v["generated_images"] for v in per_identity.values())
+            results[label]["no_face"] = {"count": missing, "fraction": missing / total}
+        if (Path(run_dir) / "psi.safetensors").is_file():
+            psi[label] = load_file(Path(run_dir) / "psi.safetensors")
+    real = evaluation.real(next(iter(generated_all.values()))[names[0]].shape[-1])
+    metrics = {"methods": results, "data": str(data_dir), "feature_space": evaluation.extractor.name,
+               "identity_judge": real.judge.name, "recall_threshold": recall_threshold,
+               "references": evaluation.references(), "num_images_per_identity": num_images,
+               "num_images_per_few_identity": num_images_few, "paper_protocol": paper_protocol,
+               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+               "few_max_images": few_max_images, "num_identities": {"all": len(names), "few": len(few)}}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if report:
+        write_report(out_dir / "report.html", metrics,
+                     ReportData(names, dict(evaluation.counts), few, real.training, real.training_features,
+                                generated_all, features_all, psi))
     return metrics
 
 
+def _unique(label: str, taken: dict) -> str:
+    """``label``, or ``label#2``, ``label#3``... when runs share a method and options."""
+    candidate, number = label, 2
+    while candidate in taken:
+        candidate, number = f"{label}#{number}", number + 1
+    return candidate
+
+
 def average(per_identity: dict[str, dict], names: list[str]) -> dict[str, float | None]:
-    keys = [k for k in next(iter(per_identity.values())) if k != "train_images"]
-    if not names:
-        return {k: None for k in keys}
-    return {k: sum(per_identity[n][k] for n in names) / len(names) for k in keys}
+    """Mean of each metric over ``names``, skipping identities where it is None."""
+    return {k: m.mean_over([per_identity[n][k] for n in names]) for k in METRIC_KEYS}
 
 
-def save_samples(per_identity: torch.Tensor, names: list[str], folder: Path) -> None:
+def save_samples(generated: dict[str, torch.Tensor], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for images, name in zip(per_identity, names):
+    for name, images in generated.items():
         for i, image in enumerate(images):
             to_pil(image).save(folder / f"{name}_{i:03d}.png")
 

@@ -1,0 +1,230 @@
+"""``report.html``: the evaluation as one self-contained page (every picture embedded as a base64 PNG).
+
+Sections, after the paper's: the All/Few table (Tables 1-2, 6), per-identity values,
+real training images beside generated ones for every identity, minority first (Fig. 6),
+the identity-count histogram of the training set (Fig. 4), psi for majority vs minority
+rows of each PoGDiff run, and a PCA of real and generated features for a few minority
+identities (Fig. 9).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pogdiff.evaluation.pictures import labelled_grid
+
+LOWER_IS_BETTER = {"fd"}
+METRIC_TITLES = {"fd": "FD ↓", "sim": "Similarity ↑", "recall": "Recall ↑", "id_acc": "Identity accuracy ↑"}
+METHOD_COLOURS = matplotlib.colormaps["tab10"].colors
+
+
+@dataclass
+class ReportData:
+    """What the report shows beyond metrics.json; images (n, 3, H, W) in [-1, 1], features (n, D)."""
+
+    names: list[str]  # identities, minority first
+    counts: dict[str, int]  # training images per identity
+    few: set[str]
+    training_images: dict[str, torch.Tensor]
+    training_features: dict[str, torch.Tensor]
+    generated: dict[str, dict[str, torch.Tensor]]  # method -> identity -> images
+    generated_features: dict[str, dict[str, torch.Tensor]]
+    psi: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # method -> its run's psi.safetensors
+
+
+def write_report(path: str | Path, metrics: dict, data: ReportData, images_per_cell: int = 6) -> Path:
+    path = Path(path)
+    sections = [
+        _settings(metrics),
+        "<h2>All / Few</h2>" + _summary_table(metrics),
+        "<h2>Per identity</h2>" + _per_identity_table(metrics, data),
+        "<h2>Samples</h2><p>Real training images, then each method's samples for \"An image of {name}.\", "
+        "minority first.</p>" + _sample_grid(data, images_per_cell),
+        "<h2>Training set</h2>" + _image(identity_histogram(data), "identity-count histogram"),
+        "<h2>PoGDiff weights</h2>" + (_image(psi_figure(data.psi), "psi, majority vs minority") if data.psi else
+                                      "<p>No run here has a psi.safetensors (only PoGDiff runs write one).</p>"),
+        "<h2>Features of minority identities</h2>"
+        f"<p>PCA of {html.escape(metrics['feature_space'])} features, fitted on all training images.</p>"
+        + _image(feature_projection(data), "PCA of real and generated features"),
+    ]
+    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>pogdiff evaluation</title>"
+            f"<style>{_CSS}</style></head><body><h1>pogdiff evaluation</h1>{''.join(sections)}</body></html>")
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #bbb; padding: 3px 8px; text-align: center; }
+th { background: #eee; } td.name { text-align: left; }
+tr.few td.name { color: #b34700; } td img { display: block; image-rendering: pixelated; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 2px 12px; } dt { font-weight: bold; }
+"""
+
+
+def _settings(metrics: dict) -> str:
+    counts = metrics["num_identities"]
+    items = {
+        "dataset": metrics.get("data", ""),
+        "feature space (fd, sim, recall)": metrics["feature_space"],
+        "identity judge (id_acc)": metrics["identity_judge"],
+        "fd reference": metrics["references"]["fd"],
+        "sim reference": metrics["references"]["sim"],
+        "recall": f"training image covered when cosine similarity >= {metrics['recall_threshold']}",
+        "identities": f"{counts['all']} (Few: {counts['few']}, at most {metrics['few_max_images']} training images)",
+        "samples per identity": f"{metrics['num_images_per_identity']} (Few: {metrics['num_images_per_few_identity']}), "
+                                f"DDIM {metrics['num_inference_steps']} steps",
+    }
+    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
+    return f"<dl>{rows}</dl>"
+
+
+def _fmt(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _best(values: list, key: str):
+    """The best value of a column, None when there is nothing to single out (no values, or all equal)."""
+    present = [v for v in values if v is not None]
+    if len(set(present)) < 2:
+        return None
+    return min(present) if key in LOWER_IS_BETTER else max(present)
+
+
+def _summary_table(metrics: dict) -> str:
+    methods = metrics["methods"]
+    keys = list(next(iter(methods.values()))["all"])
+    head = ("<tr><th rowspan=\"2\">method</th>" + "".join(f"<th colspan=\"2\">{html.escape(METRIC_TITLES.get(k, k))}"
+                                                        f"</th>" for k in keys) + "</tr>"
+            "<tr>" + "<th>All</th><th>Few</th>" * len(keys) + "</tr>")
+    best = {(k, s): _best([r[s][k] for r in methods.values()], k) for k in keys for s in ("all", "few")}
+    body = ""
+    for label, result in methods.items():
+        cells = []
+        for k in keys:
+            for split in ("all", "few"):
+                value = result[split][k]
+                text = _fmt(value)
+                cells.append(f"<td><b>{text}</b></td>" if value is not None and value == best[k, split]
+                             else f"<td>{text}</td>")
+        body += f"<tr><td class=\"name\">{html.escape(label)}</td>{''.join(cells)}</tr>"
+    return f"<table>{head}{body}</table>"
+
+
+def _per_identity_table(metrics: dict, data: ReportData) -> str:
+    methods = metrics["methods"]
+    keys = list(next(iter(methods.values()))["all"])
+    head = ("<tr><th rowspan=\"2\">identity</th><th rowspan=\"2\">training images</th>"
+            + "".join(f"<th colspan=\"{len(keys)}\">{html.escape(label)}</th>" for label in methods) + "</tr><tr>"
+            + "".join(f"<th>{k}</th>" for k in keys) * len(methods) + "</tr>")
+    body = ""
+    for name in data.names:
+        cells = "".join(f"<td>{_fmt(result['per_identity'][name][k])}</td>"
+                        for result in methods.values() for k in keys)
+        few = " class=\"few\"" if name in data.few else ""
+        body += (f"<tr{few}><td class=\"name\">{html.escape(name)}</td><td>{data.counts[name]}</td>{cells}</tr>")
+    return f"<p>Few identities in orange.</p><table>{head}{body}</table>"
+
+
+def _sample_grid(data: ReportData, per_cell: int) -> str:
+    head = "<tr><th>identity</th><th>training</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in data.generated) + "</tr>"
+    body = ""
+    for name in data.names:
+        cells = [_image(_strip(data.training_images[name][:per_cell]), f"{name} training")]
+        cells += [_image(_strip(images[name][:per_cell]), f"{name} {method}") for method, images in data.generated.items()]
+        few = " class=\"few\"" if name in data.few else ""
+        body += (f"<tr{few}><td class=\"name\">{html.escape(name)}<br>{data.counts[name]} train</td>"
+                 + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table>{head}{body}</table>"
+
+
+def _strip(images: torch.Tensor, cell: int = 48) -> Image.Image:
+    return labelled_grid([("", images)], cell=cell, label_width=0)
+
+
+def _png(picture: Image.Image | Figure) -> str:
+    buffer = io.BytesIO()
+    if isinstance(picture, Figure):
+        picture.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    else:
+        picture.save(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _image(picture: Image.Image | Figure, alt: str) -> str:
+    return f"<img alt=\"{html.escape(alt)}\" src=\"data:image/png;base64,{_png(picture)}\">"
+
+
+def identity_histogram(data: ReportData) -> Figure:
+    """Training images per identity, most first, Few identities in orange (the paper's Fig. 4)."""
+    order = sorted(data.names, key=lambda n: -data.counts[n])
+    figure = Figure(figsize=(min(12, 2 + 0.35 * len(order)), 3))
+    ax = figure.subplots()
+    ax.bar(range(len(order)), [data.counts[n] for n in order],
+           color=["tab:orange" if n in data.few else "tab:blue" for n in order])
+    if len(order) <= 40:
+        ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(order)} identities, most images first")
+    ax.set_ylabel("training images")
+    ax.set_title(f"{len(data.few)} of {len(order)} identities are Few (orange)")
+    return figure
+
+
+def psi_figure(psi: dict[str, dict[str, torch.Tensor]]) -> Figure:
+    """psi_txt, psi_img and psi per training row, majority vs minority, one row of panels per run."""
+    quantities = ("psi_txt", "psi_img", "psi")
+    figure = Figure(figsize=(10, 2.8 * len(psi)))
+    axes = figure.subplots(len(psi), len(quantities), squeeze=False)
+    for row, (method, tensors) in enumerate(psi.items()):
+        few = tensors["is_few"].bool()
+        for ax, key in zip(axes[row], quantities):
+            values = tensors[key].float()
+            groups = {label: values[mask].numpy() for label, mask in (("majority", ~few), ("minority", few)) if mask.any()}
+            ax.boxplot(list(groups.values()))
+            ax.set_xticks(range(1, len(groups) + 1), [f"{label} ({len(v)})" for label, v in groups.items()])
+            if (values > 0).all():
+                ax.set_yscale("log")
+            ax.set_title(f"{method}: {key}", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def feature_projection(data: ReportData, max_identities: int = 3) -> Figure:
+    """PCA of training features (grey), one minority identity's training images (black stars)
+    and every method's samples for it, one panel per identity (cf. the paper's Fig. 9)."""
+    chosen = [n for n in data.names if n in data.few][:max_identities] or data.names[:1]
+    real = torch.cat([data.training_features[n] for n in data.names]).double()
+    mean = real.mean(0)
+    components = torch.linalg.svd(real - mean, full_matrices=False).Vh[:2].T
+
+    def project(features):
+        return ((features.double() - mean) @ components).numpy()
+
+    figure = Figure(figsize=(4.2 * len(chosen), 4))
+    axes = figure.subplots(1, len(chosen), squeeze=False)[0]
+    everything = project(real)
+    for ax, name in zip(axes, chosen):
+        ax.scatter(everything[:, 0], everything[:, 1], s=8, c="lightgrey", label="training, all identities")
+        for c, (method, features) in enumerate(data.generated_features.items()):
+            points = project(features[name])
+            ax.scatter(points[:, 0], points[:, 1], s=18, color=METHOD_COLOURS[c % 10], alpha=0.8, label=method)
+        own = project(data.training_features[name])
+        ax.scatter(own[:, 0], own[:, 1], s=140, marker="*", c="black", label=f"training, {name}")
+        ax.set_title(f"{name} ({data.counts[name]} training images)", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    return figure

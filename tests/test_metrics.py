@@ -1,0 +1,185 @@
+"""The per-identity metrics against cases with known answers, and the pluggable feature spaces."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_toy_dataset
+
+from pogdiff.data.dataset import load_dataset
+from pogdiff.encoders import ImageEncoder
+from pogdiff.errors import PogdiffError
+from pogdiff.evaluation import metrics as m
+from pogdiff.evaluation.evaluate import Evaluation, average, by_identity
+from pogdiff.evaluation.features import HuggingFaceImageFeatures, InceptionFeatures, load_feature_extractor
+from pogdiff.evaluation.identity import CentroidJudge
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return ImageEncoder()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Training set Anna 12, Bruno 6, Chen 2; held-out Anna 4, Bruno 4 (none of Chen), other noise draws."""
+    root = write_toy_dataset(tmp_path_factory.mktemp("toy") / "data")
+    write_toy_dataset(root / "heldout", counts=(4, 4), seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy_images(toy):
+    train, heldout = load_dataset(toy), load_dataset(toy / "heldout")
+    return (by_identity(train.load_images(32), train.identity_names),
+            by_identity(heldout.load_images(32), heldout.identity_names))
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square():
+    torch.manual_seed(0)
+    x = torch.rand(6, 1280, dtype=torch.float64)  # 6 samples in 1280-d: singular covariance
+    assert m.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+    shift = torch.zeros(1280, dtype=torch.float64)
+    shift[:100] = 0.3
+    assert m.frechet_distance(x + shift, x) == pytest.approx(100 * 0.3 ** 2, rel=1e-9)
+    distances = [m.frechet_distance(x + s * shift, x) for s in (0.5, 1.0, 2.0)]
+    assert distances == sorted(distances) and distances[0] > 0
+
+
+def test_frechet_distance_in_the_sample_span_equals_torchmetrics_in_full_dimension():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 64, dtype=torch.float64), torch.randn(9, 64, dtype=torch.float64) * 1.5 + 0.2
+    full = FrechetInceptionDistance(feature=m._GivenFeatures(64))
+    full.update(y, real=True)
+    full.update(x, real=False)
+    assert m.frechet_distance(x, y) == pytest.approx(full.compute().item(), rel=1e-6)
+
+
+def test_frechet_distance_needs_two_images_on_each_side():
+    x = torch.rand(5, 16)
+    assert m.frechet_distance(x[:1], x) is None and m.frechet_distance(x, x[:1]) is None
+    assert m.frechet_distance(x[:2], x[2:4]) is not None
+
+
+def test_frechet_distance_on_image_features_is_smaller_within_an_identity(encoder, toy_images):
+    train, heldout = toy_images
+    anna = encoder(train["Anna"])
+    same = m.frechet_distance(encoder(heldout["Anna"]), anna)
+    other = m.frechet_distance(encoder(heldout["Bruno"]), anna)
+    assert m.frechet_distance(anna, anna) == pytest.approx(0.0, abs=1e-6)
+    assert same < 0.5 * other
+
+
+def test_similarity_is_the_mean_cosine_over_all_pairs():
+    e = torch.eye(3)
+    assert m.mean_similarity(e[:1], e[:1] * 5) == pytest.approx(1.0)
+    assert m.mean_similarity(e[:1], e[1:]) == pytest.approx(0.0)
+    assert m.mean_similarity(e[:2], torch.stack([e[0], e[0] + e[1]])) == pytest.approx((1 + 2 ** -0.5 + 0 + 2 ** -0.5) / 4)
+    assert m.mean_similarity(e[:1], e[:0]) is None
+
+
+def test_recall_counts_covered_training_images_eq_17():
+    e = torch.eye(4)
+    training = e[:2]
+    # the paper's example: every sample resembles x1, none x2 -> 1/2
+    assert m.recall(torch.stack([e[0], e[0] + 0.1 * e[2]]), training, 0.9) == 0.5
+    assert m.recall(torch.stack([e[0], e[1]]), training, 0.9) == 1.0
+    assert m.recall(e[2:], training, 0.9) == 0.0
+    assert m.recall(e[:0], training) == 0.0
+    sample = (e[0] + 0.5 * e[2]).unsqueeze(0)  # cosine 0.894 to x1
+    assert m.recall(sample, training, 0.89) == 0.5 and m.recall(sample, training, 0.9) == 0.0
+
+
+def test_recall_of_copies_of_the_training_images_is_one(encoder, toy_images):
+    train, _ = toy_images
+    features = encoder(train["Bruno"])
+    assert m.recall(features.flip(0), features, 0.9) == 1.0
+    assert m.recall(features[:2], features, 0.9999) < 1.0  # two copies cover only themselves at a strict threshold
+
+
+def test_identity_accuracy_counts_no_prediction_as_wrong():
+    assert m.identity_accuracy(["Anna", "Anna", None, "Bruno"], "Anna") == 0.5
+    assert m.mean_over([1.0, None, 0.0]) == 0.5 and m.mean_over([None]) is None
+
+
+def test_centroid_judge_recognises_held_out_real_images(encoder, toy_images):
+    train, heldout = toy_images
+    judge = CentroidJudge(encoder, train)
+    for name, images in heldout.items():
+        assert m.identity_accuracy(judge.predict(images), name) >= 0.75
+
+
+def test_evaluation_scores_each_identity_against_its_references(encoder, toy):
+    evaluation = Evaluation(toy, encoder, None, "features", "hog", 5, toy / "cache", progress=False)
+    real = evaluation.real(32)
+    # "generated" images: the held-out ones for Anna and Bruno, copies of the training images for Chen
+    generated = {"Anna": load_heldout(toy, "Anna"), "Bruno": load_heldout(toy, "Bruno"),
+                 "Chen": real.training["Chen"].clone()}
+    per_identity, features = evaluation.score(generated, recall_threshold=0.9)
+    assert set(per_identity) == {"Anna", "Bruno", "Chen"} and features["Chen"].shape == (2, 1280)
+    assert per_identity["Chen"]["sim"] is None  # no held-out image of Chen
+    assert per_identity["Chen"]["recall"] == 1.0
+    assert per_identity["Anna"]["fd_reference_images"] == 16 and per_identity["Anna"]["sim_reference_images"] == 4
+    assert per_identity["Chen"]["fd_reference_images"] == 2
+    for name in ("Anna", "Bruno"):
+        assert per_identity[name]["id_acc"] >= 0.75
+        assert per_identity[name]["sim"] > 0.9
+    assert average(per_identity, ["Anna", "Bruno", "Chen"])["sim"] == pytest.approx(
+        (per_identity["Anna"]["sim"] + per_identity["Bruno"]["sim"]) / 2)
+    assert evaluation.references()["sim"].startswith("held-out")
+
+
+def test_evaluation_skips_fd_of_an_identity_with_one_image(encoder, tmp_path):
+    root = write_toy_dataset(tmp_path / "data", counts=(6, 1))
+    evaluation = Evaluation(root, encoder, None, "features", "hog", 5, tmp_path / "cache", progress=False)
+    real = evaluation.real(32)
+    per_identity, _ = evaluation.score({"Anna": real.training["Anna"], "Bruno": real.training["Bruno"].repeat(3, 1, 1, 1)},
+                                       recall_threshold=0.9)
+    assert per_identity["Bruno"]["fd"] is None and per_identity["Anna"]["fd"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluation.references()["sim"].startswith("training")  # no DATA/heldout: training images stand in
+    assert per_identity["Bruno"]["sim"] == pytest.approx(1.0)
+
+
+def test_synth_judge_needs_a_synth_dataset(encoder, toy):
+    with pytest.raises(PogdiffError, match="synth.json: not found"):
+        Evaluation(toy, encoder, None, "synth", "hog", 5, toy / "cache", progress=False)
+
+
+def load_heldout(root: Path, name: str) -> torch.Tensor:
+    heldout = load_dataset(root / "heldout")
+    return by_identity(heldout.load_images(32), heldout.identity_names)[name]
+
+
+def test_hugging_face_image_model_from_a_folder(tmp_path):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = tmp_path / "tiny-dinov2"
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=56, patch_size=14)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}).save_pretrained(folder)
+    extractor = load_feature_extractor(str(folder))
+    assert isinstance(extractor, HuggingFaceImageFeatures) and extractor.name == f"hf:{folder}"
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    features = extractor(images)
+    assert features.shape == (5, 32)
+    assert torch.allclose(extractor(images[:2]), features[:2], atol=1e-5)
+
+
+def test_unknown_hugging_face_model_is_a_one_line_error(tmp_path):
+    with pytest.raises(PogdiffError, match="cannot load it as a Hugging Face image model"):
+        load_feature_extractor(str(tmp_path / "no-such-model"))
+
+
+def test_inception_needs_its_weights_file_and_torch_fidelity(tmp_path, monkeypatch):
+    with pytest.raises(PogdiffError, match="--inception-weights"):
+        InceptionFeatures(None)
+    with pytest.raises(PogdiffError, match="not found"):
+        InceptionFeatures(tmp_path / "missing.pth")
+    weights = tmp_path / "pt_inception.pth"
+    weights.write_bytes(b"")
+    monkeypatch.setattr("torchmetrics.image.fid._TORCH_FIDELITY_AVAILABLE", False)  # as where it is not installed
+    with pytest.raises(PogdiffError, match="torch-fidelity"):
+        InceptionFeatures(weights)

@@ -1,0 +1,110 @@
+"""``pogdiff evaluate`` end to end on two tiny runs: metrics.json and a self-contained report.html."""
+
+import base64
+import io
+import json
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from conftest import write_toy_dataset
+from PIL import Image
+
+from pogdiff.evaluation.evaluate import evaluate_runs, format_table
+from pogdiff.train import TrainConfig, train
+
+
+class PixelFeatures:
+    """A cheap feature space for tests: 8x8 average-pooled pixels."""
+
+    name = "avg-pooled pixels 8x8"
+
+    def __call__(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 8).flatten(1)
+
+
+class Page(HTMLParser):
+    """Rows of table cells (text) and the src of every <img>."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self._cell = [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images.append(dict(attrs))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self._cell.strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    data = write_toy_dataset(root / "data")
+    write_toy_dataset(data / "heldout", counts=(3, 3, 3), seed=1)
+    runs = []
+    for method in ("vanilla", "pogdiff"):
+        runs.append(train(TrainConfig(str(data), str(root / method), method=method, max_train_steps=2,
+                                      train_batch_size=4, cache_dir=str(root / "cache"), progress=False)))
+    out = root / "eval"
+    metrics = evaluate_runs(runs, data, out, num_images=3, num_images_few=4, num_inference_steps=2,
+                            cache_dir=root / "cache", progress=False, features=PixelFeatures(), recall_threshold=0.8)
+    return metrics, out
+
+
+def test_metrics_json_has_every_metric_for_all_and_few_and_names_its_spaces(evaluated):
+    metrics, out = evaluated
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["feature_space"] == "avg-pooled pixels 8x8" and metrics["recall_threshold"] == 0.8
+    assert metrics["identity_judge"] == "nearest identity centroid in avg-pooled pixels 8x8 features"
+    assert metrics["num_identities"] == {"all": 3, "few": 1}
+    for result in metrics["methods"].values():
+        assert set(result["all"]) == set(result["few"]) == {"fd", "sim", "recall", "id_acc"}
+        per = result["per_identity"]
+        assert per["Chen"]["generated_images"] == 4 and per["Anna"]["generated_images"] == 3  # Chen is Few
+        assert result["few"]["recall"] == per["Chen"]["recall"]
+        assert result["all"]["fd"] == pytest.approx(sum(per[n]["fd"] for n in per) / 3)
+        assert result["skipped"] == {"fd": [], "sim": []}
+    assert (out / "samples" / "pogdiff" / "Chen_003.png").is_file()
+    assert "| pogdiff |" in format_table(metrics)
+
+
+def test_report_is_self_contained_with_the_table_and_decodable_pngs(evaluated):
+    metrics, out = evaluated
+    page = Page()
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
+    summary = page.tables[0]
+    assert summary[0] == ["method", "FD ↓", "Similarity ↑", "Recall ↑", "Identity accuracy ↑"]
+    assert summary[1] == ["All", "Few"] * 4
+    rows = {row[0]: row[1:] for row in summary[2:]}
+    assert set(rows) == {"vanilla", "pogdiff"}
+    for label, result in metrics["methods"].items():
+        expected = [f"{result[split][k]:.3f}" for k in ("fd", "sim", "recall", "id_acc") for split in ("all", "few")]
+        assert rows[label] == expected
+    per_identity = {row[0]: row for row in page.tables[1][2:]}
+    assert list(per_identity) == ["Chen", "Bruno", "Anna"]  # minority first
+    assert per_identity["Chen"][2] == f"{metrics['methods']['vanilla']['per_identity']['Chen']['fd']:.3f}"
+    # 3 identities x (training + 2 methods) sample strips, then histogram, psi and PCA figures
+    assert len(page.images) == 3 * 3 + 3
+    alts = [image["alt"] for image in page.images]
+    assert "psi, majority vs minority" in alts and "identity-count histogram" in alts
+    for image in page.images:
+        prefix = "data:image/png;base64,"
+        assert image["src"].startswith(prefix)
+        picture = Image.open(io.BytesIO(base64.b64decode(image["src"][len(prefix):])))
+        assert picture.format == "PNG" and min(picture.size) > 20
+    settings = (out / "report.html").read_text(encoding="utf-8")
+    assert "avg-pooled pixels 8x8" in settings and "cosine similarity &gt;= 0.8" in settings
