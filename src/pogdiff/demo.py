@@ -38,10 +38,11 @@ def run_demo(out: str | Path = "demo-out", preset: str = "medium", seed: int = 0
                               overwrite=True, cache_dir=cache_dir, progress=progress))
         runs.append(run)
     metrics = evaluate_runs(runs, data, out, num_images=num_images, seed=seed, cache_dir=cache_dir, progress=progress)
-    print(f"\nIdentity accuracy ({metrics['identity_judge']}), {metrics['num_identities']['all']} identities, "
-          f"Few = {metrics['num_identities']['few']} with <= {metrics['few_max_images']} training images, "
-          f"{num_images} samples each, DDIM {metrics['num_inference_steps']} steps:\n")
+    print(f"\n{metrics['num_identities']['all']} identities, Few = {metrics['num_identities']['few']} with "
+          f"<= {metrics['few_max_images']} training images; {num_images} samples each, DDIM "
+          f"{metrics['num_inference_steps']} steps. fd/sim/recall in {metrics['feature_space']} features; "
+          f"id_acc by the {metrics['identity_judge']}.\n")
     print(format_table(metrics))
-    print(f"\nmetrics: {out / 'metrics.json'}   samples: {out}/samples-*.png   "
+    print(f"\nreport: {out / 'report.html'}   metrics: {out / 'metrics.json'}   samples: {out}/samples-*.png   "
           f"wall time: {time.time() - start:.0f} s")
     return metrics
