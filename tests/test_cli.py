@@ -1,8 +1,6 @@
-"""The command line on the tiny preset, and one-line errors for bad input."""
+"""The command line on the tiny preset (bad input: tests/test_bad_input.py)."""
 
 import json
-
-import pytest
 
 from pogdiff.cli import main
 
@@ -47,54 +45,3 @@ def test_train_refuses_a_folder_that_holds_another_run(toy_data, tmp_path, capsy
     code, _, err = run_cli(capsys, "train", toy_data, "--output-dir", run, "--max-train-steps", 1, "--no-progress")
     assert code == 2 and "already holds a run" in err and "--overwrite" in err
     assert (run / "pogdiff_run.json").read_text() == "{}"
-
-
-def _break_missing_folder(root):
-    return root.parent / "nowhere", "dataset folder not found"
-
-
-def _break_no_metadata(root):
-    (root / "metadata.jsonl").rename(root / "metadata.json1")
-    return root, "rename it to metadata.jsonl"
-
-
-def _break_missing_image(root):
-    (root / "images" / "0_0.png").unlink()
-    return root, "0_0.png: image listed on line 1"
-
-
-def _break_empty_caption(root):
-    lines = (root / "metadata.jsonl").read_text().splitlines()
-    row = json.loads(lines[1])
-    row["text"] = "  "
-    lines[1] = json.dumps(row)
-    (root / "metadata.jsonl").write_text("\n".join(lines))
-    return root, "metadata.jsonl:2: empty or non-string caption"
-
-
-def _break_unknown_column(root):
-    text = (root / "metadata.jsonl").read_text().replace('"text"', '"caption"')
-    (root / "metadata.jsonl").write_text(text)
-    return root, "--caption-column"
-
-
-def _break_corrupt_image(root):
-    (root / "images" / "1_0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    return root, "1_0.png: cannot read this image"
-
-
-@pytest.mark.parametrize("breaker", [_break_missing_folder, _break_no_metadata, _break_missing_image,
-                                     _break_empty_caption, _break_unknown_column, _break_corrupt_image])
-@pytest.mark.parametrize("command", ["train", "evaluate"])
-def test_bad_input_gives_one_line_error(breaker, command, toy_data, tmp_path, capsys):
-    data, expected = breaker(toy_data)
-    if command == "train":
-        argv = ["train", data, "--output-dir", tmp_path / "run", "--max-train-steps", 1, "--no-progress"]
-    else:
-        run = tmp_path / "fake-run"
-        run.mkdir()
-        argv = ["evaluate", run, "--data", data, "--out", tmp_path / "eval", "--no-progress"]
-    code, _, err = run_cli(capsys, *argv)
-    assert code == 2
-    assert len(err.strip().splitlines()) == 1, err
-    assert err.startswith("pogdiff: error: ") and expected in err

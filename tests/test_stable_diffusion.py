@@ -180,12 +180,12 @@ def test_random_flip_caches_the_latents_of_the_mirror_image(tiny_sd, sd_data, tm
     backbone = StableDiffusionBackbone.from_pretrained(tiny_sd)
     dataset = load_dataset(sd_data)
     images = dataset.load_images(32)
-    cached = training_images(backbone, dataset, images, True, random_flip=True, cache_dir=tmp_path)
+    cached = training_images(backbone, images, random_flip=True, cache_dir=tmp_path)
     assert cached.shape == (2, len(dataset), 8, 16, 16)  # (image, mirror) x N x (mean, log-variance) x h x w
     torch.testing.assert_close(cached[1], backbone.cache_images(images.flip(-1)))
     assert not torch.allclose(cached[1], cached[0].flip(-1), atol=1e-3)  # flipping latents would be wrong
-    again = training_images(backbone, dataset, images, True, random_flip=True, cache_dir=tmp_path)
-    assert torch.equal(again, cached) and len(list(tmp_path.glob("images-*.safetensors"))) == 1
+    again = training_images(backbone, images, random_flip=True, cache_dir=tmp_path)
+    assert torch.equal(again, cached) and len(list(tmp_path.glob("latents-*.safetensors"))) == 1
 
 
 def test_unsupported_pipeline_folder_gives_one_line_error(tiny_sd, sd_data, tmp_path, capsys):

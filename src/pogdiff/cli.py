@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, PogdiffWarning
 
 
 def _data_synth(args) -> None:
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     option("--num-validation-images", "images per validation prompt", type=int)
     option("--overwrite", "replace a run already in --output-dir", action="store_true")
     option("--report-to", "log to this tracker under OUTPUT_DIR/logs", choices=["tensorboard"])
+    option("--log-rows", "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per step and "
+           "digests of its tables and weights (checks multi-process runs)", action="store_true")
     # Options of one method: their dest is the loss constructor's parameter name, which receives them.
     method_flags = {}
 
@@ -257,14 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except PogdiffError as error:
-        print(f"pogdiff: error: {error}", file=sys.stderr)
-        return 2
-    except FileExistsError as error:
-        print(f"pogdiff: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", PogdiffWarning)  # each distinct warning once
+        shown = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, PogdiffWarning):
+                print(f"pogdiff: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        try:
+            args.func(args)
+        except PogdiffError as error:
+            print(f"pogdiff: error: {error}", file=sys.stderr)
+            return 2
+        except OSError as error:  # disk full, permissions, ...: the file and the reason, without a traceback
+            where = f"{error.filename}: " if error.filename else ""
+            print(f"pogdiff: error: {where}{error.strerror or error}", file=sys.stderr)
+            return 2
     return 0
 
 

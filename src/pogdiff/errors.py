@@ -7,3 +7,7 @@ class PogdiffError(Exception):
 
 class DatasetError(PogdiffError):
     """The dataset folder, its metadata or one of its images cannot be used as given."""
+
+
+class PogdiffWarning(UserWarning):
+    """Input that works but may not do what the user meant: the CLI prints it once, on one line."""

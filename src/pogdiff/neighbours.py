@@ -7,6 +7,7 @@ with probability w_j = s_j / sum_j s_j (Eq. 8) and its caption embedding becomes
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 # Similarity blocks of at most this many entries: memory stays bounded whatever N is.
 _BLOCK_ELEMENTS = 1 << 24
+_QUERY_CHUNK = 4096
 
 
 @dataclass
@@ -44,13 +46,29 @@ class NeighbourTable:
         return NeighbourTable(self.index.to(device), self.similarity.to(device))
 
 
-def find_neighbours(features: torch.Tensor, k: int) -> NeighbourTable:
-    """Exact k-nearest neighbours by cosine similarity, excluding each point itself, in row blocks."""
+def find_neighbours(features: torch.Tensor, k: int, backend: str = "auto") -> NeighbourTable:
+    """Exact k-nearest neighbours by cosine similarity, excluding each point itself.
+
+    ``backend``: "faiss" (an exact ``IndexFlatIP`` on the L2-normalised vectors), "torch"
+    (blocked matrix products), or "auto": faiss when it is installed. Both search the
+    queries in chunks, so memory beyond the (N, D) vectors stays bounded whatever N is;
+    time grows as N^2 D (benchmarks/neighbours_density.py).
+    """
     n = len(features)
     if n < 2:
         raise ValueError(f"neighbours need at least 2 images, got {n}")
     k = min(k, n - 1)
-    normed = F.normalize(features.float(), dim=1)
+    if backend == "auto":
+        backend = "faiss" if importlib.util.find_spec("faiss") else "torch"
+    searches = {"faiss": _search_faiss, "torch": _search_torch}
+    if backend not in searches:
+        raise ValueError(f"unknown neighbour backend {backend!r}; choose auto, faiss or torch")
+    index, similarity = searches[backend](F.normalize(features.float(), dim=1).contiguous(), k)
+    return NeighbourTable(index, similarity)
+
+
+def _search_torch(normed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(normed)
     block = max(1, _BLOCK_ELEMENTS // n)
     index, similarity = [], []
     for start in range(0, n, block):
@@ -60,4 +78,22 @@ def find_neighbours(features: torch.Tensor, k: int) -> NeighbourTable:
         top = sims.topk(k, dim=1)
         index.append(top.indices)
         similarity.append(top.values)
-    return NeighbourTable(torch.cat(index), torch.cat(similarity))
+    return torch.cat(index), torch.cat(similarity)
+
+
+def _search_faiss(normed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k + 1 nearest by inner product, then each query's own row dropped (or the last, if a duplicate outranked it)."""
+    import faiss
+
+    vectors = normed.numpy()
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    index, similarity = [], []
+    for start in range(0, len(vectors), _QUERY_CHUNK):
+        sims, found = flat.search(vectors[start:start + _QUERY_CHUNK], k + 1)
+        found, sims = torch.from_numpy(found), torch.from_numpy(sims)
+        keep = found != torch.arange(start, start + len(found))[:, None]
+        keep[keep.all(dim=1), -1] = False
+        index.append(found[keep].view(-1, k))
+        similarity.append(sims[keep].view(-1, k))
+    return torch.cat(index), torch.cat(similarity)

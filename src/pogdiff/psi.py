@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from pogdiff.errors import PogdiffError
+
 
 def image_similarity_weight(similarity: torch.Tensor, same_identity: torch.Tensor,
                             a1: float = 1.0, a2: float = 1.0) -> torch.Tensor:
@@ -18,6 +20,8 @@ def image_similarity_weight(similarity: torch.Tensor, same_identity: torch.Tenso
 
     The paper's footnote: s = 0.4, a1 = a2 = 1 gives 0.4 for the same person, 0.16 otherwise.
     """
+    if not (a1 >= 0 and a2 >= 0):  # a negative exponent turns s = 0 into an infinite weight
+        raise PogdiffError(f"--a1 {a1} --a2 {a2}: Eq. 9's exponents must be >= 0; pass values >= 0")
     exponent = a1 + a2 * (~same_identity.bool()).to(similarity.dtype)
     return similarity.clamp(min=0).pow(exponent)
 
@@ -30,6 +34,9 @@ def inverse_text_density_weight(elbo: torch.Tensor, a3: float = 1.0, max_ratio: 
     absorb) and clipped to [1/max_ratio, max_ratio] before a3 is applied: the median
     caption weighs 1/a3, rare captions up to max_ratio/a3.
     """
+    if not (a3 > 0 and math.isfinite(a3)) or not max_ratio >= 1:
+        raise PogdiffError(f"--a3 {a3} --psi-txt-max-ratio {max_ratio}: Eq. 11 needs a3 > 0 (it divides by it) "
+                           "and a ratio >= 1; pass values in range")
     log_weight = -(elbo - elbo.median())
     bound = math.log(max_ratio)
     return log_weight.clamp(-bound, bound).exp() / a3

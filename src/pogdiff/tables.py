@@ -1,9 +1,21 @@
 """Per-dataset quantities computed once with the frozen encoders, then cached.
 
-Because phi and the image encoder are frozen, the caption states y, the neighbour table
-(Eq. 8) and the text density (Eq. 10) depend only on the dataset, the encoders and a
-few parameters. They are computed once, cached under a key of all of those, and shared
-by every method that needs them.
+Because phi and the image encoder are frozen, the caption states y, the image features
+and neighbour table (Eq. 8) and the text density (Eq. 10) depend only on the dataset,
+the encoders and a few parameters. Each is cached on its own, keyed by exactly what it
+depends on (docs/bad-input.md, "Caches"):
+
+| cache file | key |
+|---|---|
+| ``text-*`` caption states y, pooled vectors, phi("") | the captions in row order, the text encoder |
+| ``image-features-*`` | the image tensor (pixels, resolution, crop), the image encoder |
+| ``neighbours-*`` (Eq. 8) | the image-features key, k |
+| ``text-density-*`` ELBO (Eq. 10) | the text key, the VAE's latent size, the seed |
+
+so editing a caption or an image, or changing k, recomputes what depends on it and
+nothing else, while touching, moving or copying the dataset folder recomputes nothing.
+Files are written to a temporary name and renamed, so a killed run never leaves a cache
+file that loads; an unreadable or non-finite cache file is computed again.
 """
 
 from __future__ import annotations
@@ -11,17 +23,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pogdiff.data.dataset import ImageTextDataset
 from pogdiff.encoders import ImageEncoder, TextEncoder
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.neighbours import NeighbourTable, find_neighbours
 from pogdiff.text_density import fit_text_density
+
+CACHE_VERSION = 2  # bump when a cached quantity is computed differently
+
+Tensors = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -41,13 +60,6 @@ class DatasetTables:
         return DatasetTables(self.text_states.to(device), self.uncond_states.to(device),
                              self.neighbours.to(device), self.identity.to(device), self.elbo.to(device))
 
-    def check_finite(self, source: str) -> None:
-        for name in ("text_states", "uncond_states", "elbo"):
-            if not torch.isfinite(getattr(self, name)).all():
-                raise PogdiffError(f"{source}: NaN or inf in {name}; delete this cache file and run again")
-        if not torch.isfinite(self.neighbours.similarity).all():
-            raise PogdiffError(f"{source}: NaN or inf in neighbour similarities; delete this cache file and run again")
-
 
 def default_cache_dir() -> Path:
     base = os.environ.get("POGDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pogdiff"
@@ -63,75 +75,126 @@ def build_tables(
     vae_latent_dim: int = 8,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    neighbour_backend: str = "auto",
 ) -> DatasetTables:
-    """Embed captions and images, find neighbours, fit the text-density VAE; cached by content."""
-    params = {"dataset": dataset.content_hash(), "text": text_encoder.name, "image": ImageEncoder.name,
-              "k": k, "vae_latent_dim": vae_latent_dim, "seed": seed, "resolution": images.shape[-1], "version": 1}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir or default_cache_dir()) / f"tables-{key}.safetensors"
+    """Embed captions and images, find neighbours, fit the text-density VAE; each cached by what it depends on."""
+    n = len(dataset)
+    if not 1 <= k <= n - 1:
+        raise PogdiffError(f"{dataset.root}: --k {k} neighbours per image, but the dataset has {n} images "
+                           f"(at most {n - 1} other images each); pass --k between 1 and {n - 1}")
+    cache = Path(cache_dir or default_cache_dir())
+    text_key = {"captions": hashlib.sha256(json.dumps(dataset.captions).encode()).hexdigest(),
+                 "encoder": text_encoder.name}
+    image_key = {"images": tensor_digest(images), "encoder": image_encoder.name if image_encoder else ImageEncoder.name}
+
+    def embed_text() -> Tensors:
+        text = text_encoder.encode(dataset.captions)
+        uncond = text_encoder.encode([""]).states[0]
+        _check_rows(text.states, dataset, "the text embedding of its caption", "check that caption")
+        if not torch.isfinite(uncond).all():
+            raise PogdiffError(f"text encoder {text_encoder.name}: NaN or inf for the empty caption; "
+                               "the text encoder's weights are broken")
+        return {"states": text.states, "pooled": text.pooled, "uncond": uncond}
+
+    def embed_images() -> Tensors:
+        features = (image_encoder or ImageEncoder())(images)
+        _check_rows(features, dataset, "its image features", "replace the image")
+        return {"features": features}
+
+    def neighbours() -> Tensors:
+        features = cached(cache, "image-features", image_key, embed_images)["features"]
+        table = find_neighbours(features, k, neighbour_backend)
+        return {"index": table.index, "similarity": table.similarity}
+
+    def text_density() -> Tensors:
+        elbo = fit_text_density(text["pooled"], latent_dim=vae_latent_dim, seed=seed)
+        _check_rows(elbo, dataset, "the text-density ELBO of its caption (the VAE diverged)",
+                    "try another --seed or --vae-latent-dim")
+        return {"elbo": elbo}
+
+    text = cached(cache, "text", text_key, embed_text)
+    table = cached(cache, "neighbours", {**image_key, "k": k}, neighbours)
+    density = cached(cache, "text-density", {**text_key, "vae_latent_dim": vae_latent_dim, "seed": seed},
+                      text_density)
+    return DatasetTables(text["states"], text["uncond"], NeighbourTable(table["index"], table["similarity"]),
+                         dataset.identity_codes(), density["elbo"])
+
+
+def cache_path(cache_dir: Path, kind: str, params: dict) -> Path:
+    """Where the ``kind`` table computed with ``params`` is cached."""
+    key = hashlib.sha256(json.dumps({**params, "kind": kind, "version": CACHE_VERSION}, sort_keys=True).encode())
+    return Path(cache_dir) / f"{kind}-{key.hexdigest()[:20]}.safetensors"
+
+
+def cached(cache_dir: Path, kind: str, params: dict, compute: Callable[[], Tensors]) -> Tensors:
+    """The tensors cached under (kind, params), else ``compute()``'s, then saved atomically."""
+    path = cache_path(cache_dir, kind, params)
     if path.is_file():
-        tables = _load(path)
-        tables.check_finite(str(path))
-        return tables
-    text = text_encoder.encode(dataset.captions)
-    uncond = text_encoder.encode([""]).states[0]
-    features = (image_encoder or ImageEncoder())(images)
-    neighbours = find_neighbours(features, k)
-    elbo = fit_text_density(text.pooled, latent_dim=vae_latent_dim, seed=seed)
-    tables = DatasetTables(text.states, uncond, neighbours, dataset.identity_codes(), elbo)
-    tables.check_finite("computed tables")
-    _save_atomic(tables, path, params)
-    return tables
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as error:
+            warnings.warn(f"{path}: unreadable cache file ({error}); computing it again", PogdiffWarning)
+        else:
+            if all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+                return tensors
+            warnings.warn(f"{path}: NaN or inf in this cache file; computing it again", PogdiffWarning)
+    tensors = compute()
+    save_atomic(tensors, path, params)
+    return tensors
 
 
-def _save_atomic(tables: DatasetTables, path: Path, params: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"text_states": tables.text_states.contiguous(), "uncond_states": tables.uncond_states.contiguous(),
-               "neighbour_index": tables.neighbours.index.contiguous(),
-               "neighbour_similarity": tables.neighbours.similarity.contiguous(),
-               "identity": tables.identity.contiguous(), "elbo": tables.elbo.contiguous()},
-              tmp, metadata={"params": json.dumps(params)})
-    os.replace(tmp, path)
+def save_atomic(tensors: Tensors, path: Path, params: dict) -> None:
+    """Write to a temporary file, then rename: an interrupted write leaves no file at ``path``.
+
+    A cache that cannot be written (disk full, read-only) is skipped with a warning: the
+    tables are in memory and the run goes on.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"params": json.dumps(params)})
+        os.replace(tmp, path)
+    except OSError as error:
+        warnings.warn(f"{path}: cannot write this cache file ({error.strerror or error}); going on without it "
+                      "(free space or pass --cache-dir)", PogdiffWarning)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _load(path: Path) -> DatasetTables:
-    t = load_file(path)
-    return DatasetTables(t["text_states"], t["uncond_states"],
-                         NeighbourTable(t["neighbour_index"], t["neighbour_similarity"]), t["identity"], t["elbo"])
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Hash of a CPU tensor's shape, dtype and values: the key of anything computed from it."""
+    digest = hashlib.sha256(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+    digest.update(tensor.contiguous().numpy())
+    return digest.hexdigest()
 
 
-def training_images(backbone, dataset: ImageTextDataset, images: torch.Tensor, center_crop: bool,
-                    random_flip: bool, cache_dir: str | Path | None = None) -> torch.Tensor:
+def _check_rows(values: torch.Tensor, dataset: ImageTextDataset, what: str, fix: str) -> None:
+    """Raise naming the first row whose ``values`` hold NaN or inf."""
+    bad = (~torch.isfinite(values.flatten(1) if values.dim() > 1 else values[:, None])).any(dim=1).nonzero()
+    if len(bad):
+        row = int(bad[0])
+        raise PogdiffError(f"{dataset.root / dataset.files[row]}: NaN or inf in {what} (row {row + 1} of "
+                           f"{len(dataset)}, {len(bad)} rows in all); {fix}")
+
+
+def training_images(backbone, images: torch.Tensor, random_flip: bool,
+                    cache_dir: str | Path | None = None) -> torch.Tensor:
     """What the training loop draws x0 from: (V, N, ...) with V = 2 (image, mirror image) under
     ``random_flip``, else 1.
 
     For a latent backbone these are the frozen VAE's posteriors, encoded once and cached by
-    dataset content, resolution, crop and VAE weights. The mirror image is encoded on its own
-    rather than flipping latents: the VAE is not equivariant to flips, so this is what
-    diffusers' script (which flips pixels, then encodes) trains on.
+    the image tensor (content, resolution, crop) and the VAE's weights. The mirror image is
+    encoded on its own rather than flipping latents: the VAE is not equivariant to flips,
+    so this is what diffusers' script (which flips pixels, then encodes) trains on.
     """
-    def encode() -> torch.Tensor:  # in chunks, so that no flipped copy of all images is ever held
+    def encode() -> Tensors:  # in chunks, so that no flipped copy of all images is ever held
         flips = (False, True) if random_flip else (False,)
         # Contiguous as when loaded from the cache file: the memory layout of x0 changes which
         # convolution kernels run, hence the last bits of the result.
-        return torch.stack([torch.cat([backbone.cache_images(chunk.flip(-1) if flip else chunk)
-                                       for chunk in images.split(256)]) for flip in flips]).contiguous()
+        return {"images": torch.stack([torch.cat([backbone.cache_images(chunk.flip(-1) if flip else chunk)
+                                                  for chunk in images.split(256)]) for flip in flips]).contiguous()}
 
     if backbone.image_cache_name is None:
-        return encode()
-    params = {"dataset": dataset.content_hash(), "encoder": backbone.image_cache_name, "resolution": images.shape[-1],
-              "center_crop": center_crop, "random_flip": random_flip, "version": 1}
-    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir or default_cache_dir()) / f"images-{key}.safetensors"
-    if path.is_file():
-        cached = load_file(path)["images"]
-        if not torch.isfinite(cached).all():
-            raise PogdiffError(f"{path}: NaN or inf in cached image encodings; delete this cache file and run again")
-        return cached
-    cached = encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"images": cached.contiguous()}, tmp, metadata={"params": json.dumps(params)})
-    os.replace(tmp, path)
-    return cached
+        return encode()["images"]
+    params = {"images": tensor_digest(images), "encoder": backbone.image_cache_name, "random_flip": random_flip}
+    return cached(Path(cache_dir or default_cache_dir()), "latents", params, encode)["images"]

@@ -9,8 +9,10 @@ RNG states that accelerate saves with each checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -32,6 +34,7 @@ from pogdiff.evaluation.pictures import save_grid
 from pogdiff.losses import METHODS, TrainBatch
 from pogdiff.sampling import generate
 from pogdiff.tables import build_tables, training_images
+from pogdiff.trace import RowLog
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
 
@@ -91,6 +94,7 @@ class TrainConfig:
     report_to: str | None = None
     cache_dir: str | None = None
     progress: bool = True
+    log_rows: bool = False  # write rows-rank<R>.jsonl (see pogdiff.trace)
 
 
 # Sec. 4.1: lr 1e-5; large sets 12,000 steps at 8 x 4; small/medium 6,000 steps at 8 x 1.
@@ -118,11 +122,17 @@ def batch_rows(num_rows: int, global_batch: int, micro_step: int, seed: int,
     return order[position * global_batch:(position + 1) * global_batch]
 
 
-def prepare_output_dir(config: TrainConfig) -> Path:
-    """Refuse to mix two runs in one folder: resume, overwrite, or pick another folder."""
+def check_output_dir(config: TrainConfig) -> Path:
+    """Refuse to mix two runs in one folder (resume, overwrite, or pick another) or to write where we cannot.
+
+    Writes nothing: called before any work, so a bad folder costs seconds, not a run.
+    """
     out = Path(config.output_dir)
     if config.resume_from_checkpoint:
+        resume_checkpoint(config)
         return out
+    if out.exists() and not out.is_dir():
+        raise PogdiffError(f"{out}: --output-dir is a file; choose a folder")
     if out.exists() and any(out.iterdir()):
         holds_run = (out / RUN_FILE).exists() or any(out.glob("checkpoint-*"))
         if not config.overwrite:
@@ -131,6 +141,19 @@ def prepare_output_dir(config: TrainConfig) -> Path:
                                "--overwrite to replace it, or choose another --output-dir")
         if not holds_run:
             raise PogdiffError(f"{out}: --overwrite only replaces a pogdiff run, and this folder holds something else")
+    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is a file" if not parent.is_dir() else "is not writable"
+        raise PogdiffError(f"{out}: cannot create the output folder ({parent} {why}); choose another --output-dir")
+    return out
+
+
+def prepare_output_dir(config: TrainConfig) -> Path:
+    """Check the output folder, then replace it (--overwrite) or create it."""
+    out = check_output_dir(config)
+    if config.resume_from_checkpoint:
+        return out
+    if config.overwrite and out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -142,9 +165,27 @@ def prepare_output_dir(config: TrainConfig) -> Path:
     return out
 
 
-def latest_checkpoint(out: Path) -> Path | None:
+def resume_checkpoint(config: TrainConfig) -> Path:
+    """The checkpoint folder --resume-from-checkpoint names ('latest': the newest finished one)."""
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint == "latest":
+        checkpoint = latest_checkpoint(out) if out.is_dir() else None
+    else:
+        checkpoint = Path(config.resume_from_checkpoint)
+    if checkpoint is None or not checkpoint.is_dir():
+        raise PogdiffError(f"{out}: no checkpoint to resume from ({config.resume_from_checkpoint}); "
+                           "drop --resume-from-checkpoint to start afresh")
+    return checkpoint
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (``.checkpoint-N.tmp`` folders being written are not)."""
     done = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return sorted(done, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    return next(reversed(checkpoints(out)), None)
 
 
 def train(config: TrainConfig) -> Path:
@@ -153,7 +194,7 @@ def train(config: TrainConfig) -> Path:
         raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.lora_rank and not config.pretrained:
         raise PogdiffError("--lora-rank adapts a pretrained checkpoint: pass --pretrained PATH_OR_HUB_ID too")
-    out = prepare_output_dir(config)
+    out = check_output_dir(config)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
         log_with=config.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
@@ -174,14 +215,19 @@ def train(config: TrainConfig) -> Path:
     with accelerator.local_main_process_first():
         tables = build_tables(dataset, images, backbone.text_encoder, k=config.k,
                               vae_latent_dim=config.vae_latent_dim, seed=config.seed, cache_dir=config.cache_dir)
-        x0_cache = training_images(backbone, dataset, images, config.center_crop, config.random_flip, config.cache_dir)
+        x0_cache = training_images(backbone, images, config.random_flip, config.cache_dir)
     del images
     backbone.to(accelerator.device, weight_dtype)
     tables = tables.to(accelerator.device)
     loss_fn = METHODS[config.method](backbone.scheduler, tables, snr_gamma=config.snr_gamma, **config.method_options)
     row_weights = loss_fn.sampling_weights()
-    if accelerator.is_main_process and hasattr(loss_fn, "row_weights"):
-        save_psi_summary(out, loss_fn.row_weights(), dataset)
+    psi_weights = loss_fn.row_weights() if hasattr(loss_fn, "row_weights") else None  # also checks a1, a2
+    if accelerator.is_main_process:  # the inputs are good: only now is anything written to the run folder
+        prepare_output_dir(config)
+    accelerator.wait_for_everyone()
+    row_log = RowLog(out, accelerator.process_index, tables, loss_fn) if config.log_rows else None
+    if accelerator.is_main_process and psi_weights is not None:
+        save_psi_summary(out, psi_weights, dataset)
 
     unet = backbone.unet.train()
     if config.gradient_checkpointing:
@@ -209,11 +255,7 @@ def train(config: TrainConfig) -> Path:
     set_seed(config.seed, device_specific=True)
     global_step = 0
     if config.resume_from_checkpoint:
-        checkpoint = latest_checkpoint(out) if config.resume_from_checkpoint == "latest" \
-            else Path(config.resume_from_checkpoint)
-        if checkpoint is None or not checkpoint.is_dir():
-            raise PogdiffError(f"{out}: no checkpoint to resume from ({config.resume_from_checkpoint}); "
-                               "drop --resume-from-checkpoint to start afresh")
+        checkpoint = resume_checkpoint(config)
         accelerator.load_state(str(checkpoint))
         if ema is not None:
             ema.to(accelerator.device)  # accelerate loads custom states onto the CPU
@@ -230,6 +272,8 @@ def train(config: TrainConfig) -> Path:
         rows = batch_rows(len(dataset), global_batch, micro_step, config.seed, row_weights)
         rows = rows[accelerator.process_index::accelerator.num_processes].to(accelerator.device)
         micro_step += 1
+        if row_log:
+            row_log.step(micro_step, rows)
         with accelerator.accumulate(unet):
             flipped = torch.rand(len(rows), device=rows.device) < 0.5 if config.random_flip \
                 else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
@@ -264,14 +308,18 @@ def train(config: TrainConfig) -> Path:
     bar.close()
 
     accelerator.wait_for_everyone()
+    if row_log:
+        row_log.final_weights(accelerator.unwrap_model(unet))
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trained)
-        backbone.save(out, final)
         info = {**backbone.run_info(), "config": asdict(config), "num_processes": accelerator.num_processes,
                 "steps": global_step}
-        (out / RUN_FILE).write_text(json.dumps(info, indent=2, default=str))
+        with reported_write_errors(out, out):  # RUN_FILE last and atomic: a run folder without it is unfinished
+            backbone.save(out, final)
+            (out / f".{RUN_FILE}.tmp").write_text(json.dumps(info, indent=2, default=str))
+            os.replace(out / f".{RUN_FILE}.tmp", out / RUN_FILE)
     accelerator.end_training()
     return out
 
@@ -335,22 +383,47 @@ def log_validation(accelerator: Accelerator, backbone, config: TrainConfig, out:
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None) -> None:
-    """Save the full training state atomically: written to a temporary folder, then renamed."""
+    """Save the full training state atomically: written to a temporary folder, then renamed.
+
+    A failed write (disk full) removes the temporary folder and raises a one-line error;
+    the checkpoints saved before stay as they were.
+    """
     accelerator.wait_for_everyone()
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with reported_write_errors(final, out, cleanup=tmp if accelerator.is_main_process else None):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tmp.rename(final)
+        if final.exists():  # resumed from an earlier checkpoint: this step's new state replaces the old one
+            old = out / f".checkpoint-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
         if total_limit:
-            done = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-            for old in done[:-total_limit]:
+            for old in checkpoints(out)[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def reported_write_errors(target: Path, out: Path, cleanup: Path | None = None):
+    """Turn an OSError while writing ``target`` (disk full, permissions) into a one-line error saying what is safe."""
+    try:
+        yield
+    except OSError as error:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        previous = latest_checkpoint(out)
+        safe = (f"{previous.name} is intact: free space, then continue with --resume-from-checkpoint latest"
+                if previous else "no earlier checkpoint: free space, then run again")
+        raise PogdiffError(f"{target}: cannot write ({error.strerror or error}); {safe}") from None
 
 
 def run_label(config: dict) -> str:

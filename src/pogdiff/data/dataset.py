@@ -8,17 +8,18 @@ evaluation; without it every pair of images counts as different identities.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import posixpath
+import warnings
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pogdiff.errors import DatasetError
+from pogdiff.errors import DatasetError, PogdiffWarning
 
 METADATA_FILE = "metadata.jsonl"
 FEW_MAX_IMAGES = 5  # "Few" (minority) identities have at most this many training images
@@ -53,14 +54,6 @@ class ImageTextDataset:
         index = {name: i for i, name in enumerate(dict.fromkeys(self.identity_names))}
         return torch.tensor([index[name] for name in self.identity_names], dtype=torch.long)
 
-    def content_hash(self) -> str:
-        """Hash of the metadata and the image bytes: caches keyed by it follow any edit."""
-        digest = hashlib.sha256()
-        for file, caption, identity in zip(self.files, self.captions, self.identity_names):
-            digest.update(json.dumps([file, caption, identity]).encode())
-            digest.update(hashlib.sha256((self.root / file).read_bytes()).digest())
-        return digest.hexdigest()[:16]
-
     def load_images(self, resolution: int, center_crop: bool = True) -> torch.Tensor:
         """All images as one float tensor (N, 3, resolution, resolution) in [-1, 1]."""
         arrays = [load_image(self.root / f, resolution, center_crop) for f in self.files]
@@ -72,10 +65,10 @@ def load_image(path: Path, resolution: int, center_crop: bool = True) -> np.ndar
     try:
         with Image.open(path) as image:
             image.load()
-            image = _to_rgb(image)
+            image = _to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise DatasetError(f"{path}: image listed in {METADATA_FILE} is missing; add it or remove its line") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DatasetError(f"{path}: cannot read this image ({error}); replace it or remove its line") from None
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
@@ -89,10 +82,10 @@ def load_image(path: Path, resolution: int, center_crop: bool = True) -> np.ndar
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Grayscale, palette, RGBA and 16-bit images become 8-bit RGB (alpha over white)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    """Grayscale, palette, RGBA, CMYK and 16-bit or float images become 8-bit RGB (alpha over white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((array / max(array.max(), 1.0) * 255).astype(np.uint8))
+        image = Image.fromarray((array / max(array.max(), 1.0) * 255).clip(0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -106,48 +99,60 @@ def load_dataset(
     identity_column: str | None = "identity",
     image_column: str = "file_name",
 ) -> ImageTextDataset:
-    """Read and check ``root/metadata.jsonl``; raise :class:`DatasetError` naming file, line and fix."""
+    """Read and check ``root/metadata.jsonl``; raise :class:`DatasetError` naming file, line and fix.
+
+    Nothing is written. Problems that still leave a usable dataset (a single-image
+    identity, an identity column under another name) are reported once as a
+    :class:`PogdiffWarning`. docs/bad-input.md lists every case.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder not found; pass a folder that holds {METADATA_FILE} and the images")
+        what = "is a file, not a folder" if root.is_file() else "dataset folder not found"
+        raise DatasetError(f"{root}: {what}; pass a folder that holds {METADATA_FILE} and the images")
     metadata = root / METADATA_FILE
     if not metadata.is_file():
-        near = sorted(p.name for p in root.glob("metadata*"))
-        hint = f" (found {', '.join(near)}: rename it to {METADATA_FILE})" if near else ""
-        raise DatasetError(f"{metadata}: no {METADATA_FILE} in the dataset folder{hint}; "
+        raise DatasetError(f"{metadata}: no {METADATA_FILE} in the dataset folder{_misnamed_metadata_hint(root)}; "
                            f"write one JSON object per line with '{image_column}' and '{caption_column}'")
     files, captions, identities = [], [], []
     seen: dict[str, int] = {}
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    columns: dict[str, None] = {}
+    for number, line in enumerate(_read_lines(metadata), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DatasetError(f"{metadata}:{number}: not valid JSON ({error.msg}); fix or remove that line") from None
+            raise DatasetError(f"{metadata}:{number}: not valid JSON ({error.msg} at column {error.colno}); "
+                               "fix or remove that line") from None
         if not isinstance(row, dict):
-            raise DatasetError(f"{metadata}:{number}: expected a JSON object, got {type(row).__name__}")
+            raise DatasetError(f"{metadata}:{number}: expected a JSON object, got {type(row).__name__}; "
+                               "write one {...} object per line")
+        columns.update(dict.fromkeys(row))
         for column in (image_column, caption_column):
             if column not in row:
                 flag = "--image-column" if column == image_column else "--caption-column"
                 raise DatasetError(f"{metadata}:{number}: no '{column}' column (columns: {', '.join(row)}); "
                                    f"rename it or pass {flag} NAME")
-        file, caption = row[image_column], row[caption_column]
+        file = _relative_path(row[image_column], root, f"{metadata}:{number}", image_column)
+        caption = row[caption_column]
         if not isinstance(caption, str) or not caption.strip():
             raise DatasetError(f"{metadata}:{number}: empty or non-string caption for {file!r}; write a caption")
-        if not isinstance(file, str) or not file:
-            raise DatasetError(f"{metadata}:{number}: '{image_column}' must be a relative path string")
         if file in seen:
             raise DatasetError(f"{metadata}:{number}: {file!r} is listed twice (first on line {seen[file]}); "
                                "remove the duplicate line")
         seen[file] = number
         if not (root / file).is_file():
-            raise DatasetError(f"{root / file}: image listed on line {number} of {metadata} is missing; "
+            what = "is not a file" if (root / file).exists() else "is missing"
+            raise DatasetError(f"{root / file}: image listed on line {number} of {metadata} {what}; "
                                "add it or remove its line")
         files.append(file)
         captions.append(caption.strip())
         if identity_column and identity_column in row:
-            identities.append(str(row[identity_column]))
+            identity = row[identity_column]
+            if isinstance(identity, bool) or not isinstance(identity, (str, int)) or not str(identity).strip():
+                raise DatasetError(f"{metadata}:{number}: identity {identity!r} is not a name; "
+                                   "write a non-empty string (or drop the column from every line)")
+            identities.append(str(identity).strip())
         elif identity_column and identities:
             raise DatasetError(f"{metadata}:{number}: no '{identity_column}' column though earlier lines have one; "
                                "give every line an identity")
@@ -156,4 +161,55 @@ def load_dataset(
     if identities and len(identities) != len(files):
         raise DatasetError(f"{metadata}: the first lines have no '{identity_column}' but later ones do; "
                            "give every line an identity")
-    return ImageTextDataset(root, files, captions, identities or None)
+    dataset = ImageTextDataset(root, files, captions, identities or None)
+    _warn_about_identities(dataset, metadata, identity_column, [c for c in columns if c not in
+                                                                 (image_column, caption_column)])
+    return dataset
+
+
+def _read_lines(metadata: Path) -> list[str]:
+    """The metadata's lines; UTF-8 with or without a byte-order mark (Windows editors write one)."""
+    data = metadata.read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise DatasetError(f"{metadata}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); "
+                           "save the file as UTF-8") from None
+
+
+def _misnamed_metadata_hint(root: Path) -> str:
+    near = sorted(p.name for p in root.iterdir() if p.name.lower().startswith("metadata"))
+    if not near:
+        return ""
+    if any(Path(name).suffix.lower() in (".csv", ".parquet", ".json") for name in near):
+        return f" (found {', '.join(near)}: convert it to {METADATA_FILE}, one JSON object per line)"
+    return f" (found {', '.join(near)}: rename it to {METADATA_FILE})"
+
+
+def _relative_path(value, root: Path, where: str, column: str) -> str:
+    """The image path as a normalised relative POSIX path that stays inside ``root``."""
+    if not isinstance(value, str) or not value.strip():
+        raise DatasetError(f"{where}: '{column}' must be a path string relative to {root}")
+    path = PurePosixPath(posixpath.normpath(value.strip().replace("\\", "/")))
+    if path.is_absolute() or path.parts[0] == "..":
+        raise DatasetError(f"{where}: {value!r} is outside the dataset folder; "
+                           f"copy the image into {root} and give its path relative to it")
+    return str(path)
+
+
+def _warn_about_identities(dataset: ImageTextDataset, metadata: Path, identity_column: str | None,
+                           other_columns: list[str]) -> None:
+    if dataset.identities is None:
+        if identity_column and other_columns:
+            warnings.warn(f"{metadata}: no '{identity_column}' column, so every image counts as its own identity; "
+                          f"if '{other_columns[0]}' holds who is shown, pass --identity-column {other_columns[0]}",
+                          PogdiffWarning, stacklevel=3)
+        return
+    single = [name for name, count in dataset.identity_counts().items() if count == 1]
+    if single:
+        shown = ", ".join(single[:3]) + (f" and {len(single) - 3} more" if len(single) > 3 else "")
+        warnings.warn(f"{metadata}: {len(single)} identit{'y has' if len(single) == 1 else 'ies have'} a single "
+                      f"image ({shown}); PoGDiff assumes >= 2: with no same-identity neighbour, Eq. 9 gives them "
+                      "only the other-identity weight s^(a1+a2); add a second image to borrow from their own",
+                      PogdiffWarning, stacklevel=3)

@@ -1,0 +1,63 @@
+"""Checks on a local diffusers pipeline folder (``--pretrained``) before anything loads from it.
+
+``from_pretrained`` on a partial download fails deep inside diffusers or transformers,
+minutes into a run, with a message about some class. These checks name the folder,
+the missing piece and the fix instead; they read only file names and a few bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pogdiff.errors import PogdiffError
+
+PIPELINE_FILE = "model_index.json"
+CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def check_pipeline_files(folder: str | Path) -> dict:
+    """Raise :class:`PogdiffError` unless ``folder`` holds a complete diffusers pipeline; return its model index.
+
+    Complete: ``model_index.json`` is valid JSON, and every component it lists is a
+    subfolder with its config and, for models (a ``config.json``), real weights (not
+    Git LFS pointer files).
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        raise PogdiffError(f"{folder}: a single checkpoint file, not a diffusers pipeline folder; convert it with "
+                           "StableDiffusionPipeline.from_single_file(PATH).save_pretrained(FOLDER) and pass FOLDER")
+    if not folder.is_dir():
+        raise PogdiffError(f"{folder}: pretrained folder not found; pass a local diffusers pipeline folder")
+    index_path = folder / PIPELINE_FILE
+    if not index_path.is_file():
+        raise PogdiffError(f"{folder}: not a diffusers pipeline folder (no {PIPELINE_FILE}); pass the folder that "
+                           "StableDiffusionPipeline.save_pretrained wrote")
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PogdiffError(f"{index_path}: not valid JSON ({error}); download the pipeline again") from None
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or None in entry:
+            continue  # metadata such as _class_name, or an optional component left out (null)
+        _check_component(folder / name)
+    return index
+
+
+def _check_component(path: Path) -> None:
+    if not path.is_dir():
+        raise PogdiffError(f"{path}: missing ({PIPELINE_FILE} lists it); the download is partial: download it again")
+    if not any((path / name).is_file() for name in CONFIG_FILES):
+        raise PogdiffError(f"{path}: no config.json or other config file; the download is partial: download it again")
+    if not (path / "config.json").is_file():
+        return  # a scheduler, tokenizer or feature extractor: configs and vocabularies only
+    weights = [p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)]
+    if not weights:
+        raise PogdiffError(f"{path}: no weights (*.safetensors or *.bin); the download is partial: download it again")
+    for file in weights:
+        with file.open("rb") as f:
+            if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                raise PogdiffError(f"{file}: a Git LFS pointer, not the weights; run `git lfs pull` in the "
+                                   "pipeline's repository, or download it again")

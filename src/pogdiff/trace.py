@@ -1,0 +1,50 @@
+"""What each training process saw, for checking multi-process and resumed runs (``--log-rows``).
+
+Every process appends JSON lines to ``OUTPUT_DIR/rows-rank<R>.jsonl``:
+
+- ``{"rank": R, "num_rows": N, "tables": {name: sha256}}`` once per start (resumes add one):
+  digests of the per-row tables every process must share (caption states, neighbour
+  index and similarity of Eq. 8, identity codes, ELBO of Eq. 10, and psi of Eq. 12 where
+  the method has it);
+- ``{"micro_step": m, "rows": [...]}`` per micro-batch: the dataset rows this process trained on;
+- ``{"weights": sha256}`` at the end: a digest of the trained weights as this process holds them.
+
+Under ``accelerate launch --num_processes P`` the rows of the P files at one micro-step
+are disjoint and together form the global batch that one process with
+``--train-batch-size P*B`` trains on at that micro-step; the table and weight digests
+agree across files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pogdiff.tables import DatasetTables, tensor_digest
+
+
+class RowLog:
+    def __init__(self, out: Path, rank: int, tables: DatasetTables, loss_fn):
+        self.path = Path(out) / f"rows-rank{rank}.jsonl"
+        named = {"text_states": tables.text_states, "neighbour_index": tables.neighbours.index,
+                 "neighbour_similarity": tables.neighbours.similarity, "identity": tables.identity,
+                 "elbo": tables.elbo}
+        if hasattr(loss_fn, "row_weights"):
+            named["psi"] = loss_fn.row_weights()["psi"]
+        self._write({"rank": rank, "num_rows": len(tables),
+                     "tables": {name: tensor_digest(t.detach().cpu()) for name, t in named.items()}})
+
+    def step(self, micro_step: int, rows: torch.Tensor) -> None:
+        self._write({"micro_step": micro_step, "rows": rows.tolist()})
+
+    def final_weights(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        self._write({"weights": tensor_digest(torch.cat([state[name].detach().float().cpu().flatten()
+                                                         for name in sorted(state)]))})
+
+    def _write(self, record: dict) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
