@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pogdiff.benchmark import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
     from pogdiff.data.dataset import FEW_MAX_IMAGES
     from pogdiff.data.synth import PRESETS
+    from pogdiff.demo import DEMO_STEPS
     from pogdiff.evaluation.evaluate import JUDGES
     from pogdiff.evaluation.features import DEFAULT_FEATURES
     from pogdiff.losses import METHODS
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", parents=[common], help="vanilla vs PoGDiff on the embedded default")
     m.add_argument("--out", default="demo-out")
     m.add_argument("--preset", choices=sorted(PRESETS), default="medium")
-    m.add_argument("--max-train-steps", type=int, default=500)
+    m.add_argument("--max-train-steps", type=int, default=DEMO_STEPS)
     m.add_argument("--num-images", type=int, default=8)
     m.set_defaults(func=_demo)
     return parser

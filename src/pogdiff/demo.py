@@ -18,9 +18,10 @@ from pogdiff.evaluation.evaluate import evaluate_runs, format_table
 from pogdiff.train import TrainConfig, train
 
 DEMO_METHODS = ("vanilla", "pogdiff")
+DEMO_STEPS = 400  # sized so that `make demo` (install included) ends within 15 minutes on 2 cores
 
 
-def run_demo(out: str | Path = "demo-out", preset: str = "medium", seed: int = 0, max_train_steps: int = 500,
+def run_demo(out: str | Path = "demo-out", preset: str = "medium", seed: int = 0, max_train_steps: int = DEMO_STEPS,
              num_images: int = 8, methods: tuple[str, ...] = DEMO_METHODS, cache_dir: str | None = None,
              progress: bool = True) -> dict:
     out = Path(out)
