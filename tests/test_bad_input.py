@@ -116,8 +116,10 @@ def _image_outside_folder(root):
 
 
 def _missing_image(root):
-    (root / "images" / "0_0.png").unlink()
-    return root, ["images/0_0.png: image listed on line 1", "is missing", "add it or remove its line"]
+    for name in ("0_0.png", "1_3.png", "2_1.png"):
+        (root / "images" / name).unlink()
+    return root, ["images/0_0.png: image listed on line 1", "is missing", "add it or remove its line",
+                  "(2 more missing: images/1_3.png, images/2_1.png)"]
 
 
 def _duplicate_file(root):
@@ -127,7 +129,9 @@ def _duplicate_file(root):
 
 def _corrupt_image(root):
     (root / "images" / "1_0.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    return root, ["images/1_0.png: cannot read this image", "replace it or remove its line"]
+    (root / "images" / "1_4.png").write_bytes(b"GIF89a")
+    return root, ["images/1_0.png: cannot read this image", "replace it or remove its line",
+                  "(1 more unreadable: images/1_4.png)"]
 
 
 def _truncated_image(root):

@@ -123,6 +123,20 @@ def test_caches_follow_content_and_parameters_not_location(toy_data, tmp_path, c
     assert computed() == {"text": 2, "image": 2, "neighbours": 3, "density": 2}
 
 
+def test_building_tables_leaves_the_global_rng_alone(toy_data, tmp_path, counted):
+    """A cold cache must not change a run's draws: encoders initialise layers at random when they load."""
+
+    class LoadsLikeARealEncoder(FakeImageEncoder):
+        def __call__(self, images):
+            torch.nn.Linear(8, 8)  # random init before the weights are read
+            return super().__call__(images)
+
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    build(toy_data, FakeTextEncoder(), LoadsLikeARealEncoder(), tmp_path / "cache")  # cold
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_damaged_cache_files_are_computed_again(toy_data, tmp_path, counted):
     text, image, cache = FakeTextEncoder(), FakeImageEncoder(), tmp_path / "cache"
     good = build(toy_data, text, image, cache)

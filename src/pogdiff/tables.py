@@ -77,7 +77,11 @@ def build_tables(
     cache_dir: str | Path | None = None,
     neighbour_backend: str = "auto",
 ) -> DatasetTables:
-    """Embed captions and images, find neighbours, fit the text-density VAE; each cached by what it depends on."""
+    """Embed captions and images, find neighbours, fit the text-density VAE; each cached by what it depends on.
+
+    The global RNG is left as it was (loading an encoder initialises layers at random before
+    reading its weights), so a run draws the same noise whether the cache was warm or cold.
+    """
     n = len(dataset)
     if not 1 <= k <= n - 1:
         raise PogdiffError(f"{dataset.root}: --k {k} neighbours per image, but the dataset has {n} images "
@@ -112,10 +116,11 @@ def build_tables(
                     "try another --seed or --vae-latent-dim")
         return {"elbo": elbo}
 
-    text = cached(cache, "text", text_key, embed_text)
-    table = cached(cache, "neighbours", {**image_key, "k": k}, neighbours)
-    density = cached(cache, "text-density", {**text_key, "vae_latent_dim": vae_latent_dim, "seed": seed},
-                      text_density)
+    with torch.random.fork_rng(devices=[]):
+        text = cached(cache, "text", text_key, embed_text)
+        table = cached(cache, "neighbours", {**image_key, "k": k}, neighbours)
+        density = cached(cache, "text-density", {**text_key, "vae_latent_dim": vae_latent_dim, "seed": seed},
+                          text_density)
     return DatasetTables(text["states"], text["uncond"], NeighbourTable(table["index"], table["similarity"]),
                          dataset.identity_codes(), density["elbo"])
 

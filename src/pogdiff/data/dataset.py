@@ -55,8 +55,18 @@ class ImageTextDataset:
         return torch.tensor([index[name] for name in self.identity_names], dtype=torch.long)
 
     def load_images(self, resolution: int, center_crop: bool = True) -> torch.Tensor:
-        """All images as one float tensor (N, 3, resolution, resolution) in [-1, 1]."""
-        arrays = [load_image(self.root / f, resolution, center_crop) for f in self.files]
+        """All images as one float tensor (N, 3, resolution, resolution) in [-1, 1].
+
+        Every image is tried, so one error names the first unreadable image and counts the others.
+        """
+        arrays, failed = [], []
+        for file in self.files:
+            try:
+                arrays.append(load_image(self.root / file, resolution, center_crop))
+            except DatasetError as error:
+                failed.append((file, error))
+        if failed:
+            raise DatasetError(str(failed[0][1]) + _and_more([file for file, _ in failed[1:]], "unreadable"))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -114,6 +124,7 @@ def load_dataset(
         raise DatasetError(f"{metadata}: no {METADATA_FILE} in the dataset folder{_misnamed_metadata_hint(root)}; "
                            f"write one JSON object per line with '{image_column}' and '{caption_column}'")
     files, captions, identities = [], [], []
+    missing: list[tuple[str, int]] = []
     seen: dict[str, int] = {}
     columns: dict[str, None] = {}
     for number, line in enumerate(_read_lines(metadata), start=1):
@@ -142,9 +153,7 @@ def load_dataset(
                                "remove the duplicate line")
         seen[file] = number
         if not (root / file).is_file():
-            what = "is not a file" if (root / file).exists() else "is missing"
-            raise DatasetError(f"{root / file}: image listed on line {number} of {metadata} {what}; "
-                               "add it or remove its line")
+            missing.append((file, number))
         files.append(file)
         captions.append(caption.strip())
         if identity_column and identity_column in row:
@@ -158,6 +167,11 @@ def load_dataset(
                                "give every line an identity")
     if not files:
         raise DatasetError(f"{metadata}: no rows; add one JSON line per image")
+    if missing:
+        (file, number), others = missing[0], [file for file, _ in missing[1:]]
+        what = "is not a file" if (root / file).exists() else "is missing"
+        raise DatasetError(f"{root / file}: image listed on line {number} of {metadata} {what}; "
+                           f"add it or remove its line{_and_more(others, 'missing')}")
     if identities and len(identities) != len(files):
         raise DatasetError(f"{metadata}: the first lines have no '{identity_column}' but later ones do; "
                            "give every line an identity")
@@ -176,6 +190,13 @@ def _read_lines(metadata: Path) -> list[str]:
         line = data[:error.start].count(b"\n") + 1
         raise DatasetError(f"{metadata}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); "
                            "save the file as UTF-8") from None
+
+
+def _and_more(files: list[str], what: str) -> str:
+    if not files:
+        return ""
+    shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    return f" ({len(files)} more {what}: {shown})"
 
 
 def _misnamed_metadata_hint(root: Path) -> str:
