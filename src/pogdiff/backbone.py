@@ -24,9 +24,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pogdiff.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError
+from pogdiff.pretrained import PIPELINE_FILE, check_pipeline_files
 
 RUN_FILE = "pogdiff_run.json"
-PIPELINE_FILE = "model_index.json"  # what diffusers writes at the top of a pipeline folder
 
 
 class PixelBackbone:
@@ -226,12 +226,10 @@ def move_frozen_to(device, dtype: torch.dtype, *modules: torch.nn.Module) -> Non
 
 
 def check_pipeline_folder(folder: Path) -> None:
-    """A Stable Diffusion-like pipeline folder: one UNet, VAE, CLIP text encoder, tokenizer, scheduler."""
+    """A complete (see :func:`check_pipeline_files`), Stable Diffusion-like pipeline folder:
+    one UNet, VAE, CLIP text encoder, tokenizer, scheduler."""
+    components = check_pipeline_files(folder)
     index = folder / PIPELINE_FILE
-    if not index.is_file():
-        raise PogdiffError(f"{folder}: not a diffusers pipeline folder (no {PIPELINE_FILE}); pass the folder "
-                           "StableDiffusionPipeline.save_pretrained wrote, or a hub id")
-    components = json.loads(index.read_text())
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if c not in components]
     if missing or "text_encoder_2" in components:
         what = f"it has no {', '.join(missing)}" if missing else "it has a second text encoder (SDXL-like)"
