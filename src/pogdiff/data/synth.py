@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -252,12 +252,13 @@ def make_identities(preset: str, seed: int) -> list[Identity]:
 
 
 def _preset_counts(preset: str) -> tuple[int, ...]:
+    """``PRESETS[preset]``, or a ValueError that lists the presets there are."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[preset]
 
 
-def _draw_distinct(draw_traits, taken) -> dict:
+def _draw_distinct(draw_traits: Callable[[], dict], taken: Iterable[dict]) -> dict:
     """Draw trait sets until one differs enough from every set already taken."""
     taken = list(taken)
     while True:
@@ -349,7 +350,7 @@ def _draw_portrait(traits: dict, look: _Look, size: int) -> Image.Image:
     _draw_mouth(draw, frame, look.expression, half_h)
     _draw_glasses(draw, frame, traits["glasses"], half_w)
     _draw_hair_on_head(draw, frame, traits, half_w, half_h)
-    small = image.resize((size, size), Image.LANCZOS)
+    small = image.resize((size, size), Image.Resampling.LANCZOS)
     return _apply_lighting(small, look.lighting)
 
 
@@ -507,9 +508,9 @@ def _draw_hair_on_head(draw: ImageDraw.ImageDraw, frame: _Frame, traits: dict, h
                          fill=hair)
     elif style == "short":
         for side in (-1, 1):  # sideburns
-            u = side * (half_w - 0.01)
-            draw.rectangle(frame.box(min(u, u - side * 0.035), hairline, max(u, u - side * 0.035), -0.02),
-                           fill=hair)
+            outer = side * (half_w - 0.01)
+            inner = outer - side * 0.035
+            draw.rectangle(frame.box(min(inner, outer), hairline, max(inner, outer), -0.02), fill=hair)
 
 
 def _apply_lighting(image: Image.Image, lighting: str) -> Image.Image:
