@@ -29,3 +29,13 @@ def toy_data(tmp_path):
 @pytest.fixture
 def cache_dir(tmp_path):
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory):
+    """The embedded small preset and a cache shared by the tests that evaluate on it (its identity judge trains once)."""
+    from pogdiff.data.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("small-synth")
+    write_dataset(root / "data", preset="small", seed=0)
+    return root / "data", root / "cache"

@@ -11,8 +11,8 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def test_cli_chain_on_the_small_preset(tmp_path, capsys):
-    data, cache = tmp_path / "data", tmp_path / "cache"
+def test_cli_chain_on_the_small_preset(small_synth, tmp_path, capsys):
+    data, cache = tmp_path / "data", small_synth[1]
     assert run_cli(capsys, "data", "synth", data, "--preset", "small")[0] == 0
     runs = []
     for method in ("vanilla", "pogdiff"):
@@ -36,6 +36,31 @@ def test_cli_chain_on_the_small_preset(tmp_path, capsys):
     assert metrics["num_identities"] == {"all": 2, "few": 1}
     assert (tmp_path / "eval" / "samples-pogdiff.png").is_file()
     assert "| vanilla |" in out
+
+
+def test_demo_prints_both_methods_and_reuses_finished_steps(small_synth, tmp_path, capsys):
+    out, cache = tmp_path / "demo", small_synth[1]
+    argv = ("demo", "--out", out, "--preset", "small", "--max-train-steps", 2, "--num-images", 1,
+            "--num-inference-steps", 2, "--cache-dir", cache, "--no-progress")
+    code, printed, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert "| vanilla |" in printed and "| pogdiff |" in printed and "DDIM 2 steps" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"vanilla", "pogdiff"}
+    assert (out / "samples-vanilla.png").is_file() and (out / "report.html").is_file()
+    weights = {m: (out / "runs" / m / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+               for m in ("vanilla", "pogdiff")}
+    assert run_cli(capsys, *argv)[0] == 0
+    assert {m: (out / "runs" / m / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+            for m in weights} == weights
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, _, err = run_cli(capsys, "demo", "--out", tmp_path / "mine", "--no-progress")
+    assert code != 0 and "not a pogdiff demo folder" in err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 def test_train_refuses_a_folder_that_holds_another_run(toy_data, tmp_path, capsys):

@@ -7,12 +7,13 @@ import torch
 from conftest import write_toy_dataset
 
 from pogdiff.data.dataset import load_dataset
+from pogdiff.data.synth import load_identities
 from pogdiff.encoders import ImageEncoder
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.evaluate import Evaluation, average, by_identity
 from pogdiff.evaluation.features import HuggingFaceImageFeatures, InceptionFeatures, load_feature_extractor
-from pogdiff.evaluation.identity import CentroidJudge
+from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge, _renders
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,8 @@ def test_evaluation_scores_each_identity_against_its_references(encoder, toy):
 
 def test_evaluation_skips_fd_of_an_identity_with_one_image(encoder, tmp_path):
     root = write_toy_dataset(tmp_path / "data", counts=(6, 1))
-    evaluation = Evaluation(root, encoder, None, "features", "hog", 5, tmp_path / "cache", progress=False)
+    with pytest.warns(PogdiffWarning, match="single image"):
+        evaluation = Evaluation(root, encoder, None, "features", "hog", 5, tmp_path / "cache", progress=False)
     real = evaluation.real(32)
     per_identity, _ = evaluation.score({"Anna": real.training["Anna"], "Bruno": real.training["Bruno"].repeat(3, 1, 1, 1)},
                                        recall_threshold=0.9)
@@ -145,6 +147,25 @@ def test_evaluation_skips_fd_of_an_identity_with_one_image(encoder, tmp_path):
 def test_synth_judge_needs_a_synth_dataset(encoder, toy):
     with pytest.raises(PogdiffError, match="synth.json: not found"):
         Evaluation(toy, encoder, None, "synth", "hog", 5, toy / "cache", progress=False)
+
+
+def test_synth_judge_recognises_unseen_noisy_renders_of_every_identity(small_synth):
+    data, cache = small_synth
+    judge = SynthIdentityJudge.for_dataset(data / "synth.json", cache, progress=False)
+    assert min(judge.heldout_accuracy.values()) >= 0.9  # the 2-image look-alike of the majority person too
+    images, labels = _renders(load_identities(data), 40, seed=7, size=32, progress=False)
+    noisy = (images + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    predicted = judge.predict(noisy)
+    for label, name in enumerate(judge.names):
+        assert m.identity_accuracy([p for p, y in zip(predicted, labels) if y == label], name) >= 0.9
+    reloaded = SynthIdentityJudge.for_dataset(data / "synth.json", cache, progress=False)
+    assert reloaded.name == judge.name and reloaded.predict(noisy) == predicted
+
+
+def test_a_synth_judge_that_cannot_tell_the_identities_apart_is_warned_about(small_synth, tmp_path):
+    with pytest.warns(PogdiffWarning, match="id_acc is unreliable"):
+        judge = SynthIdentityJudge.for_dataset(small_synth[0] / "synth.json", tmp_path, steps=2, progress=False)
+    assert min(judge.heldout_accuracy.values()) < 0.9
 
 
 def load_heldout(root: Path, name: str) -> torch.Tensor:

@@ -69,7 +69,7 @@ def _demo(args) -> None:
     from pogdiff.demo import run_demo
 
     run_demo(args.out, preset=args.preset, seed=args.seed, max_train_steps=args.max_train_steps,
-             num_images=args.num_images, cache_dir=args.cache_dir, progress=not args.no_progress)
+             num_images=args.num_images, num_inference_steps=args.num_inference_steps, cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
 def _benchmark(args) -> None:
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pogdiff.benchmark import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
     from pogdiff.data.dataset import FEW_MAX_IMAGES
     from pogdiff.data.synth import PRESETS
-    from pogdiff.demo import DEMO_STEPS
+    from pogdiff.demo import DEMO_INFERENCE_STEPS, DEMO_STEPS
     from pogdiff.evaluation.evaluate import JUDGES
     from pogdiff.evaluation.features import DEFAULT_FEATURES
     from pogdiff.losses import METHODS
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     m.add_argument("--max-train-steps", type=int, default=DEMO_STEPS)
     m.add_argument("--num-images", type=int, default=8)
+    m.add_argument("--num-inference-steps", type=int, default=DEMO_INFERENCE_STEPS,
+                   help=f"DDIM steps (default {DEMO_INFERENCE_STEPS}, to fit 15 minutes; evaluate uses 50)")
     m.set_defaults(func=_demo)
     return parser
 
