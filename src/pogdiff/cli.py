@@ -69,7 +69,8 @@ def _demo(args) -> None:
     from pogdiff.demo import run_demo
 
     run_demo(args.out, preset=args.preset, seed=args.seed, max_train_steps=args.max_train_steps,
-             num_images=args.num_images, num_inference_steps=args.num_inference_steps, cache_dir=args.cache_dir, progress=not args.no_progress)
+             num_images=args.num_images, num_inference_steps=args.num_inference_steps, cache_dir=args.cache_dir,
+             progress=not args.no_progress)
 
 
 def _benchmark(args) -> None:

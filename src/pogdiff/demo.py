@@ -25,8 +25,8 @@ DEMO_INFERENCE_STEPS = 25
 
 
 def run_demo(out: str | Path = "demo-out", preset: str = "medium", seed: int = 0, max_train_steps: int = DEMO_STEPS,
-             num_images: int = 8, num_inference_steps: int = DEMO_INFERENCE_STEPS, methods: tuple[str, ...] = DEMO_METHODS, cache_dir: str | None = None,
-             progress: bool = True) -> dict:
+             num_images: int = 8, num_inference_steps: int = DEMO_INFERENCE_STEPS,
+             methods: tuple[str, ...] = DEMO_METHODS, cache_dir: str | None = None, progress: bool = True) -> dict:
     out = Path(out)
     start = time.time()
     if out.exists() and any(out.iterdir()) and not (out / "data" / "synth.json").is_file():
