@@ -80,10 +80,10 @@ class SynthIdentityJudge:
         key = hashlib.sha256(synth_json.read_bytes() + settings.encode()).hexdigest()[:20]
         path = Path(cache_dir) / f"identity-judge-{key}.safetensors"
         size = json.loads(synth_json.read_text())["size"]
-        model = _SmallCNN(len(names))
         if path.is_file():
             with safe_open(path, "pt") as f:
                 heldout_accuracy = json.loads(f.metadata()["heldout_accuracy"])
+            model = _SmallCNN(len(names))
             model.load_state_dict(load_file(path))
             return cls(model, names, size, heldout_accuracy)
         x, y = _renders(identities, renders_per_identity, seed, size, progress)
