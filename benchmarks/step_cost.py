@@ -31,7 +31,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pogdiff.losses import METHODS, TrainBatch
 from pogdiff.neighbours import find_neighbours
-from pogdiff.tables import DatasetTables
+from pogdiff.encoded_dataset import EncodedDataset
 
 TARGETS = {"cpu": 1.40, "cuda": 1.35}
 ROWS = 64  # dataset rows the batches are drawn from
@@ -62,7 +62,7 @@ class Bench:
         self.unet = make_unet().to(device).train()
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-5)
         scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        tables = DatasetTables(torch.randn(ROWS, tokens, dim), torch.randn(tokens, dim),
+        tables = EncodedDataset(torch.randn(ROWS, tokens, dim), torch.randn(tokens, dim),
                                find_neighbours(torch.randn(ROWS, 64), k=10), torch.arange(ROWS) // 4,
                                torch.randn(ROWS)).to(device)
         self.loss_fn = METHODS[method](scheduler, tables)

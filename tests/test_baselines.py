@@ -10,8 +10,9 @@ from test_losses import TinyDenoiser, make_batch, make_tables
 from pogdiff.cli import build_parser, main
 from pogdiff.losses import METHODS, CBDMLoss, ResampleLoss, T2HLoss, TrainBatch, method_parameters
 from pogdiff.neighbours import NeighbourTable
-from pogdiff.tables import DatasetTables
-from pogdiff.train import TrainConfig, batch_rows, run_label, train
+from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.run_folder import run_label
+from pogdiff.train import TrainConfig, batch_rows, train
 
 
 def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
@@ -49,7 +50,7 @@ def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
 
 def t2h_tables(elbo):
     n = len(elbo)
-    return DatasetTables(torch.zeros(n, 2, 3), torch.zeros(2, 3), NeighbourTable(torch.zeros(n, 1, dtype=torch.long),
+    return EncodedDataset(torch.zeros(n, 2, 3), torch.zeros(2, 3), NeighbourTable(torch.zeros(n, 1, dtype=torch.long),
                          torch.ones(n, 1)), torch.arange(n), torch.tensor(elbo))
 
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-import pogdiff.benchmark as benchmark
-from pogdiff.benchmark import Budget, MethodSpec, aggregate, mean_interval, paired_difference, parse_method
+import pogdiff.comparison as benchmark
+from pogdiff.comparison import Budget, MethodSpec, aggregate, mean_interval, paired_difference, parse_method
 from pogdiff.cli import main
 from pogdiff.errors import PogdiffError
 

@@ -13,7 +13,7 @@ import torch
 from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.evaluate import Evaluation
 from pogdiff.evaluation.faces import FaceDescriptor, FaceJudge
-from pogdiff.evaluation.pictures import to_pil
+from pogdiff.images import to_pil
 
 pytest.importorskip("dlib")
 NAMES = ("Lukas", "Emma", "Noah")

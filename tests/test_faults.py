@@ -18,13 +18,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pogdiff import tables as tables_module
+from pogdiff import cache as cache_module
+from pogdiff import encoded_dataset as encoded_dataset_module
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.encoders import TextEmbeddings
 from pogdiff.errors import PogdiffError, PogdiffWarning
-from pogdiff.tables import build_tables, cache_path
-from pogdiff.train import latest_checkpoint, save_checkpoint
+from pogdiff.cache import cache_path
+from pogdiff.encoded_dataset import encode_dataset
+from pogdiff.run_folder import latest_checkpoint
+from pogdiff.train import save_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -67,9 +70,9 @@ class FakeImageEncoder:
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts of the neighbour searches and density fits build_tables runs (the fit shortened)."""
+    """Counts of the neighbour searches and density fits encode_dataset runs (the fit shortened)."""
     counts = {"neighbours": 0, "density": 0}
-    find, fit = tables_module.find_neighbours, tables_module.fit_text_density
+    find, fit = encoded_dataset_module.find_neighbours, encoded_dataset_module.fit_text_density
 
     def find_counted(*args, **kwargs):
         counts["neighbours"] += 1
@@ -79,14 +82,14 @@ def counted(monkeypatch):
         counts["density"] += 1
         return fit(pooled, steps=20, **kwargs)
 
-    monkeypatch.setattr(tables_module, "find_neighbours", find_counted)
-    monkeypatch.setattr(tables_module, "fit_text_density", fit_counted)
+    monkeypatch.setattr(encoded_dataset_module, "find_neighbours", find_counted)
+    monkeypatch.setattr(encoded_dataset_module, "fit_text_density", fit_counted)
     return counts
 
 
 def build(root, text, image, cache, k=3):
     dataset = load_dataset(root)
-    return build_tables(dataset, dataset.load_images(32), text, image, k=k, cache_dir=cache)
+    return encode_dataset(dataset, dataset.load_images(32), text, image, k=k, cache_dir=cache)
 
 
 def test_caches_follow_content_and_parameters_not_location(toy_data, tmp_path, counted):
@@ -168,7 +171,7 @@ def test_a_cache_write_that_fails_leaves_no_file_and_the_run_goes_on(toy_data, t
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tables_module, "save_file", disk_full)
+    monkeypatch.setattr(cache_module, "save_file", disk_full)
     cache = tmp_path / "cache"
     with pytest.warns(PogdiffWarning, match="cannot write this cache file \\(No space left on device\\)"):
         tables = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
@@ -178,7 +181,7 @@ def test_a_cache_write_that_fails_leaves_no_file_and_the_run_goes_on(toy_data, t
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tables_module, "save_file", interrupted)
+    monkeypatch.setattr(cache_module, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
     assert list(cache.iterdir()) == []
@@ -198,7 +201,7 @@ def train_args(data, out, cache, *extra):
 
 
 def read_steps(run):
-    """{micro_step: rows} from a --log-rows file (pogdiff.trace)."""
+    """{micro_step: rows} from a --log-rows file (pogdiff.row_log)."""
     records = [json.loads(line) for line in (run / "rows-rank0.jsonl").read_text().splitlines()]
     return {r["micro_step"]: r["rows"] for r in records if "micro_step" in r}
 

@@ -5,7 +5,7 @@ from diffusers import DDPMScheduler
 
 from pogdiff.losses import PoGDiffLoss, TrainBatch, VanillaLoss
 from pogdiff.neighbours import NeighbourTable
-from pogdiff.tables import DatasetTables
+from pogdiff.encoded_dataset import EncodedDataset
 
 
 class TinyDenoiser(torch.nn.Module):
@@ -24,7 +24,7 @@ class TinyDenoiser(torch.nn.Module):
 
 def make_tables():
     g = torch.Generator().manual_seed(1)
-    return DatasetTables(
+    return EncodedDataset(
         text_states=torch.randn(4, 2, 3, generator=g),
         uncond_states=torch.zeros(2, 3),
         neighbours=NeighbourTable(torch.tensor([[1, 2], [0, 2], [3, 0], [2, 1]]),

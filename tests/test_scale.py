@@ -19,7 +19,7 @@ from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.losses import TrainBatch, VanillaLoss
 from pogdiff.neighbours import find_neighbours
-from pogdiff.tables import build_tables
+from pogdiff.encoded_dataset import encode_dataset
 from pogdiff.train import batch_rows
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -135,7 +135,7 @@ def test_two_processes_split_each_global_batch_and_share_tables(toy_data, tmp_pa
     images = dataset.load_images(32)
     torch.manual_seed(0)  # the initial weights of both runs
     initial = PixelBackbone.create()
-    tables = build_tables(dataset, images, initial.text_encoder, cache_dir=cache_dir)
+    tables = encode_dataset(dataset, images, initial.text_encoder, cache_dir=cache_dir)
     loss_initial = held_out_loss(initial, images, tables)
     loss_one = held_out_loss(load_backbone(one), images, tables)
     loss_two = held_out_loss(load_backbone(two), images, tables)

@@ -21,7 +21,7 @@ from pogdiff.backbone import StableDiffusionBackbone, load_backbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.sampling import generate
-from pogdiff.tables import training_images
+from pogdiff.encoded_dataset import training_images
 
 PROMPT = "An image of Chen."
 

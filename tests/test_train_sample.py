@@ -6,7 +6,7 @@ from pogdiff.backbone import PixelBackbone, load_backbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.losses import TrainBatch, VanillaLoss
 from pogdiff.sampling import generate
-from pogdiff.tables import build_tables
+from pogdiff.encoded_dataset import encode_dataset
 from pogdiff.train import TrainConfig, batch_rows, train
 
 
@@ -28,7 +28,7 @@ def test_short_pogdiff_run_lowers_the_loss_and_samples(toy_data, tmp_path, cache
     initial = PixelBackbone.create()
     dataset = load_dataset(toy_data)
     images = dataset.load_images(32)
-    tables = build_tables(dataset, images, initial.text_encoder, cache_dir=cache_dir)
+    tables = encode_dataset(dataset, images, initial.text_encoder, cache_dir=cache_dir)
     trained = load_backbone(run)
     before = held_out_loss(initial.unet, initial, tables, images)
     after = held_out_loss(trained.unet, trained, tables, images)

@@ -11,12 +11,11 @@ Both offer what training, sampling and evaluation use: ``unet``, ``scheduler`` (
 training noise schedule), ``text_encoder``, ``resolution``, ``cache_images`` (what the
 training loop keeps per image) and ``x0_from_cache`` (x0 of Eq. 1 drawn from it),
 ``decode``, ``to``, ``run_info`` and ``save``. A run folder holds ``pogdiff_run.json``
-next to the weights in diffusers' own layout.
+next to the weights in diffusers' own layout (:mod:`pogdiff.run_folder`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,8 +24,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from pogdiff.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError
 from pogdiff.pretrained import PIPELINE_FILE, check_pipeline_files
-
-RUN_FILE = "pogdiff_run.json"
+from pogdiff.run_folder import PIPELINE_BACKBONE, RUN_FILE, read_run_info
 
 
 class PixelBackbone:
@@ -102,7 +100,7 @@ class StableDiffusionBackbone:
     ``train_text_to_image_lora.py``), and the run saves them alone in diffusers' LoRA format.
     """
 
-    kind = "stable-diffusion"
+    kind = PIPELINE_BACKBONE
     default_guidance_scale = 7.5
     sample_batch_size = 8
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")  # as train_text_to_image_lora.py
@@ -235,21 +233,6 @@ def check_pipeline_folder(folder: Path) -> None:
         what = f"it has no {', '.join(missing)}" if missing else "it has a second text encoder (SDXL-like)"
         raise PogdiffError(f"{index}: a {components.get('_class_name', 'pipeline')} is not supported ({what}); "
                            "pogdiff trains Stable Diffusion 1.x/2.x-like checkpoints")
-
-
-def read_run_info(run_dir: Path) -> dict:
-    """``pogdiff_run.json`` of a run; for a plain diffusers pipeline folder, the same keys made up from it
-    (labelled by its folder name)."""
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    if (run_dir / PIPELINE_FILE).is_file():
-        return {"backbone": StableDiffusionBackbone.kind, "pretrained": str(run_dir.resolve()), "lora_rank": None,
-                "config": {"method": run_dir.resolve().name}}
-    raise PogdiffError(f"{run_dir}: neither a pogdiff run folder (no {RUN_FILE}) nor a diffusers pipeline folder "
-                       f"(no {PIPELINE_FILE}); pass the --output-dir of a finished `pogdiff train` or a "
-                       "Stable Diffusion folder")
 
 
 BACKBONES = {PixelBackbone.kind: PixelBackbone, StableDiffusionBackbone.kind: StableDiffusionBackbone}

@@ -37,7 +37,7 @@ def _train(args) -> None:
 
 def _sample(args) -> None:
     from pogdiff.backbone import load_backbone
-    from pogdiff.evaluation.pictures import to_pil
+    from pogdiff.images import to_pil
     from pogdiff.sampling import generate
 
     backbone = load_backbone(args.run)
@@ -74,7 +74,7 @@ def _demo(args) -> None:
 
 
 def _benchmark(args) -> None:
-    from pogdiff.benchmark import DEFAULT_METHODS, DEFAULT_SEEDS, QUICK_SEEDS, budget_from, run_benchmark
+    from pogdiff.comparison import DEFAULT_METHODS, DEFAULT_SEEDS, QUICK_SEEDS, budget_from, run_benchmark
 
     budget = budget_from(args.quick, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
                          learning_rate=args.learning_rate, num_images=args.num_images,
@@ -86,41 +86,46 @@ def _benchmark(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pogdiff.benchmark import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
-    from pogdiff.data.dataset import FEW_MAX_IMAGES
-    from pogdiff.data.synth import PRESETS
-    from pogdiff.demo import DEMO_INFERENCE_STEPS, DEMO_STEPS
-    from pogdiff.evaluation.evaluate import JUDGES
-    from pogdiff.evaluation.features import DEFAULT_FEATURES
-    from pogdiff.losses import METHODS
-    from pogdiff.train import PAPER_PRESETS, TrainConfig
-
-    d = TrainConfig("", "")
     parser = argparse.ArgumentParser(prog="pogdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    seed = argparse.ArgumentParser(add_help=False)
+    seed.add_argument("--seed", type=int, default=0)
+    runtime = argparse.ArgumentParser(add_help=False)
+    runtime.add_argument("--cache-dir",
+                         help="where encoded datasets, latents and identity judges are cached (default ~/.cache/pogdiff)")
+    runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_data_parser(sub, seed)
+    add_train_parser(sub, [seed, runtime])
+    add_sample_parser(sub, [seed, runtime])
+    add_evaluate_parser(sub, [seed, runtime])
+    add_benchmark_parser(sub, [runtime])
+    add_demo_parser(sub, [seed, runtime])
+    return parser
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--cache-dir",
-                        help="where encoder tables, latents and judges are cached (default ~/.cache/pogdiff)")
-    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
+    from pogdiff.data.synth import PRESETS
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="write the embedded synthetic people dataset")
+    synth = data.add_parser("synth", parents=[seed], help="write the embedded synthetic people dataset")
     synth.add_argument("out", help="new, empty folder")
     synth.add_argument("--preset", choices=sorted(PRESETS), default="medium")
-    synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--resolution", type=int, default=32)
     synth.set_defaults(func=_data_synth)
 
-    t = sub.add_parser("train", parents=[common], help="fine-tune with a method",
-                       argument_default=argparse.SUPPRESS)
 
-    def option(name, help, **kwargs):
+def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from pogdiff.losses import METHODS
+    from pogdiff.train import PAPER_PRESETS, TrainConfig
+
+    t = sub.add_parser("train", parents=parents, help="fine-tune with a method", argument_default=argparse.SUPPRESS)
+    defaults = TrainConfig("", "")
+
+    def option(name, help, group=t, **kwargs):
         field = name.lstrip("-").replace("-", "_")
-        default = getattr(d, field, None)
+        default = getattr(defaults, field, None)
         shown = f" (default: {default})" if default not in (None, False) and "action" not in kwargs else ""
-        return t.add_argument(name, help=help + shown, **kwargs)
+        return group.add_argument(name, help=help + shown, **kwargs)
 
     t.add_argument("data_dir", metavar="DATA", help="folder with metadata.jsonl and images")
     t.add_argument("--output-dir", required=True, help="run folder to write")
@@ -163,31 +168,37 @@ def build_parser() -> argparse.ArgumentParser:
     option("--report-to", "log to this tracker under OUTPUT_DIR/logs", choices=["tensorboard"])
     option("--log-rows", "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per step and "
            "digests of its tables and weights (checks multi-process runs)", action="store_true")
-    # Options of one method: their dest is the loss constructor's parameter name, which receives them.
+    encoded = t.add_argument_group("neighbours and text density (Eqs. 8, 10)")
+    option("--k", "neighbours per image, Eq. 8", group=encoded, type=int)
+    option("--vae-latent-dim", "latent size of the text-density VAE, Eq. 10", group=encoded, type=int)
+    t.set_defaults(func=_train, method_flags=add_method_options(t))
+
+
+def add_method_options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """One group per method: a flag for each option of its loss's constructor, with the constructor's
+    default and the class's OPTION_HELP. Returns {option name: flag}; the option name is the flag's dest."""
+    from pogdiff.losses import METHODS, method_parameters
+
     method_flags = {}
+    for method, loss in METHODS.items():
+        options = method_parameters(method)
+        group = parser.add_argument_group(loss.OPTION_TITLE) if options else None
+        for name, parameter in options.items():
+            default, help = parameter.default, loss.OPTION_HELP[name]
+            if isinstance(default, bool):
+                flag = f"--no-{name.removeprefix('use_')}" if default else f"--{name}"
+                kwargs = {"action": "store_false" if default else "store_true", "help": help}
+            else:
+                flag = f"--{name}"
+                kwargs = {"type": type(default), "help": f"{help} (default: {default})"}
+            flag = loss.OPTION_FLAGS.get(name, flag.replace("_", "-"))
+            group.add_argument(flag, dest=name, **kwargs)
+            method_flags[name] = flag
+    return method_flags
 
-    def method_option(group, name, **kwargs):
-        action = group.add_argument(name, **kwargs)
-        method_flags[action.dest] = name
 
-    pog = t.add_argument_group("PoGDiff (Sec. 3.2)")
-    pog.add_argument("--k", type=int, help=f"neighbours per image, Eq. 8 (default: {d.k})")
-    method_option(pog, "--a1", type=float, help="Eq. 9 exponent for the same identity (default: 1.0)")
-    method_option(pog, "--a2", type=float, help="Eq. 9 extra exponent for another identity (default: 1.0)")
-    method_option(pog, "--a3", type=float, help="Eq. 11 scale of the inverse text density (default: 1.0)")
-    method_option(pog, "--psi-txt-max-ratio", type=float, help="clip psi_txt to [1/r, r] x the median (default: 10)")
-    method_option(pog, "--no-psi-img", dest="use_psi_img", action="store_false", help="ablation: psi_img = 1")
-    method_option(pog, "--no-psi-txt", dest="use_psi_txt", action="store_false", help="ablation: psi_txt = 1")
-    method_option(pog, "--target-grad", action="store_true", help="let gradient flow through eps(x_t, y')")
-    pog.add_argument("--vae-latent-dim", type=int, help=f"text-density VAE, Eq. 10 (default: {d.vae_latent_dim})")
-    cbdm = t.add_argument_group("CBDM (Qin et al., 2023)")
-    method_option(cbdm, "--cbdm-tau", dest="tau", type=float, help="regulariser weight, w = tau * t / T (default: 1.0)")
-    resample = t.add_argument_group("balanced resampling")
-    method_option(resample, "--density-max-ratio", type=float,
-                  help="without identities: clip inverse text-density weights to [1/r, r] x the median (default: 10)")
-    t.set_defaults(func=_train, method_flags=method_flags)
-
-    s = sub.add_parser("sample", parents=[common], help="generate images from a run")
+def add_sample_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("sample", parents=parents, help="generate images from a run")
     s.add_argument("run", help="run folder written by `pogdiff train`, or any Stable Diffusion pipeline folder")
     s.add_argument("--prompt", required=True)
     s.add_argument("--num-images", type=int, default=4)
@@ -196,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: 3.0 small, 7.5 SD)")
     s.set_defaults(func=_sample)
 
-    e = sub.add_parser("evaluate", parents=[common], help="score runs per identity, All and Few")
+
+def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from pogdiff.data.dataset import FEW_MAX_IMAGES
+    from pogdiff.evaluation.evaluate import JUDGES
+    from pogdiff.evaluation.features import DEFAULT_FEATURES
+
+    e = sub.add_parser("evaluate", parents=parents, help="score runs per identity, All and Few")
     e.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or Stable Diffusion pipeline folders")
     e.add_argument("--data", required=True, help="the dataset the runs were trained on")
     e.add_argument("--out", required=True)
@@ -223,8 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--face-detector", choices=["hog", "cnn"], default="hog", help="dlib detector of the faces judge")
     e.set_defaults(func=_evaluate)
 
+
+def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from pogdiff.comparison import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
+    from pogdiff.data.synth import PRESETS
+    from pogdiff.losses import METHODS
+
     full = Budget()
-    b = sub.add_parser("benchmark", help="every method x seed on one dataset and budget: tables with 95%% intervals",
+    b = sub.add_parser("benchmark", parents=parents,
+                       help="every method x seed on one dataset and budget: tables with 95%% intervals",
                        description="Train and evaluate methods x seeds with one budget; write OUT/metrics.json, "
                        "OUT/benchmark.md and OUT/benchmark.html. Re-running the same command skips finished cells.")
     b.add_argument("--out", default="benchmark-out", help="benchmark folder (default: benchmark-out)")
@@ -247,11 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the backbone's)")
     b.add_argument("--few-max-images", type=int, help=f"Few = identities with at most this many training images "
                    f"(default: {full.few_max_images})")
-    b.add_argument("--cache-dir", help="where encoder tables and judges are cached (default ~/.cache/pogdiff)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(func=_benchmark)
 
-    m = sub.add_parser("demo", parents=[common], help="vanilla vs PoGDiff on the embedded default")
+
+def add_demo_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from pogdiff.data.synth import PRESETS
+    from pogdiff.demo import DEMO_INFERENCE_STEPS, DEMO_STEPS
+
+    m = sub.add_parser("demo", parents=parents, help="vanilla vs PoGDiff on the embedded default")
     m.add_argument("--out", default="demo-out")
     m.add_argument("--preset", choices=sorted(PRESETS), default="medium")
     m.add_argument("--max-train-steps", type=int, default=DEMO_STEPS)
@@ -259,7 +286,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-inference-steps", type=int, default=DEMO_INFERENCE_STEPS,
                    help=f"DDIM steps (default {DEMO_INFERENCE_STEPS}, to fit 15 minutes; evaluate uses 50)")
     m.set_defaults(func=_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pogdiff.backbone import RUN_FILE
 from pogdiff.data.synth import write_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.evaluation.evaluate import evaluate_runs, format_table
+from pogdiff.run_folder import is_finished
 from pogdiff.train import TrainConfig, train
 
 DEMO_METHODS = ("vanilla", "pogdiff")
@@ -37,7 +37,7 @@ def run_demo(out: str | Path = "demo-out", preset: str = "medium", seed: int = 0
     runs = []
     for method in methods:
         run = out / "runs" / method
-        if not (run / RUN_FILE).is_file():
+        if not is_finished(run):
             train(TrainConfig(str(data), str(run), method=method, seed=seed, max_train_steps=max_train_steps,
                               overwrite=True, cache_dir=cache_dir, progress=progress))
         runs.append(run)

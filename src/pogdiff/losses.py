@@ -2,25 +2,29 @@
 
 Every loss shares one call contract::
 
-    loss_fn = SomeLoss(scheduler, tables, **paper_defaults)
+    loss_fn = SomeLoss(scheduler, encoded, **paper_defaults)   # options checked here, once
     per_example = loss_fn(denoiser, batch)      # (B,) tensor, mean it to step
 
-where ``denoiser(x_t, t, cond)`` returns the model output (epsilon or v) and ``batch``
-is a :class:`TrainBatch`. A method that changes which examples are seen, not the loss,
-overrides :meth:`DiffusionLoss.sampling_weights`. Register new classes in ``METHODS``.
+where ``encoded`` is the :class:`~pogdiff.encoded_dataset.EncodedDataset`,
+``denoiser(x_t, t, cond)`` returns the model output (epsilon or v) and ``batch`` is a
+:class:`TrainBatch`. Optional hooks, with neutral defaults on :class:`DiffusionLoss`:
+:meth:`~DiffusionLoss.sampling_weights` (a method that changes which examples are seen)
+and :meth:`~DiffusionLoss.psi_per_row` (a method with PoGDiff's weight psi). The
+``OPTION_HELP`` of a class documents its constructor options for ``pogdiff train --help``.
+Register new classes in ``METHODS``.
 """
 
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from pogdiff.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
-from pogdiff.tables import DatasetTables
+from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.psi import check_image_exponents, image_similarity_weight, inverse_text_density_weight, pog_weight
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,9 +48,13 @@ class DiffusionLoss:
     target of the scheduler's prediction type, and optional Min-SNR-gamma weighting.
     """
 
-    def __init__(self, scheduler, tables: DatasetTables, snr_gamma: float | None = None):
+    OPTION_TITLE: ClassVar[str] = ""  # heading of the method's options in `pogdiff train --help`
+    OPTION_HELP: ClassVar[dict[str, str]] = {}  # constructor option -> its help
+    OPTION_FLAGS: ClassVar[dict[str, str]] = {}  # constructor option -> its flag, where not --option-name
+
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None):
         self.scheduler = scheduler
-        self.tables = tables
+        self.encoded = encoded
         self.snr_gamma = snr_gamma
         self.num_timesteps = scheduler.config.num_train_timesteps
 
@@ -77,6 +85,10 @@ class DiffusionLoss:
         """Per-row probabilities of drawing each training example; None is uniform shuffling."""
         return None
 
+    def psi_per_row(self) -> dict[str, torch.Tensor] | None:
+        """Per training row: psi_txt, psi_img and psi (Eqs. 9, 11, 12); None for a method without psi."""
+        return None
+
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
         x_t, t, _, target = self.diffuse(batch.x0)
         return self.example_weights(t) * mse_per_example(denoiser(x_t, t, batch.cond), target)
@@ -99,27 +111,39 @@ class PoGDiffLoss(DiffusionLoss):
     for classifier-free guidance have no caption to borrow for, so their psi is 0.
     """
 
-    def __init__(self, scheduler, tables: DatasetTables, snr_gamma: float | None = None,
+    OPTION_TITLE = "PoGDiff (Sec. 3.2)"
+    OPTION_HELP = {
+        "a1": "Eq. 9 exponent for the same identity",
+        "a2": "Eq. 9 extra exponent for another identity",
+        "a3": "Eq. 11 scale of the inverse text density",
+        "psi_txt_max_ratio": "clip psi_txt to [1/r, r] x the median",
+        "use_psi_img": "ablation: psi_img = 1",
+        "use_psi_txt": "ablation: psi_txt = 1",
+        "target_grad": "let gradient flow through eps(x_t, y')",
+    }
+
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None,
                  a1: float = 1.0, a2: float = 1.0, a3: float = 1.0, psi_txt_max_ratio: float = 10.0,
                  use_psi_img: bool = True, use_psi_txt: bool = True, target_grad: bool = False):
-        super().__init__(scheduler, tables, snr_gamma)
+        super().__init__(scheduler, encoded, snr_gamma)
+        check_image_exponents(a1, a2)
         self.a1, self.a2 = a1, a2
         self.use_psi_img, self.use_psi_txt = use_psi_img, use_psi_txt
         self.target_grad = target_grad
-        self.psi_txt = inverse_text_density_weight(tables.elbo, a3, psi_txt_max_ratio)
+        self.psi_txt = inverse_text_density_weight(encoded.elbo, a3, psi_txt_max_ratio)  # Eq. 11, checks a3
 
     def psi(self, rows: torch.Tensor, neighbours: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
         """Eq. 12 for each (example, drawn neighbour) pair; an ablated factor counts as 1."""
         ones = torch.ones_like(similarity)
-        same = self.tables.identity[rows] == self.tables.identity[neighbours]
+        same = self.encoded.identity[rows] == self.encoded.identity[neighbours]
         psi_img = image_similarity_weight(similarity, same, self.a1, self.a2) if self.use_psi_img else ones
         psi_txt = self.psi_txt[rows] if self.use_psi_txt else ones
         return pog_weight(psi_img, psi_txt)
 
-    def row_weights(self) -> dict[str, torch.Tensor]:
+    def psi_per_row(self) -> dict[str, torch.Tensor]:
         """Per training row: psi_txt, and psi_img and psi in expectation over the neighbour draw (Eq. 8)."""
-        table = self.tables.neighbours
-        rows = torch.arange(len(self.tables), device=table.index.device)[:, None].expand_as(table.index)
+        table = self.encoded.neighbours
+        rows = torch.arange(len(self.encoded), device=table.index.device)[:, None].expand_as(table.index)
         psi = self.psi(rows.flatten(), table.index.flatten(), table.similarity.flatten()).view_as(table.index)
         weights = table.sampling_weights()
         expected_psi = (weights * psi).sum(1)
@@ -129,9 +153,9 @@ class PoGDiffLoss(DiffusionLoss):
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
         x_t, t, _, target = self.diffuse(batch.x0)
         prediction = denoiser(x_t, t, batch.cond)
-        neighbours, similarity = self.tables.neighbours.draw(batch.index)
+        neighbours, similarity = self.encoded.neighbours.draw(batch.index)
         psi = self.psi(batch.index, neighbours, similarity) * (~batch.dropped)
-        neighbour_cond = self.tables.text_states[neighbours]
+        neighbour_cond = self.encoded.text_states[neighbours]
         with torch.set_grad_enabled(self.target_grad and torch.is_grad_enabled()):
             neighbour_prediction = denoiser(x_t, t, neighbour_cond)
         loss = mse_per_example(prediction, target) + psi * mse_per_example(prediction, neighbour_prediction)
@@ -153,16 +177,20 @@ class CBDMLoss(DiffusionLoss):
     unconditional batches) and are left out of the y_b half.
     """
 
-    def __init__(self, scheduler, tables: DatasetTables, snr_gamma: float | None = None, tau: float = 1.0):
-        super().__init__(scheduler, tables, snr_gamma)
+    OPTION_TITLE = "CBDM (Qin et al., 2023)"
+    OPTION_HELP = {"tau": "regulariser weight, w = tau * t / T"}
+    OPTION_FLAGS = {"tau": "--cbdm-tau"}
+
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, tau: float = 1.0):
+        super().__init__(scheduler, encoded, snr_gamma)
         self.tau = tau
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
         x_t, t, _, target = self.diffuse(batch.x0)
-        balanced = torch.randint(0, len(self.tables), (len(x_t),), device=x_t.device)
+        balanced = torch.randint(0, len(self.encoded), (len(x_t),), device=x_t.device)
         kept = (~batch.dropped).nonzero().squeeze(1)
         both = denoiser(torch.cat([x_t, x_t[kept]]), torch.cat([t, t[kept]]),
-                        torch.cat([batch.cond, self.tables.text_states[balanced[kept]]]))
+                        torch.cat([batch.cond, self.encoded.text_states[balanced[kept]]]))
         prediction, balanced_prediction = both[:len(x_t)], both[len(x_t):]
         conditioned = prediction[kept]
         weight = self.tau * t[kept].float() / self.num_timesteps
@@ -202,7 +230,7 @@ class T2HLoss(DiffusionLoss):
     def transfer(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Batch position of each example's new source x0_j: drawn, then kept only towards denser captions."""
         drawn = torch.multinomial(self.transfer_probabilities(x0, noise, t), 1).squeeze(1)
-        towards_head = self.tables.elbo[rows[drawn]] >= self.tables.elbo[rows]
+        towards_head = self.encoded.elbo[rows[drawn]] >= self.encoded.elbo[rows]
         return torch.where(towards_head, drawn, torch.arange(len(x0), device=x0.device))
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
@@ -229,16 +257,19 @@ class ResampleLoss(DiffusionLoss):
     [1/max_ratio, max_ratio] so that no single caption takes over.
     """
 
-    def __init__(self, scheduler, tables: DatasetTables, snr_gamma: float | None = None,
+    OPTION_TITLE = "balanced resampling"
+    OPTION_HELP = {"density_max_ratio": "without identities: clip inverse text-density weights to [1/r, r] x the median"}
+
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None,
                  density_max_ratio: float = 10.0):
-        super().__init__(scheduler, tables, snr_gamma)
+        super().__init__(scheduler, encoded, snr_gamma)
         self.density_max_ratio = density_max_ratio
 
     def sampling_weights(self) -> torch.Tensor:
-        identity = self.tables.identity.cpu()
+        identity = self.encoded.identity.cpu()
         _, codes, counts = identity.unique(return_inverse=True, return_counts=True)
         if len(counts) == len(identity):
-            weights = inverse_text_density_weight(self.tables.elbo.cpu(), 1.0, self.density_max_ratio)
+            weights = inverse_text_density_weight(self.encoded.elbo.cpu(), 1.0, self.density_max_ratio)
         else:
             weights = 1.0 / counts[codes].double()
         return (weights / weights.sum()).float()
@@ -254,6 +285,6 @@ METHODS: dict[str, type[DiffusionLoss]] = {
 
 
 def method_parameters(method: str) -> dict[str, inspect.Parameter]:
-    """The options a method's constructor takes beyond the shared (scheduler, tables, snr_gamma)."""
-    shared = {"self", "scheduler", "tables", "snr_gamma"}
+    """The options a method's constructor takes beyond the shared (scheduler, encoded, snr_gamma)."""
+    shared = {"self", "scheduler", "encoded", "snr_gamma"}
     return {name: p for name, p in inspect.signature(METHODS[method].__init__).parameters.items() if name not in shared}

@@ -14,14 +14,19 @@ import torch
 from pogdiff.errors import PogdiffError
 
 
+def check_image_exponents(a1: float, a2: float) -> None:
+    """Eq. 9's exponents must be >= 0: a negative one turns s = 0 into an infinite weight."""
+    if not (a1 >= 0 and a2 >= 0):
+        raise PogdiffError(f"--a1 {a1} --a2 {a2}: Eq. 9's exponents must be >= 0; pass values >= 0")
+
+
 def image_similarity_weight(similarity: torch.Tensor, same_identity: torch.Tensor,
                             a1: float = 1.0, a2: float = 1.0) -> torch.Tensor:
     """Eq. 9: psi_img = max(0, s) ** (a1 + a2 * 1[I(x) != I(x')]).
 
     The paper's footnote: s = 0.4, a1 = a2 = 1 gives 0.4 for the same person, 0.16 otherwise.
     """
-    if not (a1 >= 0 and a2 >= 0):  # a negative exponent turns s = 0 into an infinite weight
-        raise PogdiffError(f"--a1 {a1} --a2 {a2}: Eq. 9's exponents must be >= 0; pass values >= 0")
+    check_image_exponents(a1, a2)
     exponent = a1 + a2 * (~same_identity.bool()).to(similarity.dtype)
     return similarity.clamp(min=0).pow(exponent)
 

@@ -5,12 +5,14 @@ Data are small enough to hold in memory (pixels or cached latents); batches come
 stateless, seeded index schedule, so a resumed run draws exactly what an uninterrupted
 one would (the random draws of t, eps, neighbours and caption dropout come from the
 RNG states that accelerate saves with each checkpoint).
+
+:func:`train` reads top to bottom: checks, model, encoded dataset and loss, run folder,
+optimizer, resume, loop, save; the helpers follow in the order it calls them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -26,15 +28,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pogdiff import psi
-from pogdiff.backbone import RUN_FILE, PixelBackbone, StableDiffusionBackbone
-from pogdiff.data.dataset import load_dataset
+from pogdiff.backbone import PixelBackbone, StableDiffusionBackbone
+from pogdiff.data.dataset import ImageTextDataset, load_dataset
+from pogdiff.encoded_dataset import EncodedDataset, encode_dataset, training_images
 from pogdiff.errors import DatasetError, PogdiffError
-from pogdiff.evaluation.pictures import save_grid
+from pogdiff.images import save_grid
 from pogdiff.losses import METHODS, TrainBatch
+from pogdiff.row_log import RowLog
+from pogdiff.run_folder import (CHECKPOINT_PREFIX, RUN_FILE, checkpoint_step, checkpoints, latest_checkpoint, save_psi,
+                                write_run_info)
 from pogdiff.sampling import generate
-from pogdiff.tables import build_tables, training_images
-from pogdiff.trace import RowLog
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
 
@@ -94,7 +97,7 @@ class TrainConfig:
     report_to: str | None = None
     cache_dir: str | None = None
     progress: bool = True
-    log_rows: bool = False  # write rows-rank<R>.jsonl (see pogdiff.trace)
+    log_rows: bool = False  # write rows-rank<R>.jsonl (see pogdiff.row_log)
 
 
 # Sec. 4.1: lr 1e-5; large sets 12,000 steps at 8 x 4; small/medium 6,000 steps at 8 x 1.
@@ -106,152 +109,66 @@ PAPER_PRESETS = {
 }
 
 
-def batch_rows(num_rows: int, global_batch: int, micro_step: int, seed: int,
-               weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of the ``micro_step``-th global batch: a fresh seeded shuffle each epoch (drop-last).
-
-    With ``weights`` (resampling methods) rows are drawn with replacement in proportion to them.
-    """
-    per_epoch = num_rows // global_batch
-    epoch, position = divmod(micro_step, per_epoch)
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if weights is None:
-        order = torch.randperm(num_rows, generator=generator)
-    else:
-        order = torch.multinomial(weights, per_epoch * global_batch, replacement=True, generator=generator)
-    return order[position * global_batch:(position + 1) * global_batch]
-
-
-def check_output_dir(config: TrainConfig) -> Path:
-    """Refuse to mix two runs in one folder (resume, overwrite, or pick another) or to write where we cannot.
-
-    Writes nothing: called before any work, so a bad folder costs seconds, not a run.
-    """
-    out = Path(config.output_dir)
-    if config.resume_from_checkpoint:
-        resume_checkpoint(config)
-        return out
-    if out.exists() and not out.is_dir():
-        raise PogdiffError(f"{out}: --output-dir is a file; choose a folder")
-    if out.exists() and any(out.iterdir()):
-        holds_run = (out / RUN_FILE).exists() or any(out.glob("checkpoint-*"))
-        if not config.overwrite:
-            what = "already holds a run" if holds_run else "is not empty"
-            raise PogdiffError(f"{out}: output folder {what}; pass --resume-from-checkpoint latest to continue it, "
-                               "--overwrite to replace it, or choose another --output-dir")
-        if not holds_run:
-            raise PogdiffError(f"{out}: --overwrite only replaces a pogdiff run, and this folder holds something else")
-    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        why = "is a file" if not parent.is_dir() else "is not writable"
-        raise PogdiffError(f"{out}: cannot create the output folder ({parent} {why}); choose another --output-dir")
-    return out
-
-
-def prepare_output_dir(config: TrainConfig) -> Path:
-    """Check the output folder, then replace it (--overwrite) or create it."""
-    out = check_output_dir(config)
-    if config.resume_from_checkpoint:
-        return out
-    if config.overwrite and out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise PogdiffError(f"{out}: cannot write to the output folder ({error.strerror}); choose another --output-dir")
-    return out
-
-
-def resume_checkpoint(config: TrainConfig) -> Path:
-    """The checkpoint folder --resume-from-checkpoint names ('latest': the newest finished one)."""
-    out = Path(config.output_dir)
-    if config.resume_from_checkpoint == "latest":
-        checkpoint = latest_checkpoint(out) if out.is_dir() else None
-    else:
-        checkpoint = Path(config.resume_from_checkpoint)
-    if checkpoint is None or not checkpoint.is_dir():
-        raise PogdiffError(f"{out}: no checkpoint to resume from ({config.resume_from_checkpoint}); "
-                           "drop --resume-from-checkpoint to start afresh")
-    return checkpoint
-
-
-def checkpoints(out: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (``.checkpoint-N.tmp`` folders being written are not)."""
-    done = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    return next(reversed(checkpoints(out)), None)
+def config_fields() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
 
 
 def train(config: TrainConfig) -> Path:
     """Fine-tune with ``config.method`` and write a run folder; returns its path."""
-    if config.method not in METHODS:
-        raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
-    if config.lora_rank and not config.pretrained:
-        raise PogdiffError("--lora-rank adapts a pretrained checkpoint: pass --pretrained PATH_OR_HUB_ID too")
+    # Checks: whatever can be refused is refused before any work, and before anything is written.
+    check_options(config)
     out = check_output_dir(config)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
         log_with=config.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     global_batch = config.train_batch_size * accelerator.num_processes
-    if len(dataset) < global_batch:
-        raise DatasetError(f"{config.data_dir}: {len(dataset)} images, fewer than one batch of {global_batch}; "
-                           "lower --train-batch-size")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # same initial weights (or LoRA adapters) on every rank and for every method
-        backbone = make_backbone(config)
+    check_batch_fits(dataset, global_batch, config)
+
+    # Model: the same initial weights (or LoRA adapters) on every rank and for every method.
+    backbone = make_backbone(config)
     config = replace(config, resolution=config.resolution or backbone.resolution,
                      learning_rate=config.learning_rate or backbone.default_learning_rate)
-    images = dataset.load_images(config.resolution, config.center_crop)
-    backbone.to(accelerator.device)  # the frozen encoders run once, in float32, for the caches
+
+    # Encoded dataset (Eqs. 8, 10) and loss: the frozen encoders run once, in float32, for the caches.
+    backbone.to(accelerator.device)
     with accelerator.local_main_process_first():
-        tables = build_tables(dataset, images, backbone.text_encoder, k=config.k,
-                              vae_latent_dim=config.vae_latent_dim, seed=config.seed, cache_dir=config.cache_dir)
-        x0_cache = training_images(backbone, images, config.random_flip, config.cache_dir)
-    del images
+        encoded, x0_cache = encode_for_training(dataset, backbone, config)
     backbone.to(accelerator.device, weight_dtype)
-    tables = tables.to(accelerator.device)
-    loss_fn = METHODS[config.method](backbone.scheduler, tables, snr_gamma=config.snr_gamma, **config.method_options)
-    row_weights = loss_fn.sampling_weights()
-    psi_weights = loss_fn.row_weights() if hasattr(loss_fn, "row_weights") else None  # also checks a1, a2
-    if accelerator.is_main_process:  # the inputs are good: only now is anything written to the run folder
+    encoded = encoded.to(accelerator.device)
+    loss_fn = METHODS[config.method](backbone.scheduler, encoded, snr_gamma=config.snr_gamma, **config.method_options)
+    sampling_weights = loss_fn.sampling_weights()
+    psi_per_row = loss_fn.psi_per_row()
+
+    # Run folder: the inputs are good, only now is anything written to it.
+    if accelerator.is_main_process:
         prepare_output_dir(config)
     accelerator.wait_for_everyone()
-    row_log = RowLog(out, accelerator.process_index, tables, loss_fn) if config.log_rows else None
-    if accelerator.is_main_process and psi_weights is not None:
-        save_psi_summary(out, psi_weights, dataset)
+    row_log = None
+    if config.log_rows:
+        row_log = RowLog(out, accelerator.process_index, encoded, None if psi_per_row is None else psi_per_row["psi"])
+    if accelerator.is_main_process and psi_per_row is not None:
+        save_psi(out, psi_per_row, few_rows(dataset))
 
+    # Optimizer: the whole UNet, or its LoRA adapters.
     unet = backbone.unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    trained = [p for p in unet.parameters() if p.requires_grad]  # the whole UNet, or its LoRA adapters
+    trained = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     checkpoint_trained_weights_only(accelerator)
-    ema = None
-    if config.use_ema:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    ema = make_ema(accelerator, trained, config) if config.use_ema else None
     if accelerator.is_main_process:
         accelerator.init_trackers("pogdiff", config={k: v for k, v in asdict(config).items()
                                                      if isinstance(v, (int, float, str, bool))})
 
-    # Seeded here, after the set-up: its random draws (e.g. building encoders on a cache miss)
-    # must not shift those of training. A resumed run restores the checkpoint's states instead.
+    # Resume. Seeded here, after the set-up: its random draws (e.g. building encoders on a cache
+    # miss) must not shift those of training. A resumed run restores the checkpoint's states instead.
     set_seed(config.seed, device_specific=True)
     global_step = 0
     if config.resume_from_checkpoint:
@@ -259,28 +176,24 @@ def train(config: TrainConfig) -> Path:
         accelerator.load_state(str(checkpoint))
         if ema is not None:
             ema.to(accelerator.device)  # accelerate loads custom states onto the CPU
-        global_step = int(checkpoint.name.split("-")[-1])
+        global_step = checkpoint_step(checkpoint)
 
+    # Loop.
     def denoiser(x_t, t, cond):
         return unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
 
-    uncond = tables.uncond_states
     bar = tqdm(total=config.max_train_steps, initial=global_step, desc=f"train {config.method}", unit="step",
                disable=not (config.progress and accelerator.is_local_main_process))
     micro_step = global_step * config.gradient_accumulation_steps
     while global_step < config.max_train_steps:
-        rows = batch_rows(len(dataset), global_batch, micro_step, config.seed, row_weights)
+        rows = batch_rows(len(dataset), global_batch, micro_step, config.seed, sampling_weights)
         rows = rows[accelerator.process_index::accelerator.num_processes].to(accelerator.device)
         micro_step += 1
         if row_log:
             row_log.step(micro_step, rows)
         with accelerator.accumulate(unet):
-            flipped = torch.rand(len(rows), device=rows.device) < 0.5 if config.random_flip \
-                else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-            x0 = backbone.x0_from_cache(x0_cache[flipped.long().cpu(), rows.cpu()].to(accelerator.device))
-            dropped = torch.rand(len(rows), device=x0.device) < config.caption_dropout
-            cond = torch.where(dropped[:, None, None], uncond.expand(len(rows), -1, -1), tables.text_states[rows])
-            loss = loss_fn(denoiser, TrainBatch(x0, cond, rows, dropped)).mean()
+            batch = draw_batch(rows, backbone, x0_cache, encoded, config, accelerator.device)
+            loss = loss_fn(denoiser, batch).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(trained, config.max_grad_norm)
@@ -307,6 +220,7 @@ def train(config: TrainConfig) -> Path:
             log_validation(accelerator, backbone, config, out, global_step, ema, trained)
     bar.close()
 
+    # Save: the weights (the EMA ones with --use-ema), then RUN_FILE last.
     accelerator.wait_for_everyone()
     if row_log:
         row_log.final_weights(accelerator.unwrap_model(unet))
@@ -316,28 +230,112 @@ def train(config: TrainConfig) -> Path:
             ema.copy_to(trained)
         info = {**backbone.run_info(), "config": asdict(config), "num_processes": accelerator.num_processes,
                 "steps": global_step}
-        with reported_write_errors(out, out):  # RUN_FILE last and atomic: a run folder without it is unfinished
+        with reported_write_errors(out, out):  # a run folder without RUN_FILE is unfinished
             backbone.save(out, final)
-            (out / f".{RUN_FILE}.tmp").write_text(json.dumps(info, indent=2, default=str))
-            os.replace(out / f".{RUN_FILE}.tmp", out / RUN_FILE)
+            write_run_info(out, info)
     accelerator.end_training()
     return out
 
 
-def save_psi_summary(out: Path, weights: dict[str, torch.Tensor], dataset) -> None:
-    """psi per training row (psi.safetensors) and its quantiles, majority vs minority (psi_summary.json)."""
-    few = dataset.few_identities()
-    is_few = torch.tensor([name in few for name in dataset.identity_names])
-    weights = {k: v.float().cpu().contiguous() for k, v in weights.items()}
-    save_file({**weights, "is_few": is_few}, out / "psi.safetensors")
-    (out / "psi_summary.json").write_text(json.dumps(psi.summarise(weights, is_few), indent=2))
+# --- checks ---
 
+def check_options(config: TrainConfig) -> None:
+    if config.method not in METHODS:
+        raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.lora_rank and not config.pretrained:
+        raise PogdiffError("--lora-rank adapts a pretrained checkpoint: pass --pretrained PATH_OR_HUB_ID too")
+
+
+def check_output_dir(config: TrainConfig) -> Path:
+    """Refuse to mix two runs in one folder (resume, overwrite, or pick another) or to write where we cannot.
+
+    Writes nothing: called before any work, so a bad folder costs seconds, not a run.
+    """
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint:
+        resume_checkpoint(config)
+        return out
+    if out.exists() and not out.is_dir():
+        raise PogdiffError(f"{out}: --output-dir is a file; choose a folder")
+    if out.exists() and any(out.iterdir()):
+        holds_run = (out / RUN_FILE).exists() or any(out.glob(f"{CHECKPOINT_PREFIX}*"))
+        if not config.overwrite:
+            what = "already holds a run" if holds_run else "is not empty"
+            raise PogdiffError(f"{out}: output folder {what}; pass --resume-from-checkpoint latest to continue it, "
+                               "--overwrite to replace it, or choose another --output-dir")
+        if not holds_run:
+            raise PogdiffError(f"{out}: --overwrite only replaces a pogdiff run, and this folder holds something else")
+    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is a file" if not parent.is_dir() else "is not writable"
+        raise PogdiffError(f"{out}: cannot create the output folder ({parent} {why}); choose another --output-dir")
+    return out
+
+
+def resume_checkpoint(config: TrainConfig) -> Path:
+    """The checkpoint folder --resume-from-checkpoint names ('latest': the newest finished one)."""
+    out = Path(config.output_dir)
+    if config.resume_from_checkpoint == "latest":
+        checkpoint = latest_checkpoint(out) if out.is_dir() else None
+    else:
+        checkpoint = Path(config.resume_from_checkpoint)
+    if checkpoint is None or not checkpoint.is_dir():
+        raise PogdiffError(f"{out}: no checkpoint to resume from ({config.resume_from_checkpoint}); "
+                           "drop --resume-from-checkpoint to start afresh")
+    return checkpoint
+
+
+def check_batch_fits(dataset: ImageTextDataset, global_batch: int, config: TrainConfig) -> None:
+    if len(dataset) < global_batch:
+        raise DatasetError(f"{config.data_dir}: {len(dataset)} images, fewer than one batch of {global_batch}; "
+                           "lower --train-batch-size")
+
+
+# --- model and encoded dataset ---
 
 def make_backbone(config: TrainConfig):
-    if config.pretrained:
-        return StableDiffusionBackbone.from_pretrained(config.pretrained, config.lora_rank)
-    return PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
+    """The backbone to train, its fresh weights drawn from ``config.seed`` (the global RNG is left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.pretrained:
+            return StableDiffusionBackbone.from_pretrained(config.pretrained, config.lora_rank)
+        return PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
 
+
+def encode_for_training(dataset: ImageTextDataset, backbone, config: TrainConfig) -> tuple[EncodedDataset, torch.Tensor]:
+    """The encoded dataset the losses look up, and the x0 cache the loop draws from (both cached on disk)."""
+    images = dataset.load_images(config.resolution, config.center_crop)
+    encoded = encode_dataset(dataset, images, backbone.text_encoder, k=config.k, vae_latent_dim=config.vae_latent_dim,
+                             seed=config.seed, cache_dir=config.cache_dir)
+    return encoded, training_images(backbone, images, config.random_flip, config.cache_dir)
+
+
+# --- run folder ---
+
+def prepare_output_dir(config: TrainConfig) -> Path:
+    """Check the output folder, then replace it (--overwrite) or create it."""
+    out = check_output_dir(config)
+    if config.resume_from_checkpoint:
+        return out
+    if config.overwrite and out.exists() and any(out.iterdir()):
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise PogdiffError(f"{out}: cannot write to the output folder ({error.strerror}); choose another --output-dir")
+    return out
+
+
+def few_rows(dataset: ImageTextDataset) -> torch.Tensor:
+    """Whether each training row shows a minority ("Few") identity."""
+    few = dataset.few_identities()
+    return torch.tensor([name in few for name in dataset.identity_names])
+
+
+# --- optimizer ---
 
 def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
     """Checkpoints hold the trained parameters only (a few MB for LoRA, not the frozen UNet)."""
@@ -362,25 +360,48 @@ def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
-def log_validation(accelerator: Accelerator, backbone, config: TrainConfig, out: Path, step: int, ema,
-                   trained: list[torch.nn.Parameter]) -> None:
-    """Sample the validation prompts with the current weights (the EMA ones with --use-ema):
-    a grid in OUTPUT_DIR/validation/ and, with --report-to tensorboard, in the log."""
-    if ema is not None:
-        ema.store(trained)
-        ema.copy_to(trained)
-    images = generate(backbone, config.validation_prompts, config.num_validation_images, seed=config.seed,
-                      progress=False)
-    backbone.unet.train()
-    if ema is not None:
-        ema.restore(trained)
-    per_prompt = images.view(len(config.validation_prompts), config.num_validation_images, *images.shape[1:])
-    path = save_grid(list(zip(config.validation_prompts, per_prompt)), out / "validation" / f"step-{step:06d}.png",
-                     cell=min(images.shape[-1], 256))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", np.asarray(Image.open(path)), step, dataformats="HWC")
+def make_ema(accelerator: Accelerator, trained: list[torch.nn.Parameter], config: TrainConfig):
+    """An exponential moving average of the trained weights (with warm-up), saved with each checkpoint."""
+    from diffusers.training_utils import EMAModel
 
+    ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+# --- loop ---
+
+def batch_rows(num_rows: int, global_batch: int, micro_step: int, seed: int,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of the ``micro_step``-th global batch: a fresh seeded shuffle each epoch (drop-last).
+
+    With ``weights`` (resampling methods) rows are drawn with replacement in proportion to them.
+    """
+    per_epoch = num_rows // global_batch
+    epoch, position = divmod(micro_step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if weights is None:
+        order = torch.randperm(num_rows, generator=generator)
+    else:
+        order = torch.multinomial(weights, per_epoch * global_batch, replacement=True, generator=generator)
+    return order[position * global_batch:(position + 1) * global_batch]
+
+
+def draw_batch(rows: torch.Tensor, backbone, x0_cache: torch.Tensor, encoded: EncodedDataset, config: TrainConfig,
+               device) -> TrainBatch:
+    """x0 of each row (mirrored at random under --random-flip) and its caption states, the empty
+    caption's where it is dropped for classifier-free guidance."""
+    flipped = torch.rand(len(rows), device=rows.device) < 0.5 if config.random_flip \
+        else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+    x0 = backbone.x0_from_cache(x0_cache[flipped.long().cpu(), rows.cpu()].to(device))
+    dropped = torch.rand(len(rows), device=x0.device) < config.caption_dropout
+    cond = torch.where(dropped[:, None, None], encoded.uncond_states.expand(len(rows), -1, -1),
+                       encoded.text_states[rows])
+    return TrainBatch(x0, cond, rows, dropped)
+
+
+# --- checkpoints and validation, during the loop ---
 
 def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None) -> None:
     """Save the full training state atomically: written to a temporary folder, then renamed.
@@ -389,7 +410,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit:
     the checkpoints saved before stay as they were.
     """
     accelerator.wait_for_everyone()
-    final = out / f"checkpoint-{step}"
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
     tmp = out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -426,11 +447,21 @@ def reported_write_errors(target: Path, out: Path, cleanup: Path | None = None):
         raise PogdiffError(f"{target}: cannot write ({error.strerror or error}); {safe}") from None
 
 
-def run_label(config: dict) -> str:
-    """A run's name in tables: its method, plus the method options it changed (e.g. ablations)."""
-    options = ",".join(f"{k}={v}" for k, v in sorted(config.get("method_options", {}).items()))
-    return f"{config['method']}({options})" if options else config["method"]
-
-
-def config_fields() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
+def log_validation(accelerator: Accelerator, backbone, config: TrainConfig, out: Path, step: int, ema,
+                   trained: list[torch.nn.Parameter]) -> None:
+    """Sample the validation prompts with the current weights (the EMA ones with --use-ema):
+    a grid in OUTPUT_DIR/validation/ and, with --report-to tensorboard, in the log."""
+    if ema is not None:
+        ema.store(trained)
+        ema.copy_to(trained)
+    images = generate(backbone, config.validation_prompts, config.num_validation_images, seed=config.seed,
+                      progress=False)
+    backbone.unet.train()
+    if ema is not None:
+        ema.restore(trained)
+    per_prompt = images.view(len(config.validation_prompts), config.num_validation_images, *images.shape[1:])
+    path = save_grid(list(zip(config.validation_prompts, per_prompt)), out / "validation" / f"step-{step:06d}.png",
+                     cell=min(images.shape[-1], 256))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(Image.open(path)), step, dataformats="HWC")

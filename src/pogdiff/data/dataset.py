@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pogdiff.errors import DatasetError, PogdiffWarning
+from pogdiff.images import from_uint8
 
 METADATA_FILE = "metadata.jsonl"
 FEW_MAX_IMAGES = 5  # "Few" (minority) identities have at most this many training images
@@ -67,7 +68,7 @@ class ImageTextDataset:
                 failed.append((file, error))
         if failed:
             raise DatasetError(str(failed[0][1]) + _and_more([file for file, _ in failed[1:]], "unreadable"))
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return from_uint8(np.stack(arrays))
 
 
 def load_image(path: Path, resolution: int, center_crop: bool = True) -> np.ndarray:
@@ -116,13 +117,7 @@ def load_dataset(
     :class:`PogdiffWarning`. docs/bad-input.md lists every case.
     """
     root = Path(root)
-    if not root.is_dir():
-        what = "is a file, not a folder" if root.is_file() else "dataset folder not found"
-        raise DatasetError(f"{root}: {what}; pass a folder that holds {METADATA_FILE} and the images")
-    metadata = root / METADATA_FILE
-    if not metadata.is_file():
-        raise DatasetError(f"{metadata}: no {METADATA_FILE} in the dataset folder{_misnamed_metadata_hint(root)}; "
-                           f"write one JSON object per line with '{image_column}' and '{caption_column}'")
+    metadata = _metadata_file(root, caption_column, image_column)
     files, captions, identities = [], [], []
     missing: list[tuple[str, int]] = []
     seen: dict[str, int] = {}
@@ -130,48 +125,26 @@ def load_dataset(
     for number, line in enumerate(_read_lines(metadata), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DatasetError(f"{metadata}:{number}: not valid JSON ({error.msg} at column {error.colno}); "
-                               "fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{metadata}:{number}: expected a JSON object, got {type(row).__name__}; "
-                               "write one {...} object per line")
+        where = f"{metadata}:{number}"
+        row = _json_object(line, where)
         columns.update(dict.fromkeys(row))
-        for column in (image_column, caption_column):
-            if column not in row:
-                flag = "--image-column" if column == image_column else "--caption-column"
-                raise DatasetError(f"{metadata}:{number}: no '{column}' column (columns: {', '.join(row)}); "
-                                   f"rename it or pass {flag} NAME")
-        file = _relative_path(row[image_column], root, f"{metadata}:{number}", image_column)
-        caption = row[caption_column]
-        if not isinstance(caption, str) or not caption.strip():
-            raise DatasetError(f"{metadata}:{number}: empty or non-string caption for {file!r}; write a caption")
+        file, caption = _image_and_caption(row, root, where, image_column, caption_column)
         if file in seen:
-            raise DatasetError(f"{metadata}:{number}: {file!r} is listed twice (first on line {seen[file]}); "
+            raise DatasetError(f"{where}: {file!r} is listed twice (first on line {seen[file]}); "
                                "remove the duplicate line")
         seen[file] = number
         if not (root / file).is_file():
             missing.append((file, number))
         files.append(file)
-        captions.append(caption.strip())
+        captions.append(caption)
         if identity_column and identity_column in row:
-            identity = row[identity_column]
-            if isinstance(identity, bool) or not isinstance(identity, (str, int)) or not str(identity).strip():
-                raise DatasetError(f"{metadata}:{number}: identity {identity!r} is not a name; "
-                                   "write a non-empty string (or drop the column from every line)")
-            identities.append(str(identity).strip())
+            identities.append(_identity(row[identity_column], where))
         elif identity_column and identities:
-            raise DatasetError(f"{metadata}:{number}: no '{identity_column}' column though earlier lines have one; "
+            raise DatasetError(f"{where}: no '{identity_column}' column though earlier lines have one; "
                                "give every line an identity")
     if not files:
         raise DatasetError(f"{metadata}: no rows; add one JSON line per image")
-    if missing:
-        (file, number), others = missing[0], [file for file, _ in missing[1:]]
-        what = "is not a file" if (root / file).exists() else "is missing"
-        raise DatasetError(f"{root / file}: image listed on line {number} of {metadata} {what}; "
-                           f"add it or remove its line{_and_more(others, 'missing')}")
+    _check_images_exist(root, metadata, missing)
     if identities and len(identities) != len(files):
         raise DatasetError(f"{metadata}: the first lines have no '{identity_column}' but later ones do; "
                            "give every line an identity")
@@ -179,6 +152,59 @@ def load_dataset(
     _warn_about_identities(dataset, metadata, identity_column, [c for c in columns if c not in
                                                                  (image_column, caption_column)])
     return dataset
+
+
+def _metadata_file(root: Path, caption_column: str, image_column: str) -> Path:
+    """``root/metadata.jsonl``, or an error saying what is there instead."""
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.is_file() else "dataset folder not found"
+        raise DatasetError(f"{root}: {what}; pass a folder that holds {METADATA_FILE} and the images")
+    metadata = root / METADATA_FILE
+    if not metadata.is_file():
+        raise DatasetError(f"{metadata}: no {METADATA_FILE} in the dataset folder{_misnamed_metadata_hint(root)}; "
+                           f"write one JSON object per line with '{image_column}' and '{caption_column}'")
+    return metadata
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); "
+                           "fix or remove that line") from None
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(row).__name__}; "
+                           "write one {...} object per line")
+    return row
+
+
+def _image_and_caption(row: dict, root: Path, where: str, image_column: str, caption_column: str) -> tuple[str, str]:
+    for column in (image_column, caption_column):
+        if column not in row:
+            flag = "--image-column" if column == image_column else "--caption-column"
+            raise DatasetError(f"{where}: no '{column}' column (columns: {', '.join(row)}); "
+                               f"rename it or pass {flag} NAME")
+    file = _relative_path(row[image_column], root, where, image_column)
+    caption = row[caption_column]
+    if not isinstance(caption, str) or not caption.strip():
+        raise DatasetError(f"{where}: empty or non-string caption for {file!r}; write a caption")
+    return file, caption.strip()
+
+
+def _identity(identity, where: str) -> str:
+    if isinstance(identity, bool) or not isinstance(identity, (str, int)) or not str(identity).strip():
+        raise DatasetError(f"{where}: identity {identity!r} is not a name; "
+                           "write a non-empty string (or drop the column from every line)")
+    return str(identity).strip()
+
+
+def _check_images_exist(root: Path, metadata: Path, missing: list[tuple[str, int]]) -> None:
+    """One error for every listed image that is not a file, naming the first."""
+    if missing:
+        (file, number), others = missing[0], [file for file, _ in missing[1:]]
+        what = "is not a file" if (root / file).exists() else "is missing"
+        raise DatasetError(f"{root / file}: image listed on line {number} of {metadata} {what}; "
+                           f"add it or remove its line{_and_more(others, 'missing')}")
 
 
 def _read_lines(metadata: Path) -> list[str]:

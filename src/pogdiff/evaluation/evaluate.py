@@ -26,19 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from pogdiff.backbone import load_backbone, read_run_info
+from pogdiff.backbone import load_backbone
 from pogdiff.data.dataset import FEW_MAX_IMAGES, ImageTextDataset, load_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.features import DEFAULT_FEATURES, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge
-from pogdiff.evaluation.pictures import save_grid, to_pil
 from pogdiff.evaluation.report import ReportData, write_report
+from pogdiff.evaluation.results_table import all_few_table, format_value, markdown_table
+from pogdiff.images import save_grid, to_pil
+from pogdiff.run_folder import load_psi, read_run_info, run_label
 from pogdiff.sampling import generate
-from pogdiff.tables import default_cache_dir
-from pogdiff.train import run_label
 
 PROMPT = "An image of {name}."  # App. B
 METRIC_KEYS = ("fd", "sim", "recall", "id_acc")
@@ -82,7 +81,7 @@ class Evaluation:
     """One dataset, one feature space, one judge: scores any number of runs."""
 
     def __init__(self, data_dir: Path, features, inception_weights, identity_judge: str, face_detector: str,
-                 few_max_images: int, cache_dir: Path, progress: bool):
+                 few_max_images: int, cache_dir: str | Path | None, progress: bool):
         if identity_judge not in JUDGES:
             raise PogdiffError(f"unknown identity judge {identity_judge!r}; choose one of {', '.join(JUDGES)}")
         self.data_dir = data_dir
@@ -189,54 +188,79 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     if not -1.0 <= recall_threshold <= 1.0:
         raise PogdiffError(f"recall threshold {recall_threshold} is not a cosine similarity; pass a value in [-1, 1]")
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
-                            Path(cache_dir or default_cache_dir()), progress)
-    names, few = evaluation.names, evaluation.few
+                            cache_dir, progress)
     if paper_protocol:
         num_images, num_images_few = paper_sample_counts(len(evaluation.dataset))
     num_images_few = num_images_few or num_images
     if min(num_images, num_images_few) < 1:
         raise PogdiffError("--num-images must be at least 1")
-    samples_for = {n: num_images_few if n in few else num_images for n in names}
+    samples_for = {n: num_images_few if n in evaluation.few else num_images for n in evaluation.names}
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, generated_all, features_all, psi = {}, {}, {}, {}
+    results, generated, generated_features, psi = {}, {}, {}, {}
     for run_dir in run_dirs:
-        label = _unique(run_label(read_run_info(Path(run_dir))["config"]), results)
-        backbone = load_backbone(run_dir)
-        generated = {}
-        for count in sorted(set(samples_for.values())):
-            group = [n for n in names if samples_for[n] == count]
-            images = generate(backbone, [PROMPT.format(name=n) for n in group], count, num_inference_steps,
-                              guidance_scale, seed, progress=progress)
-            generated.update(zip(group, images.split(count)))
-        generated = {n: generated[n] for n in names}
-        save_samples(generated, out_dir / "samples" / label)
-        save_grid([(f"{n} ({evaluation.counts[n]} train)", generated[n]) for n in names],
-                  out_dir / f"samples-{label}.png")
-        per_identity, features_all[label] = evaluation.score(generated, recall_threshold)
-        generated_all[label] = generated
-        results[label] = {"all": average(per_identity, names), "few": average(per_identity, [n for n in names if n in few]),
-                          "per_identity": per_identity,
-                          "skipped": {k: [n for n in names if per_identity[n][k] is None] for k in ("fd", "sim")},
-                          "run": str(run_dir)}
-        if evaluation.judge_kind == "faces":
-            missing = sum(v["no_face"] for v in per_identity.values())
-            total = sum(v["generated_images"] for v in per_identity.values())
-            results[label]["no_face"] = {"count": missing, "fraction": missing / total}
-        if (Path(run_dir) / "psi.safetensors").is_file():
-            psi[label] = load_file(Path(run_dir) / "psi.safetensors")
-    real = evaluation.real(next(iter(generated_all.values()))[names[0]].shape[-1])
+        label = _unique(run_label(read_run_info(run_dir)["config"]), results)
+        generated[label] = generate_per_identity(load_backbone(run_dir), samples_for, num_inference_steps,
+                                                 guidance_scale, seed, progress)
+        save_samples(generated[label], evaluation.counts, out_dir, label)
+        per_identity, generated_features[label] = evaluation.score(generated[label], recall_threshold)
+        results[label] = run_result(per_identity, evaluation, run_dir)
+        run_psi = load_psi(run_dir)
+        if run_psi is not None:
+            psi[label] = run_psi
+
+    real = evaluation.real(next(iter(generated.values()))[evaluation.names[0]].shape[-1])
     metrics = {"methods": results, "data": str(data_dir), "feature_space": evaluation.extractor.name,
                "identity_judge": real.judge.name, "recall_threshold": recall_threshold,
                "references": evaluation.references(), "num_images_per_identity": num_images,
                "num_images_per_few_identity": num_images_few, "paper_protocol": paper_protocol,
                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-               "few_max_images": few_max_images, "num_identities": {"all": len(names), "few": len(few)}}
+               "few_max_images": few_max_images,
+               "num_identities": {"all": len(evaluation.names), "few": len(evaluation.few)}}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if report:
         write_report(out_dir / "report.html", metrics,
-                     ReportData(names, dict(evaluation.counts), few, real.training, real.training_features,
-                                generated_all, features_all, psi))
+                     ReportData(evaluation.names, dict(evaluation.counts), evaluation.few, real.training,
+                                real.training_features, generated, generated_features, psi))
     return metrics
+
+
+def generate_per_identity(backbone, samples_for: dict[str, int], num_inference_steps: int,
+                          guidance_scale: float | None, seed: int, progress: bool) -> dict[str, torch.Tensor]:
+    """``samples_for[name]`` images of PROMPT for every identity, in the order of ``samples_for``;
+    identities with the same count are sampled together."""
+    generated = {}
+    for count in sorted(set(samples_for.values())):
+        group = [n for n in samples_for if samples_for[n] == count]
+        images = generate(backbone, [PROMPT.format(name=n) for n in group], count, num_inference_steps,
+                          guidance_scale, seed, progress=progress)
+        generated.update(zip(group, images.split(count)))
+    return {n: generated[n] for n in samples_for}
+
+
+def save_samples(generated: dict[str, torch.Tensor], counts: dict[str, int], out_dir: Path, label: str) -> None:
+    """Every image as ``samples/<label>/<name>_<i>.png``, and one grid ``samples-<label>.png``."""
+    folder = out_dir / "samples" / label
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, images in generated.items():
+        for i, image in enumerate(images):
+            to_pil(image).save(folder / f"{name}_{i:03d}.png")
+    save_grid([(f"{n} ({counts[n]} train)", images) for n, images in generated.items()],
+              out_dir / f"samples-{label}.png")
+
+
+def run_result(per_identity: dict[str, dict], evaluation: Evaluation, run_dir: str | Path) -> dict:
+    """One run's entry in metrics.json: averages over All and Few, per-identity values, what was skipped."""
+    names = evaluation.names
+    result = {"all": average(per_identity, names), "few": average(per_identity, [n for n in names if n in evaluation.few]),
+              "per_identity": per_identity,
+              "skipped": {k: [n for n in names if per_identity[n][k] is None] for k in ("fd", "sim")},
+              "run": str(run_dir)}
+    if evaluation.judge_kind == "faces":
+        missing = sum(v["no_face"] for v in per_identity.values())
+        total = sum(v["generated_images"] for v in per_identity.values())
+        result["no_face"] = {"count": missing, "fraction": missing / total}
+    return result
 
 
 def _unique(label: str, taken: dict) -> str:
@@ -252,24 +276,6 @@ def average(per_identity: dict[str, dict], names: list[str]) -> dict[str, float 
     return {k: m.mean_over([per_identity[n][k] for n in names]) for k in METRIC_KEYS}
 
 
-def save_samples(generated: dict[str, torch.Tensor], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, images in generated.items():
-        for i, image in enumerate(images):
-            to_pil(image).save(folder / f"{name}_{i:03d}.png")
-
-
 def format_table(metrics: dict) -> str:
     """The All/Few table as Markdown, one row per method."""
-    methods = metrics["methods"]
-    keys = [k for k in next(iter(methods.values()))["all"]]
-    header = "| method | " + " | ".join(f"{k} All | {k} Few" for k in keys) + " |"
-    lines = [header, "|---" * (1 + 2 * len(keys)) + "|"]
-    for label, result in methods.items():
-        cells = []
-        for k in keys:
-            for split in ("all", "few"):
-                value = result[split][k]
-                cells.append("–" if value is None else f"{value:.3f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(*all_few_table(metrics["methods"], format_value))

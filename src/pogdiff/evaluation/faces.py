@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pogdiff.errors import PogdiffError
-from pogdiff.evaluation.features import to_uint8
+from pogdiff.images import to_uint8
 
 DETECTOR_FILE = "mmod_human_face_detector.dat"
 LANDMARKS_FILE = "shape_predictor_5_face_landmarks.dat"

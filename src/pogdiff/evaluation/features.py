@@ -26,6 +26,7 @@ import torch
 
 from pogdiff.encoders import ImageEncoder
 from pogdiff.errors import PogdiffError
+from pogdiff.images import to_uint8
 
 DEFAULT_FEATURES = "efficientnet-lite0"
 
@@ -40,11 +41,6 @@ def load_feature_extractor(spec=DEFAULT_FEATURES, inception_weights: str | Path 
     if spec == "inception":
         return InceptionFeatures(inception_weights, device)
     return HuggingFaceImageFeatures(spec, device)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 in [0, 255], same shape."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class InceptionFeatures:

@@ -5,7 +5,8 @@ image to one of the dataset's identities; accuracy is the fraction assigned to t
 intended one. Judges:
 
 - :class:`SynthIdentityJudge`: for the embedded synthetic people, a small CNN trained on
-  many fresh renders of every identity (the ground truth is known), cached on disk.
+  many fresh renders of every identity (the ground truth is known), cached on disk
+  (:mod:`pogdiff.cache`).
 - :class:`CentroidJudge`: any dataset: the nearest identity centroid of real images in a
   frozen feature space.
 """
@@ -14,19 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from pogdiff.cache import cached
 from pogdiff.errors import PogdiffWarning
+from pogdiff.images import from_uint8
+
+JUDGE_VERSION = 3  # bump when the judge is trained differently
 
 
 class _SmallCNN(nn.Module):
@@ -67,7 +69,7 @@ class SynthIdentityJudge:
                           f"{worst}: id_acc is unreliable for this dataset", PogdiffWarning, stacklevel=2)
 
     @classmethod
-    def for_dataset(cls, synth_json: str | Path, cache_dir: str | Path, renders_per_identity: int = 200,
+    def for_dataset(cls, synth_json: str | Path, cache_dir: str | Path | None, renders_per_identity: int = 200,
                     steps: int = 300, batch_size: int = 128, max_noise: float = 0.4, heldout_per_identity: int = 50,
                     seed: int = 0, progress: bool = True) -> "SynthIdentityJudge":
         """Load the cached classifier for this synth.json, or train, score and cache one."""
@@ -76,40 +78,27 @@ class SynthIdentityJudge:
         synth_json = Path(synth_json)
         identities = load_identities(synth_json)
         names = [identity.name for identity in identities]
-        settings = f"{renders_per_identity}-{steps}-{batch_size}-{max_noise}-{heldout_per_identity}-{seed}-v3"
-        key = hashlib.sha256(synth_json.read_bytes() + settings.encode()).hexdigest()[:20]
-        path = Path(cache_dir) / f"identity-judge-{key}.safetensors"
         size = json.loads(synth_json.read_text())["size"]
-        if path.is_file():
-            with safe_open(path, "pt") as f:
-                heldout_accuracy = json.loads(f.metadata()["heldout_accuracy"])
+        params = {"synth": hashlib.sha256(synth_json.read_bytes()).hexdigest(), "judge_version": JUDGE_VERSION,
+                  "renders_per_identity": renders_per_identity, "steps": steps, "batch_size": batch_size,
+                  "max_noise": max_noise, "heldout_per_identity": heldout_per_identity, "seed": seed}
+
+        trained_now: list[_SmallCNN] = []  # on a cache miss: the network just trained, not built again
+
+        def train_and_score() -> dict[str, torch.Tensor]:
+            model, accuracy = _train_judge(identities, size, renders_per_identity, steps, batch_size, max_noise,
+                                           heldout_per_identity, seed, progress)
+            trained_now.append(model)
+            return {**model.state_dict(), HELDOUT_ACCURACY: accuracy}
+
+        state = cached(cache_dir, "identity-judge", params, train_and_score)
+        accuracy = state.pop(HELDOUT_ACCURACY)
+        if trained_now:
+            model = trained_now[0]
+        else:
             model = _SmallCNN(len(names))
-            model.load_state_dict(load_file(path))
-            return cls(model, names, size, heldout_accuracy)
-        x, y = _renders(identities, renders_per_identity, seed, size, progress)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _SmallCNN(len(names))
-            optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
-            model.train()
-            for _ in tqdm(range(steps), desc="training identity judge", disable=not progress):
-                rows = torch.randint(len(x), (batch_size,))
-                noisy = x[rows] + max_noise * torch.rand(batch_size, 1, 1, 1) * torch.randn_like(x[rows])
-                loss = F.cross_entropy(model(noisy), y[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-        x, y = _renders(identities, heldout_per_identity, seed + 1, size, progress=False)
-        with torch.no_grad():
-            predicted = torch.cat([model.eval()(chunk) for chunk in x.split(256)]).argmax(1)
-        heldout_accuracy = {name: (predicted[y == i] == i).float().mean().item() for i, name in enumerate(names)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(model.state_dict(), tmp, metadata={"heldout_accuracy": json.dumps(heldout_accuracy)})
-        os.replace(tmp, path)
-        return cls(model, names, size, heldout_accuracy)
+            model.load_state_dict(state)
+        return cls(model, names, size, dict(zip(names, accuracy.tolist())))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> list[str]:
@@ -118,6 +107,34 @@ class SynthIdentityJudge:
             images = F.interpolate(images.float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
         logits = torch.cat([self.model(chunk.float()) for chunk in images.split(256)])
         return [self.names[i] for i in logits.argmax(1).tolist()]
+
+
+HELDOUT_ACCURACY = "heldout_accuracy"  # its key in the cache file, beside the CNN's weights
+
+
+def _train_judge(identities, size: int, renders_per_identity: int, steps: int, batch_size: int, max_noise: float,
+                 heldout_per_identity: int, seed: int, progress: bool) -> tuple[_SmallCNN, torch.Tensor]:
+    """The CNN trained on noisy fresh renders, and its accuracy per identity on renders it has not seen."""
+    x, y = _renders(identities, renders_per_identity, seed, size, progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _SmallCNN(len(identities))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+        model.train()
+        for _ in tqdm(range(steps), desc="training identity judge", disable=not progress):
+            rows = torch.randint(len(x), (batch_size,))
+            noisy = x[rows] + max_noise * torch.rand(batch_size, 1, 1, 1) * torch.randn_like(x[rows])
+            loss = F.cross_entropy(model(noisy), y[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    x, y = _renders(identities, heldout_per_identity, seed + 1, size, progress=False)
+    with torch.no_grad():
+        predicted = torch.cat([model.eval()(chunk) for chunk in x.split(256)]).argmax(1)
+    accuracy = torch.stack([(predicted[y == i] == i).float().mean() for i in range(len(identities))])
+    return model, accuracy
 
 
 def _renders(identities, per_identity: int, seed: int, size: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +147,7 @@ def _renders(identities, per_identity: int, seed: int, size: int, progress: bool
         for _ in range(per_identity):
             images.append(np.asarray(render(identity, rng, size)[0]))
             labels.append(label)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1, torch.tensor(labels)
+    return from_uint8(np.stack(images)), torch.tensor(labels)
 
 
 class CentroidJudge:

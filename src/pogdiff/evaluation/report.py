@@ -20,7 +20,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pogdiff.evaluation.pictures import labelled_grid
+from pogdiff.evaluation.results_table import SPLITS, all_few_columns, format_value
+from pogdiff.images import labelled_grid
+from pogdiff.run_folder import IS_FEW_KEY, PSI_FILE, PSI_KEYS
 
 LOWER_IS_BETTER = {"fd"}
 METRIC_TITLES = {"fd": "FD ↓", "sim": "Similarity ↑", "recall": "Recall ↑", "id_acc": "Identity accuracy ↑"}
@@ -51,7 +53,7 @@ def write_report(path: str | Path, metrics: dict, data: ReportData, images_per_c
         "minority first.</p>" + _sample_grid(data, images_per_cell),
         "<h2>Training set</h2>" + _image(identity_histogram(data), "identity-count histogram"),
         "<h2>PoGDiff weights</h2>" + (_image(psi_figure(data.psi), "psi, majority vs minority") if data.psi else
-                                      "<p>No run here has a psi.safetensors (only PoGDiff runs write one).</p>"),
+                                      f"<p>No run here has a {PSI_FILE} (only PoGDiff runs write one).</p>"),
         "<h2>Features of minority identities</h2>"
         f"<p>PCA of {html.escape(metrics['feature_space'])} features, fitted on all training images.</p>"
         + _image(feature_projection(data), "PCA of real and generated features"),
@@ -89,10 +91,6 @@ def _settings(metrics: dict) -> str:
     return f"<dl>{rows}</dl>"
 
 
-def _fmt(value) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
 def _best(values: list, key: str):
     """The best value of a column, None when there is nothing to single out (no values, or all equal)."""
     present = [v for v in values if v is not None]
@@ -102,21 +100,22 @@ def _best(values: list, key: str):
 
 
 def _summary_table(metrics: dict) -> str:
+    """The results table with a metric heading over its All and Few columns, the best value of each in bold."""
     methods = metrics["methods"]
-    keys = list(next(iter(methods.values()))["all"])
+    columns = all_few_columns(methods)
+    keys = list(dict.fromkeys(key for key, _ in columns))
     head = ("<tr><th rowspan=\"2\">method</th>" + "".join(f"<th colspan=\"2\">{html.escape(METRIC_TITLES.get(k, k))}"
                                                         f"</th>" for k in keys) + "</tr>"
-            "<tr>" + "<th>All</th><th>Few</th>" * len(keys) + "</tr>")
-    best = {(k, s): _best([r[s][k] for r in methods.values()], k) for k in keys for s in ("all", "few")}
+            "<tr>" + "".join(f"<th>{SPLITS[split]}</th>" for _, split in columns) + "</tr>")
+    best = {(k, s): _best([r[s][k] for r in methods.values()], k) for k, s in columns}
     body = ""
     for label, result in methods.items():
         cells = []
-        for k in keys:
-            for split in ("all", "few"):
-                value = result[split][k]
-                text = _fmt(value)
-                cells.append(f"<td><b>{text}</b></td>" if value is not None and value == best[k, split]
-                             else f"<td>{text}</td>")
+        for k, split in columns:
+            value = result[split][k]
+            text = format_value(value)
+            cells.append(f"<td><b>{text}</b></td>" if value is not None and value == best[k, split]
+                         else f"<td>{text}</td>")
         body += f"<tr><td class=\"name\">{html.escape(label)}</td>{''.join(cells)}</tr>"
     return f"<table>{head}{body}</table>"
 
@@ -129,7 +128,7 @@ def _per_identity_table(metrics: dict, data: ReportData) -> str:
             + "".join(f"<th>{k}</th>" for k in keys) * len(methods) + "</tr>")
     body = ""
     for name in data.names:
-        cells = "".join(f"<td>{_fmt(result['per_identity'][name][k])}</td>"
+        cells = "".join(f"<td>{format_value(result['per_identity'][name][k])}</td>"
                         for result in methods.values() for k in keys)
         few = " class=\"few\"" if name in data.few else ""
         body += (f"<tr{few}><td class=\"name\">{html.escape(name)}</td><td>{data.counts[name]}</td>{cells}</tr>")
@@ -184,12 +183,11 @@ def identity_histogram(data: ReportData) -> Figure:
 
 def psi_figure(psi: dict[str, dict[str, torch.Tensor]]) -> Figure:
     """psi_txt, psi_img and psi per training row, majority vs minority, one row of panels per run."""
-    quantities = ("psi_txt", "psi_img", "psi")
     figure = Figure(figsize=(10, 2.8 * len(psi)))
-    axes = figure.subplots(len(psi), len(quantities), squeeze=False)
+    axes = figure.subplots(len(psi), len(PSI_KEYS), squeeze=False)
     for row, (method, tensors) in enumerate(psi.items()):
-        few = tensors["is_few"].bool()
-        for ax, key in zip(axes[row], quantities):
+        few = tensors[IS_FEW_KEY].bool()
+        for ax, key in zip(axes[row], PSI_KEYS):
             values = tensors[key].float()
             groups = {label: values[mask].numpy() for label, mask in (("majority", ~few), ("minority", few)) if mask.any()}
             ax.boxplot(list(groups.values()))

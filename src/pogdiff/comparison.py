@@ -1,4 +1,6 @@
-"""``pogdiff benchmark``: every row of the paper's tables on the same data, budget and seeds.
+"""``pogdiff benchmark``: every method compared, as in the paper's tables, on the same data, budget and seeds.
+
+(The scripts in ``benchmarks/`` measure costs, time and memory; this module compares methods.)
 
 Each (method, seed) cell trains one run and evaluates it with :func:`evaluate_runs`
 (sampling seeded by the same seed, so methods see the same noise); the cells are then
@@ -25,19 +27,20 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pogdiff.backbone import RUN_FILE
 from pogdiff.data.dataset import FEW_MAX_IMAGES, load_dataset
 from pogdiff.data.synth import write_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.evaluation.evaluate import evaluate_runs
+from pogdiff.evaluation.results_table import all_few_table, html_table, markdown_table
+from pogdiff.files import atomic_path, write_text_atomic
 from pogdiff.losses import METHODS, method_parameters
+from pogdiff.run_folder import is_finished
 from pogdiff.train import TrainConfig, train
 
 DEFAULT_METHODS = ("vanilla", "cbdm", "t2h", "resample", "pogdiff")
@@ -164,10 +167,8 @@ def embedded_dataset(out: Path, preset: str) -> Path:
     """The synthetic dataset in OUT/data, written once (into a temporary folder, then renamed)."""
     data = out / "data"
     if not (data / "synth.json").is_file():
-        tmp = out / ".data.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_dataset(tmp, preset=preset, seed=0)
-        tmp.rename(data)
+        with atomic_path(data) as tmp:
+            write_dataset(tmp, preset=preset, seed=0)
     return data
 
 
@@ -183,7 +184,7 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
     if cell_file.is_file():
         return json.loads(cell_file.read_text()), False
     seconds = {}
-    if not (run / RUN_FILE).is_file():
+    if not is_finished(run):
         shutil.rmtree(run, ignore_errors=True)  # an interrupted run of this benchmark: start it again
         began = time.time()
         train(TrainConfig(str(data_dir), str(run), method=spec.method, method_options=dict(spec.options), seed=seed,
@@ -200,9 +201,7 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
     cell = {"method": spec.method, "options": spec.options, "seed": seed, "label": next(iter(metrics["methods"])),
             "all": result["all"], "few": result["few"], "per_identity": result["per_identity"], "seconds": seconds,
             "identity_judge": metrics["identity_judge"], "num_identities": metrics["num_identities"]}
-    tmp = cell_file.with_name("cell.json.tmp")
-    tmp.write_text(json.dumps(cell, indent=2))
-    os.replace(tmp, cell_file)
+    write_text_atomic(cell_file, json.dumps(cell, indent=2))
     return cell, True
 
 
@@ -272,16 +271,6 @@ def format_interval(summary: dict | None, digits: int = 3) -> str:
     return f"{summary['mean']:.{digits}f} ± {summary['half_width']:.{digits}f}"
 
 
-def table_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    """The paper's layout: rows = methods, columns = metric x (All, Few), cells 'mean ± half-width'."""
-    methods = metrics["methods"]
-    keys = list(dict.fromkeys(k for m in methods.values() for split in ("all", "few") for k in m[split]))
-    header = ["method"] + [f"{k} {split}" for k in keys for split in ("All", "Few")]
-    rows = [[name] + [format_interval(m[split.lower()].get(k)) for k in keys for split in ("All", "Few")]
-            for name, m in methods.items()]
-    return header, rows
-
-
 def paired_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     header = ["method", f"Δ vs {BASELINE} (mean ± half-width)", "per seed"]
     rows = [[name, format_interval(p), "–" if p is None else ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())]
@@ -302,33 +291,25 @@ def describe(metrics: dict) -> str:
 
 
 def markdown_report(metrics: dict) -> str:
-    def table(header, rows):
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-    parts = ["# pogdiff benchmark", "", describe(metrics), "", table(*table_rows(metrics))]
+    parts = ["# pogdiff benchmark", "", describe(metrics), "",
+             markdown_table(*all_few_table(metrics["methods"], format_interval))]
     if metrics["paired_vs_vanilla"]:
         parts += ["", f"Paired comparison with {BASELINE} on Few id_acc, seed by seed (a seed fixes the initial "
                   "weights, the batch order except for resample, and the sampling noise):", "",
-                  table(*paired_rows(metrics))]
+                  markdown_table(*paired_rows(metrics))]
     return "\n".join(parts) + "\n"
 
 
 def html_report(metrics: dict) -> str:
-    def table(header, rows):
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
     paired = ""
     if metrics["paired_vs_vanilla"]:
-        paired = f"<h2>Paired comparison with {BASELINE}, Few id_acc</h2>" + table(*paired_rows(metrics))
+        paired = f"<h2>Paired comparison with {BASELINE}, Few id_acc</h2>" + html_table(*paired_rows(metrics))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
              "th,td{border:1px solid #999;padding:4px 10px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}th{background:#eee}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pogdiff benchmark</title>"
             f"<style>{style}</style></head><body><h1>pogdiff benchmark</h1><p>{html.escape(describe(metrics))}</p>"
-            f"{table(*table_rows(metrics))}{paired}</body></html>\n")
+            f"{html_table(*all_few_table(metrics['methods'], format_interval))}{paired}</body></html>\n")
 
 
 def budget_from(quick: bool, **typed) -> Budget:

@@ -1,9 +1,9 @@
-"""Per-dataset quantities computed once with the frozen encoders, then cached.
+"""The dataset as the frozen encoders see it: what the losses look up by row, computed once, then cached.
 
 Because phi and the image encoder are frozen, the caption states y, the image features
 and neighbour table (Eq. 8) and the text density (Eq. 10) depend only on the dataset,
-the encoders and a few parameters. Each is cached on its own, keyed by exactly what it
-depends on (docs/bad-input.md, "Caches"):
+the encoders and a few parameters. Each is cached on its own (:mod:`pogdiff.cache`),
+keyed by exactly what it depends on (docs/bad-input.md, "Caches"):
 
 | cache file | key |
 |---|---|
@@ -14,37 +14,26 @@ depends on (docs/bad-input.md, "Caches"):
 
 so editing a caption or an image, or changing k, recomputes what depends on it and
 nothing else, while touching, moving or copying the dataset folder recomputes nothing.
-Files are written to a temporary name and renamed, so a killed run never leaves a cache
-file that loads; an unreadable or non-finite cache file is computed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
+from pogdiff.cache import Tensors, cached, tensor_digest
 from pogdiff.data.dataset import ImageTextDataset
 from pogdiff.encoders import ImageEncoder, TextEncoder
-from pogdiff.errors import PogdiffError, PogdiffWarning
+from pogdiff.errors import PogdiffError
 from pogdiff.neighbours import NeighbourTable, find_neighbours
 from pogdiff.text_density import fit_text_density
 
-CACHE_VERSION = 2  # bump when a cached quantity is computed differently
-
-Tensors = dict[str, torch.Tensor]
-
-
 @dataclass
-class DatasetTables:
+class EncodedDataset:
     """Everything the losses look up by dataset row."""
 
     text_states: torch.Tensor      # (N, L, D) y = phi(c) per caption
@@ -56,17 +45,12 @@ class DatasetTables:
     def __len__(self) -> int:
         return len(self.identity)
 
-    def to(self, device) -> "DatasetTables":
-        return DatasetTables(self.text_states.to(device), self.uncond_states.to(device),
+    def to(self, device) -> "EncodedDataset":
+        return EncodedDataset(self.text_states.to(device), self.uncond_states.to(device),
                              self.neighbours.to(device), self.identity.to(device), self.elbo.to(device))
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("POGDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pogdiff"
-    return Path(base)
-
-
-def build_tables(
+def encode_dataset(
     dataset: ImageTextDataset,
     images: torch.Tensor,
     text_encoder: TextEncoder,
@@ -76,7 +60,7 @@ def build_tables(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     neighbour_backend: str = "auto",
-) -> DatasetTables:
+) -> EncodedDataset:
     """Embed captions and images, find neighbours, fit the text-density VAE; each cached by what it depends on.
 
     The global RNG is left as it was (loading an encoder initialises layers at random before
@@ -86,7 +70,6 @@ def build_tables(
     if not 1 <= k <= n - 1:
         raise PogdiffError(f"{dataset.root}: --k {k} neighbours per image, but the dataset has {n} images "
                            f"(at most {n - 1} other images each); pass --k between 1 and {n - 1}")
-    cache = Path(cache_dir or default_cache_dir())
     text_key = {"captions": hashlib.sha256(json.dumps(dataset.captions).encode()).hexdigest(),
                  "encoder": text_encoder.name}
     image_key = {"images": tensor_digest(images), "encoder": image_encoder.name if image_encoder else ImageEncoder.name}
@@ -106,7 +89,7 @@ def build_tables(
         return {"features": features}
 
     def neighbours() -> Tensors:
-        features = cached(cache, "image-features", image_key, embed_images)["features"]
+        features = cached(cache_dir, "image-features", image_key, embed_images)["features"]
         table = find_neighbours(features, k, neighbour_backend)
         return {"index": table.index, "similarity": table.similarity}
 
@@ -117,60 +100,12 @@ def build_tables(
         return {"elbo": elbo}
 
     with torch.random.fork_rng(devices=[]):
-        text = cached(cache, "text", text_key, embed_text)
-        table = cached(cache, "neighbours", {**image_key, "k": k}, neighbours)
-        density = cached(cache, "text-density", {**text_key, "vae_latent_dim": vae_latent_dim, "seed": seed},
+        text = cached(cache_dir, "text", text_key, embed_text)
+        table = cached(cache_dir, "neighbours", {**image_key, "k": k}, neighbours)
+        density = cached(cache_dir, "text-density", {**text_key, "vae_latent_dim": vae_latent_dim, "seed": seed},
                           text_density)
-    return DatasetTables(text["states"], text["uncond"], NeighbourTable(table["index"], table["similarity"]),
+    return EncodedDataset(text["states"], text["uncond"], NeighbourTable(table["index"], table["similarity"]),
                          dataset.identity_codes(), density["elbo"])
-
-
-def cache_path(cache_dir: Path, kind: str, params: dict) -> Path:
-    """Where the ``kind`` table computed with ``params`` is cached."""
-    key = hashlib.sha256(json.dumps({**params, "kind": kind, "version": CACHE_VERSION}, sort_keys=True).encode())
-    return Path(cache_dir) / f"{kind}-{key.hexdigest()[:20]}.safetensors"
-
-
-def cached(cache_dir: Path, kind: str, params: dict, compute: Callable[[], Tensors]) -> Tensors:
-    """The tensors cached under (kind, params), else ``compute()``'s, then saved atomically."""
-    path = cache_path(cache_dir, kind, params)
-    if path.is_file():
-        try:
-            tensors = load_file(path)
-        except (SafetensorError, OSError) as error:
-            warnings.warn(f"{path}: unreadable cache file ({error}); computing it again", PogdiffWarning)
-        else:
-            if all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
-                return tensors
-            warnings.warn(f"{path}: NaN or inf in this cache file; computing it again", PogdiffWarning)
-    tensors = compute()
-    save_atomic(tensors, path, params)
-    return tensors
-
-
-def save_atomic(tensors: Tensors, path: Path, params: dict) -> None:
-    """Write to a temporary file, then rename: an interrupted write leaves no file at ``path``.
-
-    A cache that cannot be written (disk full, read-only) is skipped with a warning: the
-    tables are in memory and the run goes on.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata={"params": json.dumps(params)})
-        os.replace(tmp, path)
-    except OSError as error:
-        warnings.warn(f"{path}: cannot write this cache file ({error.strerror or error}); going on without it "
-                      "(free space or pass --cache-dir)", PogdiffWarning)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """Hash of a CPU tensor's shape, dtype and values: the key of anything computed from it."""
-    digest = hashlib.sha256(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
-    digest.update(tensor.contiguous().numpy())
-    return digest.hexdigest()
 
 
 def _check_rows(values: torch.Tensor, dataset: ImageTextDataset, what: str, fix: str) -> None:
@@ -202,4 +137,4 @@ def training_images(backbone, images: torch.Tensor, random_flip: bool,
     if backbone.image_cache_name is None:
         return encode()["images"]
     params = {"images": tensor_digest(images), "encoder": backbone.image_cache_name, "random_flip": random_flip}
-    return cached(Path(cache_dir or default_cache_dir()), "latents", params, encode)["images"]
+    return cached(cache_dir, "latents", params, encode)["images"]

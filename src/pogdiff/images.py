@@ -1,4 +1,4 @@
-"""Pictures a person would rather look at than read: labelled sample grids."""
+"""Images as tensors (N, 3, H, W) in [-1, 1], as uint8 pixels, and as labelled grids for people to look at."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def from_uint8(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 arrays (N, H, W, 3) -> float tensor (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 in [0, 255], same shape."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] -> RGB image."""
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    return Image.fromarray(np.ascontiguousarray(to_uint8(image).permute(1, 2, 0).numpy()))
 
 
 def labelled_grid(rows: list[tuple[str, torch.Tensor]], cell: int = 64, label_width: int = 150) -> Image.Image:

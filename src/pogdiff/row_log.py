@@ -1,11 +1,11 @@
-"""What each training process saw, for checking multi-process and resumed runs (``--log-rows``).
+"""``--log-rows``: what each training process saw, for checking multi-process and resumed runs.
 
 Every process appends JSON lines to ``OUTPUT_DIR/rows-rank<R>.jsonl``:
 
 - ``{"rank": R, "num_rows": N, "tables": {name: sha256}}`` once per start (resumes add one):
   digests of the per-row tables every process must share (caption states, neighbour
   index and similarity of Eq. 8, identity codes, ELBO of Eq. 10, and psi of Eq. 12 where
-  the method has it);
+  the method has it: see :class:`~pogdiff.encoded_dataset.EncodedDataset`);
 - ``{"micro_step": m, "rows": [...]}`` per micro-batch: the dataset rows this process trained on;
 - ``{"weights": sha256}`` at the end: a digest of the trained weights as this process holds them.
 
@@ -22,18 +22,21 @@ from pathlib import Path
 
 import torch
 
-from pogdiff.tables import DatasetTables, tensor_digest
+from pogdiff.cache import tensor_digest
+from pogdiff.encoded_dataset import EncodedDataset
 
 
 class RowLog:
-    def __init__(self, out: Path, rank: int, tables: DatasetTables, loss_fn):
+    """One process's ``rows-rank<R>.jsonl``, appended to."""
+
+    def __init__(self, out: Path, rank: int, encoded: EncodedDataset, psi: torch.Tensor | None):
         self.path = Path(out) / f"rows-rank{rank}.jsonl"
-        named = {"text_states": tables.text_states, "neighbour_index": tables.neighbours.index,
-                 "neighbour_similarity": tables.neighbours.similarity, "identity": tables.identity,
-                 "elbo": tables.elbo}
-        if hasattr(loss_fn, "row_weights"):
-            named["psi"] = loss_fn.row_weights()["psi"]
-        self._write({"rank": rank, "num_rows": len(tables),
+        named = {"text_states": encoded.text_states, "neighbour_index": encoded.neighbours.index,
+                 "neighbour_similarity": encoded.neighbours.similarity, "identity": encoded.identity,
+                 "elbo": encoded.elbo}
+        if psi is not None:
+            named["psi"] = psi
+        self._write({"rank": rank, "num_rows": len(encoded),
                      "tables": {name: tensor_digest(t.detach().cpu()) for name, t in named.items()}})
 
     def step(self, micro_step: int, rows: torch.Tensor) -> None:

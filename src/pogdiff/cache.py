@@ -1,0 +1,77 @@
+"""The on-disk cache: tensors computed once, stored under a name derived from what they depend on.
+
+A cache file is ``CACHE_DIR/<kind>-<key>.safetensors``, ``key`` a hash of the parameters
+that determine its content (docs/bad-input.md, "Caches"). Files are written to a
+temporary name and renamed, so a killed run never leaves a file that loads; an unreadable
+or non-finite file is computed again; a cache that cannot be written is skipped with a
+warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pogdiff.errors import PogdiffWarning
+from pogdiff.files import atomic_path
+
+CACHE_VERSION = 2  # bump when a cached quantity is computed differently
+
+Tensors = dict[str, torch.Tensor]
+
+
+def default_cache_dir() -> Path:
+    """$POGDIFF_CACHE, else $XDG_CACHE_HOME/pogdiff, else ~/.cache/pogdiff."""
+    base = os.environ.get("POGDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pogdiff"
+    return Path(base)
+
+
+def cache_path(cache_dir: str | Path | None, kind: str, params: dict) -> Path:
+    """Where the ``kind`` tensors computed with ``params`` are cached."""
+    key = hashlib.sha256(json.dumps({**params, "kind": kind, "version": CACHE_VERSION}, sort_keys=True).encode())
+    return Path(cache_dir or default_cache_dir()) / f"{kind}-{key.hexdigest()[:20]}.safetensors"
+
+
+def cached(cache_dir: str | Path | None, kind: str, params: dict, compute: Callable[[], Tensors]) -> Tensors:
+    """The tensors cached under (kind, params), else ``compute()``'s, then saved."""
+    path = cache_path(cache_dir, kind, params)
+    if path.is_file():
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as error:
+            warnings.warn(f"{path}: unreadable cache file ({error}); computing it again", PogdiffWarning)
+        else:
+            if all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+                return tensors
+            warnings.warn(f"{path}: NaN or inf in this cache file; computing it again", PogdiffWarning)
+    tensors = compute()
+    _save(tensors, path, params)
+    return tensors
+
+
+def _save(tensors: Tensors, path: Path, params: dict) -> None:
+    """Save atomically; a cache that cannot be written (disk full, read-only) is skipped with a warning:
+    the tensors are in memory and the run goes on."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({name: t.contiguous() for name, t in tensors.items()}, tmp,
+                      metadata={"params": json.dumps(params)})
+    except OSError as error:
+        warnings.warn(f"{path}: cannot write this cache file ({error.strerror or error}); going on without it "
+                      "(free space or pass --cache-dir)", PogdiffWarning)
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """Hash of a CPU tensor's shape, dtype and values: the key of anything computed from it."""
+    digest = hashlib.sha256(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+    digest.update(tensor.contiguous().numpy())
+    return digest.hexdigest()

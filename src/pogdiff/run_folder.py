@@ -1,0 +1,91 @@
+"""What a run folder (``pogdiff train --output-dir``) holds, and how to read it.
+
+::
+
+    RUN/pogdiff_run.json     backbone, config, steps; written last: without it the run is unfinished
+    RUN/unet/, scheduler/    the weights, in diffusers' layout (a full pipeline for Stable Diffusion)
+    RUN/psi.safetensors      PoGDiff only: psi_txt, psi_img, psi per training row (Eqs. 9, 11, 12), is_few
+    RUN/psi_summary.json     their quantiles, majority vs minority rows
+    RUN/checkpoint-N/        training states (--checkpointing-steps)
+    RUN/rows-rank<R>.jsonl   --log-rows (pogdiff.row_log)
+
+A plain diffusers pipeline folder reads as a Stable Diffusion run labelled by its folder name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pogdiff import psi
+from pogdiff.errors import PogdiffError
+from pogdiff.files import write_text_atomic
+from pogdiff.pretrained import PIPELINE_FILE
+
+RUN_FILE = "pogdiff_run.json"
+PIPELINE_BACKBONE = "stable-diffusion"  # the backbone kind of a plain pipeline folder
+PSI_FILE = "psi.safetensors"
+PSI_SUMMARY_FILE = "psi_summary.json"
+PSI_KEYS = ("psi_txt", "psi_img", "psi")
+IS_FEW_KEY = "is_few"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / RUN_FILE).is_file()
+
+
+def write_run_info(run_dir: Path, info: dict) -> None:
+    """RUN_FILE, atomically: the last file a run writes."""
+    write_text_atomic(Path(run_dir) / RUN_FILE, json.dumps(info, indent=2, default=str))
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """RUN_FILE of a run; for a plain diffusers pipeline folder, the same keys made up from it
+    (labelled by its folder name)."""
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    if (run_dir / PIPELINE_FILE).is_file():
+        return {"backbone": PIPELINE_BACKBONE, "pretrained": str(run_dir.resolve()), "lora_rank": None,
+                "config": {"method": run_dir.resolve().name}}
+    raise PogdiffError(f"{run_dir}: neither a pogdiff run folder (no {RUN_FILE}) nor a diffusers pipeline folder "
+                       f"(no {PIPELINE_FILE}); pass the --output-dir of a finished `pogdiff train` or a "
+                       "Stable Diffusion folder")
+
+
+def run_label(config: dict) -> str:
+    """A run's name in tables: its method, plus the method options it changed (e.g. ablations)."""
+    options = ",".join(f"{k}={v}" for k, v in sorted(config.get("method_options", {}).items()))
+    return f"{config['method']}({options})" if options else config["method"]
+
+
+def save_psi(run_dir: Path, psi_per_row: dict[str, torch.Tensor], is_few: torch.Tensor) -> None:
+    """psi per training row (PSI_FILE) and its quantiles, majority vs minority (PSI_SUMMARY_FILE)."""
+    weights = {k: v.float().cpu().contiguous() for k, v in psi_per_row.items()}
+    save_file({**weights, IS_FEW_KEY: is_few}, Path(run_dir) / PSI_FILE)
+    (Path(run_dir) / PSI_SUMMARY_FILE).write_text(json.dumps(psi.summarise(weights, is_few), indent=2))
+
+
+def load_psi(run_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """PSI_FILE's tensors, None for a run without one (every method but PoGDiff)."""
+    path = Path(run_dir) / PSI_FILE
+    return load_file(path) if path.is_file() else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (``.checkpoint-N.tmp`` folders being written are not)."""
+    done = [p for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(done, key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    return next(reversed(checkpoints(run_dir)), None)
