@@ -1,4 +1,4 @@
-"""The ``pogdiff`` command line: data, train, sample, evaluate, benchmark, demo."""
+"""The ``pogdiff`` command line: data, pretrain, train, sample, evaluate, benchmark, demo."""
 
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ from pogdiff.errors import PogdiffError, PogdiffWarning
 
 
 def _data_synth(args) -> None:
+    from pogdiff.data.pretraining_corpus import write_pretraining_corpus
     from pogdiff.data.synth import write_dataset
 
-    out = write_dataset(args.out, preset=args.preset, seed=args.seed, size=args.resolution)
+    if args.preset == "pretrain":
+        out = write_pretraining_corpus(args.out, people=args.people, images_per_person=args.images_per_person,
+                                       seed=args.seed, size=args.resolution)
+    else:
+        out = write_dataset(args.out, preset=args.preset, seed=args.seed, size=args.resolution)
     print(f"wrote {out}")
 
 
@@ -33,6 +38,17 @@ def _train(args) -> None:
     values["progress"] = not args.no_progress
     out = train(TrainConfig(**values))
     print(f"run saved to {out}")
+
+
+def _pretrain(args) -> None:
+    from pogdiff.pretraining import PRETRAINING, write_release
+    from pogdiff.train import TrainConfig, config_fields, train
+
+    values = {**PRETRAINING, **{k: v for k, v in vars(args).items() if k in config_fields()}}
+    out = train(TrainConfig(**values, progress=not args.no_progress))
+    print(f"pretrained backbone saved to {out}")
+    if getattr(args, "release_dir", None):
+        print(f"released to {write_release(out, args.release_dir)}")
 
 
 def _sample(args) -> None:
@@ -95,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="where encoded datasets, latents and identity judges are cached (default ~/.cache/pogdiff)")
     runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_data_parser(sub, seed)
+    add_pretrain_parser(sub, [seed, runtime])
     add_train_parser(sub, [seed, runtime])
     add_sample_parser(sub, [seed, runtime])
     add_evaluate_parser(sub, [seed, runtime])
@@ -109,9 +126,40 @@ def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", parents=[seed], help="write the embedded synthetic people dataset")
     synth.add_argument("out", help="new, empty folder")
-    synth.add_argument("--preset", choices=sorted(PRESETS), default="medium")
+    synth.add_argument("--preset", choices=[*sorted(PRESETS), "pretrain"], default="medium",
+                       help="long-tailed fine-tuning sets (small, medium, large) or the balanced, name-free "
+                       "pretraining corpus (pretrain)")
     synth.add_argument("--resolution", type=int, default=32)
+    synth.add_argument("--people", type=int, default=5000, help="pretrain: people in the corpus (default: 5000)")
+    synth.add_argument("--images-per-person", type=int, default=4, help="pretrain: images per person (default: 4)")
     synth.set_defaults(func=_data_synth)
+
+
+def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from pogdiff.pretraining import PRETRAINING, SHIPPED_DIR
+
+    p = sub.add_parser("pretrain", parents=parents, argument_default=argparse.SUPPRESS,
+                       help="pretrain the small backbone from random weights on `pogdiff data synth --preset pretrain`")
+    p.add_argument("data_dir", metavar="DATA", help="the pretraining corpus (or any dataset folder)")
+    p.add_argument("--output-dir", required=True, help="run folder to write")
+    for flag, kind, what in (("--train-batch-size", int, "batch size per device"),
+                             ("--max-train-steps", int, "optimizer steps"),
+                             ("--learning-rate", float, "AdamW learning rate"),
+                             ("--lr-warmup-steps", int, "linear warm-up steps"),
+                             ("--ema-decay", float, "EMA decay (with warm-up)"),
+                             ("--checkpointing-steps", int, "save the training state every N steps"),
+                             ("--checkpoints-total-limit", int, "keep at most this many checkpoints"),
+                             ("--text-max-length", int, "caption tokens the UNet attends to")):
+        p.add_argument(flag, type=kind, help=f"{what} (default: {PRETRAINING[flag[2:].replace('-', '_')]})")
+    p.add_argument("--resume-from-checkpoint", help="'latest' or a checkpoint folder")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="on a GPU")
+    p.add_argument("--validation-prompts", nargs="+", metavar="PROMPT",
+                   help="sample these prompts every --validation-steps into OUTPUT_DIR/validation")
+    p.add_argument("--validation-steps", type=int, help="steps between validation grids")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    p.add_argument("--release-dir", metavar="DIR", help="when done, write fp16 weights and a manifest there "
+                   f"(the shipped backbone: src/pogdiff/weights/{SHIPPED_DIR.name})")
+    p.set_defaults(func=_pretrain)
 
 
 def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:

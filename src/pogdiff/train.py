@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import platform
 import shutil
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -163,6 +165,8 @@ def train(config: TrainConfig) -> Path:
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     checkpoint_trained_weights_only(accelerator)
     ema = make_ema(accelerator, trained, config) if config.use_ema else None
+    clock = TrainClock(accelerator.device)
+    accelerator.register_for_checkpointing(clock)  # after the EMA: checkpoints hold custom states in this order
     if accelerator.is_main_process:
         accelerator.init_trackers("pogdiff", config={k: v for k, v in asdict(config).items()
                                                      if isinstance(v, (int, float, str, bool))})
@@ -229,7 +233,8 @@ def train(config: TrainConfig) -> Path:
         if ema is not None:
             ema.copy_to(trained)
         info = {**backbone.run_info(), "config": asdict(config), "num_processes": accelerator.num_processes,
-                "steps": global_step}
+                "steps": global_step, "train_seconds": round(clock.seconds(), 1),
+                "train_sessions": clock.sessions()}
         with reported_write_errors(out, out):  # a run folder without RUN_FILE is unfinished
             backbone.save(out, final)
             write_run_info(out, info)
@@ -368,6 +373,38 @@ def make_ema(accelerator: Accelerator, trained: list[torch.nn.Parameter], config
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema
+
+
+class TrainClock:
+    """Seconds spent training and on which hardware, over a run's resumed sessions (saved in every checkpoint)."""
+
+    def __init__(self, device: torch.device):
+        self.earlier: list[dict] = []
+        self.start = time.monotonic()
+        self.hardware = describe_hardware(device)
+
+    def seconds(self) -> float:
+        return sum(s["seconds"] for s in self.sessions())
+
+    def sessions(self) -> list[dict]:
+        return [*self.earlier, {"seconds": round(time.monotonic() - self.start, 1), "hardware": self.hardware}]
+
+    def state_dict(self) -> dict:
+        return {"sessions": self.sessions()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.earlier, self.start = state["sessions"], time.monotonic()
+
+
+def describe_hardware(device: torch.device) -> str:
+    """E.g. "NVIDIA H100 80GB HBM3" or "AMD EPYC 7B13, 2 cores, 1 torch thread"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() \
+        else platform.processor()
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 # --- loop ---

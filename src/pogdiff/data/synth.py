@@ -207,7 +207,7 @@ class Identity:
 
 
 @dataclass(frozen=True)
-class _Look:
+class Look:
     """What varies from one image of a person to the next."""
 
     expression: str
@@ -238,7 +238,7 @@ def make_identities(preset: str, seed: int) -> list[Identity]:
     majority = majority_indices(counts)
     traits_of: dict[int, dict] = {}
     for index in majority:
-        traits_of[index] = _draw_distinct(lambda: _random_traits(rng), traits_of.values())
+        traits_of[index] = _draw_distinct(lambda: random_traits(rng), traits_of.values())
     look_alike_of: dict[int, int] = {}
     for index in range(len(counts)):
         if index not in traits_of:
@@ -263,15 +263,15 @@ def _draw_distinct(draw_traits: Callable[[], dict], taken: Iterable[dict]) -> di
     taken = list(taken)
     while True:
         traits = draw_traits()
-        if all(_trait_differences(traits, other) >= MIN_TRAIT_DIFFERENCES for other in taken):
+        if all(trait_differences(traits, other) >= MIN_TRAIT_DIFFERENCES for other in taken):
             return traits
 
 
-def _trait_differences(a: dict, b: dict) -> int:
+def trait_differences(a: dict, b: dict) -> int:
     return sum(a[trait] != b[trait] for trait in TRAIT_CHOICES)
 
 
-def _random_traits(rng: np.random.Generator) -> dict:
+def random_traits(rng: np.random.Generator) -> dict:
     return {trait: _draw_trait(rng, trait) for trait in TRAIT_CHOICES}
 
 
@@ -293,12 +293,12 @@ def _weighted_choice(rng: np.random.Generator, values: Sequence[str], weights: d
 
 def render(identity: Identity, rng: np.random.Generator, size: int = 32) -> tuple[Image.Image, str]:
     """One RGB ``size`` x ``size`` portrait of ``identity`` with a random look, and its caption."""
-    look = _random_look(rng)
-    return _draw_portrait(identity.traits, look, size), _caption(identity.name, look)
+    look = random_look(rng)
+    return draw_portrait(identity.traits, look, size), _caption(identity.name, look)
 
 
-def _random_look(rng: np.random.Generator) -> _Look:
-    return _Look(
+def random_look(rng: np.random.Generator) -> Look:
+    return Look(
         expression=_weighted_choice(rng, tuple(EXPRESSIONS), {}),
         background=_weighted_choice(rng, tuple(BACKGROUNDS), {}),
         lighting=_weighted_choice(rng, tuple(LIGHTINGS), LIGHTING_WEIGHTS),
@@ -308,7 +308,7 @@ def _random_look(rng: np.random.Generator) -> _Look:
     )
 
 
-def _caption(name: str, look: _Look) -> str:
+def _caption(name: str, look: Look) -> str:
     """LLaVA-style caption, e.g. "An image of Lukas, smiling, in front of a blue background."."""
     article = "an" if look.background[0] in "aeiou" else "a"
     text = f"An image of {name}, {EXPRESSIONS[look.expression]}, in front of {article} {look.background} background"
@@ -335,7 +335,7 @@ class _Frame:
         return max(1, round(length * self.unit))
 
 
-def _draw_portrait(traits: dict, look: _Look, size: int) -> Image.Image:
+def draw_portrait(traits: dict, look: Look, size: int) -> Image.Image:
     """Head and shoulders in front of the background, drawn large and downsampled."""
     canvas = size * SUPERSAMPLE
     image = Image.new("RGB", (canvas, canvas), BACKGROUNDS[look.background])
@@ -536,7 +536,7 @@ def write_dataset(out_dir: str | Path, preset: str = "medium", seed: int = 0, he
     if heldout_per_identity < 0:
         raise ValueError(f"heldout_per_identity must not be negative, got {heldout_per_identity}")
     out = Path(out_dir)
-    _refuse_non_empty(out)
+    refuse_non_empty(out)
     identities = make_identities(preset, seed)
     _write_split(out, identities, counts, seed, _TRAIN_STREAM, size)
     _write_split(out / "heldout", identities, [heldout_per_identity] * len(identities), seed, _HELDOUT_STREAM, size)
@@ -565,7 +565,7 @@ def load_identities(synth_json_path: str | Path) -> list[Identity]:
     return [Identity(entry["name"], entry["traits"], entry.get("look_alike_of")) for entry in description["identities"]]
 
 
-def _refuse_non_empty(out: Path) -> None:
+def refuse_non_empty(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
             f"{out} already exists and is not an empty folder; pick an empty folder (or a new path) "

@@ -1,0 +1,132 @@
+"""``pogdiff pretrain``: the small backbone learns to draw people before it is fine-tuned.
+
+The paper fine-tunes Stable Diffusion, which already draws faces and follows captions.
+The small backbone gets the same start: it is trained from random weights on the
+name-free pretraining corpus (:mod:`pogdiff.data.pretraining_corpus`) with the ordinary
+training loop (plain diffusion loss, EMA, large batches, checkpoints), and the result is
+released into a folder that ships inside the package:
+
+    release/unet/            config + fp16 safetensors (the EMA weights)
+    release/scheduler/       the training noise schedule
+    release/pogdiff_run.json what sample/evaluate/train read, as in any run folder
+    release/manifest.json    command, corpus, steps, batch, learning rate, EMA, time,
+                             hardware, held-out loss, sha256 of the weights
+
+``pogdiff train`` without ``--pretrained`` starts from :data:`SHIPPED_DIR`; the name
+:data:`SHIPPED_NAME` stands for it wherever a run folder is expected.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from pogdiff.backbone import PixelBackbone
+from pogdiff.data.dataset import load_dataset
+from pogdiff.errors import PogdiffError
+from pogdiff.run_folder import RUN_FILE, read_run_info
+
+# From random weights, EMA on, large batches (a GPU wants hundreds of 32x32 images per step),
+# checkpointed so that a CPU run continues across sessions.
+PRETRAINING = {"method": "vanilla", "use_ema": True, "ema_decay": 0.999, "train_batch_size": 64,
+               "max_train_steps": 6000, "learning_rate": 1e-3, "lr_scheduler": "constant_with_warmup",
+               "lr_warmup_steps": 200, "checkpointing_steps": 200, "checkpoints_total_limit": 2,
+               "text_max_length": 56}
+
+SHIPPED_NAME = "pogdiff-small-people"
+SHIPPED_DIR = Path(__file__).parent / "weights" / SHIPPED_NAME
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
+
+
+def write_release(run_dir: str | Path, release_dir: str | Path, command: list[str] | None = None) -> Path:
+    """Release a finished pretraining run: fp16 weights, configs and a manifest with their sha256."""
+    run_dir, release = Path(run_dir), Path(release_dir)
+    info = read_run_info(run_dir)
+    config = info["config"]
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
+    tmp = release.with_name(f".{release.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.to(torch.float16).save_pretrained(tmp / "unet")
+    shutil.copytree(run_dir / "scheduler", tmp / "scheduler")
+    (tmp / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    corpus = Path(config["data_dir"]) / "corpus.json"
+    manifest = {
+        "name": SHIPPED_NAME,
+        "command": " ".join(command or ["pogdiff", *sys.argv[1:]]),
+        "corpus": {k: v for k, v in json.loads(corpus.read_text()).items() if k != "traits"}
+        if corpus.is_file() else str(config["data_dir"]),
+        "rows": len(load_dataset(config["data_dir"])),
+        "steps": info["steps"],
+        "batch": config["train_batch_size"] * config["gradient_accumulation_steps"] * info["num_processes"],
+        "images_seen": info["steps"] * config["train_batch_size"] * config["gradient_accumulation_steps"]
+        * info["num_processes"],
+        "learning_rate": config["learning_rate"], "lr_scheduler": config["lr_scheduler"],
+        "lr_warmup_steps": config["lr_warmup_steps"], "ema_decay": config["ema_decay"] if config["use_ema"] else None,
+        "caption_dropout": config["caption_dropout"], "seed": config["seed"],
+        "train_seconds": info.get("train_seconds"), "train_sessions": info.get("train_sessions"),
+        "heldout_loss": heldout_loss(run_dir, Path(config["data_dir"]) / "heldout"),
+        "weights_dtype": "float16",
+        "released": datetime.date.today().isoformat(),
+        "sha256": {WEIGHTS_FILE: sha256(tmp / WEIGHTS_FILE)},
+    }
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if release.exists():
+        shutil.rmtree(release)
+    tmp.rename(release)
+    return release
+
+
+@torch.no_grad()
+def heldout_loss(run_dir: str | Path, data_dir: str | Path, seed: int = 0, repeats: int = 4) -> float:
+    """Mean epsilon-MSE of a run's weights on a dataset it did not train on, at fixed draws of t and eps."""
+    backbone = PixelBackbone.from_run(run_dir)
+    dataset = load_dataset(data_dir)
+    images = dataset.load_images(backbone.resolution)
+    states = backbone.text_encoder.encode(dataset.captions).states
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for _ in range(repeats):
+        for rows in torch.arange(len(images)).split(64):
+            x0 = images[rows]
+            t = torch.randint(0, backbone.scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
+            eps = torch.randn(x0.shape, generator=generator)
+            x_t = backbone.scheduler.add_noise(x0, eps, t)
+            predicted = backbone.unet(x_t, t, encoder_hidden_states=states[rows], return_dict=False)[0]
+            total += torch.nn.functional.mse_loss(predicted, eps, reduction="sum").item()
+            count += eps.numel()
+    return round(total / count, 5)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_backbone_dir() -> Path:
+    """The released pretrained backbone inside the package, checked against its manifest's sha256."""
+    manifest = SHIPPED_DIR / MANIFEST_FILE
+    fix = ("reinstall pogdiff (pip install --force-reinstall pogdiff), or train with --from-scratch; "
+           "`pogdiff pretrain` reproduces the weights")
+    if not manifest.is_file():
+        raise PogdiffError(f"{manifest}: the shipped pretrained backbone is missing; {fix}")
+    try:
+        expected = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError):
+        raise PogdiffError(f"{manifest}: damaged manifest of the shipped pretrained backbone; {fix}") from None
+    for file, digest in expected.items():
+        path = SHIPPED_DIR / file
+        if not path.is_file() or sha256(path) != digest:
+            what = "missing" if not path.is_file() else "damaged (sha256 differs from the manifest)"
+            raise PogdiffError(f"{path}: shipped pretrained weights {what}; {fix}")
+    return SHIPPED_DIR
