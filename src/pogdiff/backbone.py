@@ -25,6 +25,11 @@ from pogdiff.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError
 from pogdiff.pretrained import PIPELINE_FILE, check_pipeline_files
 from pogdiff.run_folder import PIPELINE_BACKBONE, RUN_FILE, read_run_info
+from pogdiff.shipped import resolve_run_dir
+
+
+PIXEL_FINE_TUNE_LEARNING_RATE = 2e-4
+"""Fine-tuning the shipped pretrained small backbone (it was pretrained at 1e-3); see the README."""
 
 
 class PixelBackbone:
@@ -32,14 +37,19 @@ class PixelBackbone:
 
     kind = "pixel"
     default_guidance_scale = 3.0
-    default_learning_rate = 1e-3  # trained from scratch
     sample_batch_size = 64
     image_cache_name = None  # pixels need no encoding, hence no cache on disk
 
-    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: TextEncoder):
+    def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: TextEncoder,
+                 pretrained: str | None = None):
         self.unet = unet
         self.scheduler = scheduler
         self.text_encoder = text_encoder
+        self.pretrained = pretrained  # the run its weights were loaded from; None for random weights
+
+    @property
+    def default_learning_rate(self) -> float:
+        return 1e-3 if self.pretrained is None else PIXEL_FINE_TUNE_LEARNING_RATE
 
     @classmethod
     def create(cls, resolution: int = 32, text_max_length: int = 24,
@@ -57,12 +67,13 @@ class PixelBackbone:
         return cls(unet, scheduler, text_encoder)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> "PixelBackbone":
+    def from_run(cls, run_dir: str | Path, name: str | None = None) -> "PixelBackbone":
+        """The weights of a run folder (any storage dtype, loaded as float32), ``name``-d in later runs' info."""
         run_dir = Path(run_dir)
         info = read_run_info(run_dir)
-        unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
+        unet = UNet2DConditionModel.from_pretrained(run_dir / "unet").float()
         scheduler = DDPMScheduler.from_pretrained(run_dir / "scheduler")
-        return cls(unet, scheduler, TextEncoder.minilm(info["text_max_length"]))
+        return cls(unet, scheduler, TextEncoder.minilm(info["text_max_length"]), name or str(run_dir))
 
     @property
     def resolution(self) -> int:
@@ -82,7 +93,7 @@ class PixelBackbone:
         return self
 
     def run_info(self) -> dict:
-        return {"backbone": self.kind, "text_encoder": self.text_encoder.name,
+        return {"backbone": self.kind, "pretrained": self.pretrained, "text_encoder": self.text_encoder.name,
                 "text_max_length": self.text_encoder.max_length, "resolution": self.resolution}
 
     def save(self, run_dir: Path, unet: UNet2DConditionModel) -> None:
@@ -240,8 +251,10 @@ BACKBONES = {PixelBackbone.kind: PixelBackbone, StableDiffusionBackbone.kind: St
 
 def load_backbone(run_dir: str | Path, device: str | torch.device | None = None):
     """The backbone of a finished run or of any Stable Diffusion pipeline folder, ready to sample:
-    on the GPU in half precision where there is one, else on the CPU in float32."""
-    info = read_run_info(Path(run_dir))
+    on the GPU in half precision where there is one, else on the CPU in float32. ``run_dir`` may be
+    the shipped backbone's name."""
+    run_dir = resolve_run_dir(run_dir)
+    info = read_run_info(run_dir)
     if info["backbone"] not in BACKBONES:
         raise PogdiffError(f"{run_dir}: unknown backbone {info['backbone']!r} in {RUN_FILE}")
     backbone = BACKBONES[info["backbone"]].from_run(run_dir)

@@ -95,7 +95,7 @@ def _benchmark(args) -> None:
     budget = budget_from(args.quick, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
                          learning_rate=args.learning_rate, num_images=args.num_images,
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                         few_max_images=args.few_max_images)
+                         few_max_images=args.few_max_images, from_scratch=args.from_scratch or None)
     seeds = args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS
     run_benchmark(args.out, args.methods or DEFAULT_METHODS, seeds, budget, data=args.data, preset=args.preset,
                   cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -136,7 +136,8 @@ def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
 
 
 def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    from pogdiff.pretraining import PRETRAINING, SHIPPED_DIR
+    from pogdiff.pretraining import PRETRAINING
+    from pogdiff.shipped import SHIPPED_DIR
 
     p = sub.add_parser("pretrain", parents=parents, argument_default=argparse.SUPPRESS,
                        help="pretrain the small backbone from random weights on `pogdiff data synth --preset pretrain`")
@@ -164,6 +165,7 @@ def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.losses import METHODS
+    from pogdiff.shipped import SHIPPED_NAME
     from pogdiff.train import PAPER_PRESETS, TrainConfig
 
     t = sub.add_parser("train", parents=parents, help="fine-tune with a method", argument_default=argparse.SUPPRESS)
@@ -180,7 +182,9 @@ def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     option("--method", "training objective", choices=sorted(METHODS))
     option("--preset", "the paper's Sec. 4.1 hyper-parameters (typed options still win)", choices=sorted(PAPER_PRESETS))
     option("--pretrained", "diffusers Stable Diffusion checkpoint to fine-tune, a folder or hub id "
-           "(default: the small CPU backbone, trained from scratch)", metavar="PATH_OR_HUB_ID")
+           f"(default: the small CPU backbone, pretrained and shipped as {SHIPPED_NAME})", metavar="PATH_OR_HUB_ID")
+    option("--from-scratch", "the small CPU backbone from random weights instead of the shipped pretrained one",
+           action="store_true")
     option("--lora-rank", "train LoRA adapters of this rank on the UNet's attention instead of the whole UNet",
            type=int, metavar="R")
     option("--caption-column", "metadata column holding the caption")
@@ -195,7 +199,8 @@ def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     option("--train-batch-size", "batch size per device", type=int)
     option("--gradient-accumulation-steps", "micro-batches per optimizer step", type=int)
     option("--max-train-steps", "optimizer steps", type=int)
-    option("--learning-rate", "AdamW learning rate (default: 1e-3 small, 1e-5 SD, 1e-4 SD LoRA)", type=float)
+    option("--learning-rate", "AdamW learning rate (default: 1e-3 small from scratch, PIXEL_FINE_TUNE_LR small "
+           "pretrained, 1e-5 SD, 1e-4 SD LoRA)", type=float)
     option("--lr-scheduler", "constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup")
     option("--lr-warmup-steps", "warm-up steps of the learning-rate schedule", type=int)
     option("--mixed-precision", "fp16/bf16 on a GPU: frozen weights in half precision, trained ones float32",
@@ -313,7 +318,9 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                    "DDIM steps; typed options still win")
     b.add_argument("--max-train-steps", type=int, help=f"(default: {full.max_train_steps})")
     b.add_argument("--train-batch-size", type=int, help=f"(default: {full.train_batch_size})")
-    b.add_argument("--learning-rate", type=float, help=f"(default: {full.learning_rate})")
+    b.add_argument("--learning-rate", type=float, help="(default: the backbone's)")
+    b.add_argument("--from-scratch", action="store_true", help="the small backbone from random weights instead of "
+                   "the shipped pretrained one (the from-scratch regime of the README's tables)")
     b.add_argument("--num-images", type=int, help=f"generated images per identity (default: {full.num_images})")
     b.add_argument("--num-inference-steps", type=int, help=f"DDIM steps (default: {full.num_inference_steps})")
     b.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the backbone's)")

@@ -57,11 +57,12 @@ CONFIDENCE = 0.95
 
 @dataclass(frozen=True)
 class Budget:
-    """What every method gets: same steps, batch and learning rate, same sampling for evaluation."""
+    """What every method gets: same backbone, steps, batch and learning rate, same sampling for evaluation."""
 
     max_train_steps: int = 300
     train_batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None  # the backbone's default
+    from_scratch: bool = False  # the small backbone from random weights instead of the shipped pretrained one
     num_images: int = 8
     num_inference_steps: int = 50
     guidance_scale: float | None = None
@@ -189,7 +190,7 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
         began = time.time()
         train(TrainConfig(str(data_dir), str(run), method=spec.method, method_options=dict(spec.options), seed=seed,
                           max_train_steps=budget.max_train_steps, train_batch_size=budget.train_batch_size,
-                          learning_rate=budget.learning_rate,
+                          learning_rate=budget.learning_rate, from_scratch=budget.from_scratch,
                           cache_dir=str(cache_dir) if cache_dir else None, progress=progress))
         seconds["train"] = round(time.time() - began, 1)
     began = time.time()
@@ -282,9 +283,11 @@ def describe(metrics: dict) -> str:
     s, b = metrics["settings"], metrics["settings"]["budget"]
     ids = metrics["num_identities"]
     guidance = b["guidance_scale"] if b["guidance_scale"] is not None else "backbone default"
+    backbone = "small, from scratch" if b.get("from_scratch") else "small, shipped pretrained"
+    lr = b["learning_rate"] if b["learning_rate"] is not None else "backbone default"
     return (f"Data: {s['data']} ({ids['all']} identities, Few = {ids['few']} with <= {b['few_max_images']} training "
-            f"images). Same budget for every method: {b['max_train_steps']} steps, batch {b['train_batch_size']}, "
-            f"lr {b['learning_rate']}. Evaluation: {b['num_images']} images per identity, DDIM "
+            f"images). Same budget for every method: {backbone} backbone, {b['max_train_steps']} steps, batch "
+            f"{b['train_batch_size']}, lr {lr}. Evaluation: {b['num_images']} images per identity, DDIM "
             f"{b['num_inference_steps']} steps, guidance {guidance}, judge {metrics['identity_judge']}. "
             f"Seeds {', '.join(map(str, metrics['seeds']))}: mean ± half-width of the "
             f"{metrics['confidence']:.0%} Student-t interval over seeds.")

@@ -12,14 +12,12 @@ released into a folder that ships inside the package:
     release/manifest.json    command, corpus, steps, batch, learning rate, EMA, time,
                              hardware, held-out loss, sha256 of the weights
 
-``pogdiff train`` without ``--pretrained`` starts from :data:`SHIPPED_DIR`; the name
-:data:`SHIPPED_NAME` stands for it wherever a run folder is expected.
+The shipped release lives in :mod:`pogdiff.shipped`.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import shutil
 import sys
@@ -30,32 +28,27 @@ from diffusers import UNet2DConditionModel
 
 from pogdiff.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
-from pogdiff.errors import PogdiffError
 from pogdiff.run_folder import RUN_FILE, read_run_info
+from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, WEIGHTS_FILE, sha256
 
 # From random weights, EMA on, large batches (a GPU wants hundreds of 32x32 images per step),
 # checkpointed so that a CPU run continues across sessions.
 PRETRAINING = {"method": "vanilla", "use_ema": True, "ema_decay": 0.999, "train_batch_size": 64,
                "max_train_steps": 6000, "learning_rate": 1e-3, "lr_scheduler": "constant_with_warmup",
                "lr_warmup_steps": 200, "checkpointing_steps": 200, "checkpoints_total_limit": 2,
-               "text_max_length": 56}
-
-SHIPPED_NAME = "pogdiff-small-people"
-SHIPPED_DIR = Path(__file__).parent / "weights" / SHIPPED_NAME
-MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
-
+               "text_max_length": 56, "from_scratch": True}
 
 def write_release(run_dir: str | Path, release_dir: str | Path, command: list[str] | None = None) -> Path:
     """Release a finished pretraining run: fp16 weights, configs and a manifest with their sha256."""
     run_dir, release = Path(run_dir), Path(release_dir)
     info = read_run_info(run_dir)
     config = info["config"]
-    unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "unet", torch_dtype=torch.float16)
     tmp = release.with_name(f".{release.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    unet.to(torch.float16).save_pretrained(tmp / "unet")
+    unet.save_pretrained(tmp / "unet")
     shutil.copytree(run_dir / "scheduler", tmp / "scheduler")
+    info["config"]["label"] = SHIPPED_NAME  # its name in evaluation tables
     (tmp / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     corpus = Path(config["data_dir"]) / "corpus.json"
     manifest = {
@@ -103,30 +96,3 @@ def heldout_loss(run_dir: str | Path, data_dir: str | Path, seed: int = 0, repea
             total += torch.nn.functional.mse_loss(predicted, eps, reduction="sum").item()
             count += eps.numel()
     return round(total / count, 5)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def shipped_backbone_dir() -> Path:
-    """The released pretrained backbone inside the package, checked against its manifest's sha256."""
-    manifest = SHIPPED_DIR / MANIFEST_FILE
-    fix = ("reinstall pogdiff (pip install --force-reinstall pogdiff), or train with --from-scratch; "
-           "`pogdiff pretrain` reproduces the weights")
-    if not manifest.is_file():
-        raise PogdiffError(f"{manifest}: the shipped pretrained backbone is missing; {fix}")
-    try:
-        expected = json.loads(manifest.read_text())["sha256"]
-    except (ValueError, KeyError):
-        raise PogdiffError(f"{manifest}: damaged manifest of the shipped pretrained backbone; {fix}") from None
-    for file, digest in expected.items():
-        path = SHIPPED_DIR / file
-        if not path.is_file() or sha256(path) != digest:
-            what = "missing" if not path.is_file() else "damaged (sha256 differs from the manifest)"
-            raise PogdiffError(f"{path}: shipped pretrained weights {what}; {fix}")
-    return SHIPPED_DIR

@@ -59,7 +59,10 @@ def read_run_info(run_dir: str | Path) -> dict:
 
 
 def run_label(config: dict) -> str:
-    """A run's name in tables: its method, plus the method options it changed (e.g. ablations)."""
+    """A run's name in tables: its method, plus the method options it changed (e.g. ablations); a released
+    backbone's own name."""
+    if "label" in config:
+        return config["label"]
     options = ",".join(f"{k}={v}" for k, v in sorted(config.get("method_options", {}).items()))
     return f"{config['method']}({options})" if options else config["method"]
 

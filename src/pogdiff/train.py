@@ -40,6 +40,7 @@ from pogdiff.row_log import RowLog
 from pogdiff.run_folder import (CHECKPOINT_PREFIX, RUN_FILE, checkpoint_step, checkpoints, latest_checkpoint, save_psi,
                                 write_run_info)
 from pogdiff.sampling import generate
+from pogdiff.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, shipped_backbone_dir
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
 
@@ -57,6 +58,7 @@ class TrainConfig:
     method: str = "pogdiff"
     seed: int = 0
     # backbone: a diffusers Stable Diffusion checkpoint (folder or hub id), else the small pixel model
+    # (the shipped pretrained one, or random weights with from_scratch)
     pretrained: str | None = None
     lora_rank: int | None = None
     # data
@@ -86,7 +88,8 @@ class TrainConfig:
     method_options: dict = field(default_factory=dict)
     vae_latent_dim: int = 8
     # small backbone
-    text_max_length: int = 24
+    from_scratch: bool = False  # else the shipped pretrained one (pogdiff.shipped)
+    text_max_length: int = 24  # from scratch only: the shipped backbone has its own
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     # bookkeeping
     checkpointing_steps: int | None = None
@@ -249,6 +252,11 @@ def check_options(config: TrainConfig) -> None:
         raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.lora_rank and not config.pretrained:
         raise PogdiffError("--lora-rank adapts a pretrained checkpoint: pass --pretrained PATH_OR_HUB_ID too")
+    if config.from_scratch and config.pretrained:
+        raise PogdiffError("--from-scratch and --pretrained both choose the backbone; pass one of them")
+    if not (config.from_scratch or config.pretrained) and config.resolution not in (None, SHIPPED_RESOLUTION):
+        raise PogdiffError(f"--resolution {config.resolution}: the shipped pretrained backbone draws "
+                           f"{SHIPPED_RESOLUTION}x{SHIPPED_RESOLUTION} images; drop --resolution or add --from-scratch")
 
 
 def check_output_dir(config: TrainConfig) -> Path:
@@ -304,7 +312,9 @@ def make_backbone(config: TrainConfig):
         torch.manual_seed(config.seed)
         if config.pretrained:
             return StableDiffusionBackbone.from_pretrained(config.pretrained, config.lora_rank)
-        return PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
+        if config.from_scratch:
+            return PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
+        return PixelBackbone.from_run(shipped_backbone_dir(), name=SHIPPED_NAME)
 
 
 def encode_for_training(dataset: ImageTextDataset, backbone, config: TrainConfig) -> tuple[EncodedDataset, torch.Tensor]:

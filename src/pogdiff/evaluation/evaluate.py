@@ -38,6 +38,7 @@ from pogdiff.evaluation.results_table import all_few_table, format_value, markdo
 from pogdiff.images import save_grid, to_pil
 from pogdiff.run_folder import load_psi, read_run_info, run_label
 from pogdiff.sampling import generate
+from pogdiff.shipped import resolve_run_dir
 
 PROMPT = "An image of {name}."  # App. B
 METRIC_KEYS = ("fd", "sim", "recall", "id_acc")
@@ -185,6 +186,7 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not run_dirs:
         raise PogdiffError("no run to evaluate; pass one or more run folders written by `pogdiff train`")
+    run_dirs = [resolve_run_dir(run) for run in run_dirs]
     if not -1.0 <= recall_threshold <= 1.0:
         raise PogdiffError(f"recall threshold {recall_threshold} is not a cosine similarity; pass a value in [-1, 1]")
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,

@@ -1,0 +1,57 @@
+"""The small backbone that ships inside the package, pretrained by ``pogdiff pretrain`` (:mod:`pogdiff.pretraining`).
+
+:data:`SHIPPED_DIR` is a run folder like any other (``unet/`` in fp16, ``scheduler/``,
+``pogdiff_run.json``) plus ``manifest.json``, which records how it was made and the
+sha256 of its weights. ``pogdiff train`` without ``--pretrained`` or ``--from-scratch``
+starts from it, and :data:`SHIPPED_NAME` names it wherever a run folder is expected
+(``pogdiff sample pogdiff-small-people ...``, ``pogdiff evaluate pogdiff-small-people ...``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pogdiff.errors import PogdiffError
+
+SHIPPED_NAME = "pogdiff-small-people"
+SHIPPED_DIR = Path(__file__).parent / "weights" / SHIPPED_NAME
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
+SHIPPED_RESOLUTION = 32
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_backbone_dir(folder: Path = SHIPPED_DIR) -> Path:
+    """The shipped backbone's folder, once its weights match the sha256 of its manifest."""
+    manifest = folder / MANIFEST_FILE
+    fix = "reinstall pogdiff, or train with --from-scratch (`pogdiff pretrain` makes such weights again)"
+    try:
+        expected = json.loads(manifest.read_text())["sha256"]
+    except FileNotFoundError:
+        raise PogdiffError(f"{manifest}: the shipped pretrained backbone is missing; {fix}") from None
+    except (ValueError, KeyError, TypeError):
+        raise PogdiffError(f"{manifest}: damaged manifest of the shipped pretrained backbone; {fix}") from None
+    for file, digest in expected.items():
+        path = folder / file
+        if not path.is_file():
+            raise PogdiffError(f"{path}: shipped pretrained weights are missing; {fix}")
+        if sha256(path) != digest:
+            raise PogdiffError(f"{path}: shipped pretrained weights are damaged (sha256 differs from "
+                               f"{MANIFEST_FILE}); {fix}")
+    return folder
+
+
+def resolve_run_dir(run: str | Path) -> Path:
+    """A run folder as given, or the shipped backbone's for :data:`SHIPPED_NAME` (unless a folder has that name)."""
+    if str(run) == SHIPPED_NAME and not Path(run).exists():
+        return shipped_backbone_dir()
+    return Path(run)
