@@ -28,15 +28,12 @@ from pogdiff.run_folder import PIPELINE_BACKBONE, RUN_FILE, read_run_info
 from pogdiff.shipped import resolve_run_dir
 
 
-PIXEL_FINE_TUNE_LEARNING_RATE = 2e-4
-"""Fine-tuning the shipped pretrained small backbone (it was pretrained at 1e-3); see the README."""
-
-
 class PixelBackbone:
     """Small pixel-space text-to-image diffusion model (no VAE: x0 is the image in [-1, 1])."""
 
     kind = "pixel"
     default_guidance_scale = 3.0
+    default_learning_rate = 1e-3  # from scratch and fine-tuning the shipped weights alike (README: why)
     sample_batch_size = 64
     image_cache_name = None  # pixels need no encoding, hence no cache on disk
 
@@ -46,10 +43,6 @@ class PixelBackbone:
         self.scheduler = scheduler
         self.text_encoder = text_encoder
         self.pretrained = pretrained  # the run its weights were loaded from; None for random weights
-
-    @property
-    def default_learning_rate(self) -> float:
-        return 1e-3 if self.pretrained is None else PIXEL_FINE_TUNE_LEARNING_RATE
 
     @classmethod
     def create(cls, resolution: int = 32, text_max_length: int = 24,

@@ -199,8 +199,7 @@ def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     option("--train-batch-size", "batch size per device", type=int)
     option("--gradient-accumulation-steps", "micro-batches per optimizer step", type=int)
     option("--max-train-steps", "optimizer steps", type=int)
-    option("--learning-rate", "AdamW learning rate (default: 1e-3 small from scratch, PIXEL_FINE_TUNE_LR small "
-           "pretrained, 1e-5 SD, 1e-4 SD LoRA)", type=float)
+    option("--learning-rate", "AdamW learning rate (default: 1e-3 small, 1e-5 SD, 1e-4 SD LoRA)", type=float)
     option("--lr-scheduler", "constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup")
     option("--lr-warmup-steps", "warm-up steps of the learning-rate schedule", type=int)
     option("--mixed-precision", "fp16/bf16 on a GPU: frozen weights in half precision, trained ones float32",
