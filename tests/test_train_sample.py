@@ -7,7 +7,8 @@ from pogdiff.data.dataset import load_dataset
 from pogdiff.losses import TrainBatch, VanillaLoss
 from pogdiff.sampling import generate
 from pogdiff.encoded_dataset import encode_dataset
-from pogdiff.train import TrainConfig, batch_rows, train
+from pogdiff.row_sampler import batch_rows
+from pogdiff.train import TrainConfig, train
 
 
 def held_out_loss(unet, backbone, tables, images):
