@@ -128,8 +128,8 @@ def _parse_value(text: str, key: str, value: str, default):
             return {"true": True, "false": False}[value.lower()]
         return type(default)(value) if default is not None else float(value)
     except (KeyError, ValueError):
-        kind = "true or false" if isinstance(default, bool) else "number" if default is None else type(default).__name__
-        raise PogdiffError(f"{text!r}: {key} takes a {kind}, got {value!r}") from None
+        kind = "true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int) else "a number"
+        raise PogdiffError(f"{text!r}: {key} takes {kind}, got {value!r}") from None
 
 
 def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: list[int] = DEFAULT_SEEDS,
