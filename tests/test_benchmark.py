@@ -83,6 +83,9 @@ def test_benchmark_writes_tables_and_resumes_without_training(toy_data, tmp_path
     assert metrics["paired_vs_vanilla"]["pogdiff-no-psi-txt"]["metric"] == "few.id_acc"
     table = (out / "benchmark.md").read_text()
     assert "| pogdiff-no-psi-txt |" in table and "id_acc All" in table and " ± " in table
+    assert "| real (look-alike) |" in table  # toy_data has no DATA/heldout, so no held-out row
+    assert list(metrics["calibration"]) == ["real (look-alike)"]
+    assert metrics["calibration"]["real (look-alike)"]["few"]["id_acc"]["n"] == 1
     assert "<td>pogdiff-no-psi-txt</td>" in (out / "benchmark.html").read_text()
 
     runs = sorted((out / "runs").rglob("*"))

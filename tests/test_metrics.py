@@ -11,7 +11,7 @@ from pogdiff.data.synth import load_identities
 from pogdiff.encoders import ImageEncoder
 from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.evaluation import metrics as m
-from pogdiff.evaluation.evaluate import Evaluation, average, by_identity
+from pogdiff.evaluation.evaluate import Evaluation, average, by_identity, identity_summary
 from pogdiff.evaluation.features import HuggingFaceImageFeatures, InceptionFeatures, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge, _renders
 
@@ -204,3 +204,15 @@ def test_inception_needs_its_weights_file_and_torch_fidelity(tmp_path, monkeypat
     monkeypatch.setattr("torchmetrics.image.fid._TORCH_FIDELITY_AVAILABLE", False)  # as where it is not installed
     with pytest.raises(PogdiffError, match="torch-fidelity"):
         InceptionFeatures(weights)
+
+
+def test_real_held_out_images_score_better_than_a_look_alike_on_every_metric(small_synth):
+    data, cache = small_synth
+    evaluation = Evaluation(data, "efficientnet-lite0", None, "auto", "hog", 5, cache, progress=False)
+    rows = {label: identity_summary(row["per_identity"], evaluation)
+            for label, row in evaluation.calibration(32, recall_threshold=0.9).items()}
+    perfect, wrong = rows["real (held-out)"], rows["real (look-alike)"]
+    for split in ("all", "few"):  # few: Jihoon, 2 training photos, a look-alike of Renate
+        assert perfect[split]["fd"] < wrong[split]["fd"]
+        for key in ("sim", "recall", "id_acc"):
+            assert perfect[split][key] > wrong[split][key], (split, key)

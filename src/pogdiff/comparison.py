@@ -223,7 +223,8 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
     cell = {"method": spec.method, "options": spec.options, "sampler": spec.sampler,
             "sampler_options": spec.sampler_options, "seed": seed, "label": next(iter(metrics["methods"])),
             "all": result["all"], "few": result["few"], "per_identity": result["per_identity"], "seconds": seconds,
-            "identity_judge": metrics["identity_judge"], "num_identities": metrics["num_identities"]}
+            "identity_judge": metrics["identity_judge"], "num_identities": metrics["num_identities"],
+            "calibration": {label: {"all": row["all"], "few": row["few"]} for label, row in metrics["calibration"].items()}}
     write_text_atomic(cell_file, json.dumps(cell, indent=2))
     return cell, True
 
@@ -282,9 +283,11 @@ def summarise(specs: list[MethodSpec], seeds: list[int], results: dict[str, dict
     paired = {} if baseline is None else {s.name: paired_difference(results[s.name], baseline)
                                           for s in specs if s.name != BASELINE}
     any_cell = next(iter(results[specs[0].name].values()))
+    # Real images scored as if generated: the same in every cell (no training, no sampling), so one value each.
+    calibration = {label: aggregate({0: row}) for label, row in any_cell.get("calibration", {}).items()}
     return {"settings": settings, "seeds": seeds, "confidence": CONFIDENCE,
             "identity_judge": any_cell["identity_judge"], "num_identities": any_cell["num_identities"],
-            "methods": methods, "paired_vs_vanilla": paired}
+            "methods": methods, "calibration": calibration, "paired_vs_vanilla": paired}
 
 
 def format_interval(summary: dict | None, digits: int = 3) -> str:
@@ -314,9 +317,19 @@ def describe(metrics: dict) -> str:
             f"{metrics['confidence']:.0%} Student-t interval over seeds.")
 
 
+def results_rows(metrics: dict) -> dict:
+    """The table's rows: every method, then the calibration rows (real images scored as if generated)."""
+    return {**metrics["methods"], **metrics.get("calibration", {})}
+
+
+CALIBRATION_NOTE = ("Calibration rows: real (held-out) = each identity's held-out images scored as if generated "
+                    "(a perfect generator); real (look-alike) = the images of the identity with the nearest "
+                    "centroid, scored against this one (the wrong, similar person).")
+
+
 def markdown_report(metrics: dict) -> str:
     parts = ["# pogdiff benchmark", "", describe(metrics), "",
-             markdown_table(*all_few_table(metrics["methods"], format_interval))]
+             markdown_table(*all_few_table(results_rows(metrics), format_interval)), "", CALIBRATION_NOTE]
     if metrics["paired_vs_vanilla"]:
         parts += ["", f"Paired comparison with {BASELINE} on Few id_acc, seed by seed (a seed fixes the initial "
                   "weights, the batch order except for resample, and the sampling noise):", "",
@@ -333,7 +346,8 @@ def html_report(metrics: dict) -> str:
              "td:first-child,th:first-child{text-align:left}th{background:#eee}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pogdiff benchmark</title>"
             f"<style>{style}</style></head><body><h1>pogdiff benchmark</h1><p>{html.escape(describe(metrics))}</p>"
-            f"{html_table(*all_few_table(metrics['methods'], format_interval))}{paired}</body></html>\n")
+            f"{html_table(*all_few_table(results_rows(metrics), format_interval))}"
+            f"<p>{html.escape(CALIBRATION_NOTE)}</p>{paired}</body></html>\n")
 
 
 def budget_from(quick: bool, **typed) -> Budget:
