@@ -1,5 +1,6 @@
 """The per-identity metrics against cases with known answers, and the pluggable feature spaces."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,23 @@ def test_real_held_out_images_score_better_than_a_look_alike_on_every_metric(sma
         assert perfect[split]["fd"] < wrong[split]["fd"]
         for key in ("sim", "recall", "id_acc"):
             assert perfect[split][key] > wrong[split][key], (split, key)
+
+
+def test_a_pogdiff_run_whose_neighbours_share_the_judges_space_is_warned_about():
+    from types import SimpleNamespace
+
+    from pogdiff.evaluation.evaluate import warn_if_judge_shares_neighbour_space
+
+    by_features = SimpleNamespace(judge_kind="features", features="efficientnet-lite0")
+    with pytest.warns(PogdiffWarning, match="found its neighbours in efficientnet-lite0, the space the identity judge"):
+        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff"}, by_features)
+    with pytest.warns(PogdiffWarning, match="found its neighbours in faces"):
+        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff", "method_options": {
+            "neighbour_features": "faces"}}, SimpleNamespace(judge_kind="faces", features="efficientnet-lite0"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_judge_shares_neighbour_space("vanilla", {"method": "vanilla"}, by_features)
+        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff", "method_options": {
+            "neighbour_features": "unet"}}, by_features)
+        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff"},
+                                             SimpleNamespace(judge_kind="synth", features="efficientnet-lite0"))

@@ -32,6 +32,7 @@ dataset, feature space and judge: real images scored as if generated, with the s
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,13 +41,14 @@ import torch.nn.functional as F
 
 from pogdiff.backbone import load_backbone
 from pogdiff.data.dataset import FEW_MAX_IMAGES, ImageTextDataset, load_dataset
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.features import DEFAULT_FEATURES, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge
 from pogdiff.evaluation.report import ReportData, write_report
 from pogdiff.evaluation.results_table import all_few_table, format_value, markdown_table
 from pogdiff.images import save_grid, to_pil
+from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
 from pogdiff.run_folder import load_psi, load_psi_summary, read_run_info, run_label
 from pogdiff.sampling import generate
 
@@ -107,6 +109,7 @@ class Evaluation:
         self.names = identity_order(self.dataset)
         self.counts = self.dataset.identity_counts()
         self.few = self.dataset.few_identities(few_max_images)
+        self.features = features
         self.extractor = load_feature_extractor(features, inception_weights)
         synth = data_dir / "synth.json"
         if identity_judge == "auto":
@@ -266,7 +269,9 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     results, generated, generated_features, psi, psi_summaries = {}, {}, {}, {}, {}
     for run_dir in run_dirs:
-        label = _unique(run_label(read_run_info(run_dir)["config"]), results)
+        config = read_run_info(run_dir)["config"]
+        label = _unique(run_label(config), results)
+        warn_if_judge_shares_neighbour_space(label, config, evaluation)
         generated[label] = generate_per_identity(load_backbone(run_dir), samples_for, num_inference_steps,
                                                  guidance_scale, seed, progress)
         save_samples(generated[label], evaluation.counts, out_dir, label)
@@ -294,6 +299,20 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
                      ReportData(evaluation.names, dict(evaluation.counts), evaluation.few, real.training,
                                 real.training_features, generated, generated_features, psi, psi_summaries))
     return metrics
+
+
+def warn_if_judge_shares_neighbour_space(label: str, config: dict, evaluation: Evaluation) -> None:
+    """A PoGDiff run whose neighbours (Eq. 8) were found in the judge's own space has seen the test a little."""
+    if config.get("method") != "pogdiff":
+        return
+    space = config.get("method_options", {}).get("neighbour_features", DEFAULT_NEIGHBOUR_FEATURES)
+    shared = ((evaluation.judge_kind == "faces" and space == "faces")
+              or (evaluation.judge_kind == "features" and space == evaluation.features))
+    if shared:
+        warnings.warn(f"{label}: PoGDiff found its neighbours in {space}, the space the identity judge "
+                      f"({evaluation.judge_kind}) decides in, so its id_acc is not independent of the method; pass "
+                      "another --identity-judge or train with another --neighbour-features", PogdiffWarning,
+                      stacklevel=2)
 
 
 def generate_per_identity(backbone, samples_for: dict[str, int], num_inference_steps: int,
