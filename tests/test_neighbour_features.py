@@ -90,6 +90,8 @@ def test_similarity_by_identity_splits_pairs_and_is_summarised_with_a_histogram(
     assert summary["histogram_edges"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
     assert summary["other_identity"]["histogram"] == [2, 0, 2, 0] and summary["other_identity"]["pairs"] == 4
     assert summary["same_identity"]["median"] == 0.5
+    # same 0 beats the two -1 and ties the two 0 (3 of 4); same 1 beats all four: (0.75 + 1) / 2
+    assert summary["separation"] == pytest.approx(0.875)
 
 
 def test_pogdiff_writes_the_diagnostics_into_psi_summary(tmp_path):

@@ -73,8 +73,16 @@ def summarise(weights: dict[str, torch.Tensor], is_few: torch.Tensor) -> dict:
 
 
 def summarise_similarity(similarity: dict[str, torch.Tensor], bins: int = 40) -> dict:
-    """Quantiles and a histogram on [-1, 1] of each group of cosine similarities (same vs other identity)."""
-    summary = {"histogram_edges": torch.linspace(-1, 1, bins + 1).tolist()}
+    """Quantiles and a histogram on [-1, 1] of each group of cosine similarities (same vs other identity),
+    and ``separation``: the probability that a same-identity pair is more similar than an other-identity
+    pair (ties count half; the area under the ROC curve of similarity as a same-identity test; 0.5 is chance)."""
+    same, other = similarity["same_identity"].double(), similarity["other_identity"].double().sort().values
+    separation = None
+    if len(same) and len(other):
+        below = torch.searchsorted(other, same, right=False).double()
+        ties = torch.searchsorted(other, same, right=True).double() - below
+        separation = round(((below + ties / 2) / len(other)).mean().item(), 4)
+    summary = {"separation": separation, "histogram_edges": torch.linspace(-1, 1, bins + 1).tolist()}
     for group, values in similarity.items():
         summary[group] = {"pairs": len(values), **(quantiles(values) if len(values) else {}),
                           "histogram": torch.histc(values.float(), bins, -1, 1).long().tolist()}

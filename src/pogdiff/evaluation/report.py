@@ -246,7 +246,8 @@ def similarity_figure(spaces: dict[str, dict]) -> Figure:
             total = max(sum(counts), 1)
             ax.stairs([c / total for c in counts], edges, color=colour,
                       label=f"{group.replace('_', ' ')} ({space[group]['pairs']} pairs)")
-        ax.set_title(f"{method}: {space['space']}, k = {space['k']}", fontsize=8)
+        separation = "" if space.get("separation") is None else f", separation {space['separation']:.2f}"
+        ax.set_title(f"{method}: {space['space']}, k = {space['k']}{separation}", fontsize=8)
         ax.set_xlabel("cosine similarity")
         ax.legend(fontsize=7)
     figure.tight_layout()
