@@ -39,6 +39,10 @@ def test_resample_is_vanilla_on_balanced_rows_and_any_method_takes_a_sampler():
     assert sampler_of(TrainConfig("", "", method="cbdm", sampler="balanced")) == "balanced"
     with pytest.raises(PogdiffError, match="--method resample implies --sampler balanced"):
         check_options(TrainConfig("", "", method="resample", sampler="uniform"))
+    with pytest.raises(PogdiffError, match="--density-max-ratio applies to the balanced sampler"):
+        check_options(TrainConfig("", "", method="pogdiff", density_max_ratio=5.0))
+    check_options(TrainConfig("", "", method="resample", density_max_ratio=5.0))
+    check_options(TrainConfig("", "", method="cbdm", sampler="balanced", density_max_ratio=5.0))
 
 
 def test_pogdiff_on_balanced_rows_trains_on_the_minority_as_often(toy_data, tmp_path, cache_dir, capsys):

@@ -260,6 +260,8 @@ def check_options(config: TrainConfig) -> None:
     if config.sampler not in (None, implied) and implied != "uniform":
         raise PogdiffError(f"--method {config.method} implies --sampler {implied}; drop --sampler {config.sampler} "
                            "or choose another method (resample is vanilla + --sampler balanced)")
+    if config.density_max_ratio != TrainConfig.density_max_ratio and sampler_of(config) != "balanced":
+        raise PogdiffError("--density-max-ratio applies to the balanced sampler; drop it or pass --sampler balanced")
 
 
 def sampler_of(config: TrainConfig) -> str:
