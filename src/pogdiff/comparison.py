@@ -332,7 +332,7 @@ def markdown_report(metrics: dict) -> str:
              markdown_table(*all_few_table(results_rows(metrics), format_interval)), "", CALIBRATION_NOTE]
     if metrics["paired_vs_vanilla"]:
         parts += ["", f"Paired comparison with {BASELINE} on Few id_acc, seed by seed (a seed fixes the initial "
-                  "weights, the batch order except for resample, and the sampling noise):", "",
+                  "weights, the batch order except under the balanced sampler, and the sampling noise):", "",
                   markdown_table(*paired_rows(metrics))]
     return "\n".join(parts) + "\n"
 

@@ -2,7 +2,8 @@
 
 psi = psi_img * psi_txt: how much of the neighbour's prediction to borrow, larger when
 the neighbour image looks alike (and more so when it shows the same identity), and
-larger for captions in sparse regions of the text space.
+larger for captions in sparse regions of the text space. The summaries at the end are
+what a run's ``psi_summary.json`` holds (:func:`pogdiff.run_folder.save_psi`).
 """
 
 from __future__ import annotations

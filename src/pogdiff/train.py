@@ -141,9 +141,9 @@ def train(config: TrainConfig) -> Path:
     backbone.to(accelerator.device)
     with accelerator.local_main_process_first():
         encoded, x0_cache = encode_for_training(dataset, backbone, config)
-        loss_fn = make_loss(config, backbone, encoded.to(accelerator.device))
+        encoded = encoded.to(accelerator.device)
+        loss_fn = make_loss(config, backbone, encoded)  # PoGDiff's neighbour table (Eq. 8) is built or read here
     backbone.to(accelerator.device, weight_dtype)
-    encoded = loss_fn.encoded
     sampling_weights = row_weights(sampler_of(config), encoded, config.density_max_ratio)
     psi_per_row = loss_fn.psi_per_row()
 

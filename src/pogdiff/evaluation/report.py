@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,7 +231,8 @@ def psi_figure(psi: dict[str, dict[str, torch.Tensor]]) -> Figure:
             ax.set_xticks(range(1, len(groups) + 1), [f"{label} ({len(v)})" for label, v in groups.items()])
             if (values > 0).all():
                 ax.set_yscale("log")
-            ax.set_title(f"{method}: {key}", fontsize=9)
+            ax.set_title(key, fontsize=9)
+        axes[row][0].set_ylabel(textwrap.fill(method, 28), fontsize=8)
     figure.tight_layout()
     return figure
 
@@ -247,7 +249,7 @@ def similarity_figure(spaces: dict[str, dict]) -> Figure:
             ax.stairs([c / total for c in counts], edges, color=colour,
                       label=f"{group.replace('_', ' ')} ({space[group]['pairs']} pairs)")
         separation = "" if space.get("separation") is None else f", separation {space['separation']:.2f}"
-        ax.set_title(f"{method}: {space['space']}, k = {space['k']}{separation}", fontsize=8)
+        ax.set_title(textwrap.fill(f"{method}: {space['space']}, k = {space['k']}{separation}", 60), fontsize=8)
         ax.set_xlabel("cosine similarity")
         ax.legend(fontsize=7)
     figure.tight_layout()
