@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 
 from pogdiff.encoders import TextEncoder, weights_fingerprint
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, first_line
 from pogdiff.pretrained import PIPELINE_FILE, check_pipeline_files
-from pogdiff.run_folder import PIPELINE_BACKBONE, RUN_FILE, read_run_info
+from pogdiff.run_folder import DAMAGED_RUN_FIX, PIPELINE_BACKBONE, RUN_FILE, read_run_info
 
 
 class PixelBackbone:
@@ -59,10 +60,10 @@ class PixelBackbone:
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "PixelBackbone":
         run_dir = Path(run_dir)
-        info = read_run_info(run_dir)
+        text_max_length = read_run_info(run_dir)["text_max_length"]
         unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
         scheduler = DDPMScheduler.from_pretrained(run_dir / "scheduler")
-        return cls(unet, scheduler, TextEncoder.minilm(info["text_max_length"]))
+        return cls(unet, scheduler, TextEncoder.minilm(text_max_length))
 
     @property
     def resolution(self) -> int:
@@ -244,7 +245,12 @@ def load_backbone(run_dir: str | Path, device: str | torch.device | None = None)
     info = read_run_info(Path(run_dir))
     if info["backbone"] not in BACKBONES:
         raise PogdiffError(f"{run_dir}: unknown backbone {info['backbone']!r} in {RUN_FILE}")
-    backbone = BACKBONES[info["backbone"]].from_run(run_dir)
+    try:
+        backbone = BACKBONES[info["backbone"]].from_run(run_dir)
+    except KeyError as error:
+        raise PogdiffError(f"{Path(run_dir) / RUN_FILE}: no {error.args[0]}; {DAMAGED_RUN_FIX}") from None
+    except (OSError, SafetensorError, ValueError) as error:
+        raise PogdiffError(f"{run_dir}: cannot load the run's weights ({first_line(error)}); {DAMAGED_RUN_FIX}") from None
     backbone.unet.eval().requires_grad_(False)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return backbone.to(device, torch.float16 if device.type == "cuda" else torch.float32)
