@@ -27,7 +27,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +37,7 @@ from pogdiff.data.synth import write_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.evaluation.evaluate import evaluate_runs
 from pogdiff.evaluation.results_table import all_few_table, html_table, markdown_table
-from pogdiff.files import atomic_path, write_text_atomic
+from pogdiff.files import atomic_path, safe_stem, write_text_atomic
 from pogdiff.losses import METHODS, method_parameters
 from pogdiff.run_folder import is_finished
 from pogdiff.train import TrainConfig, train
@@ -81,7 +80,7 @@ class MethodSpec:
 
     @property
     def folder(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
+        return safe_stem(self.name)
 
 
 def parse_method(text: str) -> MethodSpec:
