@@ -424,7 +424,7 @@ def test_a_cache_inside_the_output_folder_is_refused(toy_data, tmp_path, capsys)
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory, shared_cache):
     """A finished 3-step run with checkpoint-1 and checkpoint-2 (copied by each test that damages it)."""
-    from tests.conftest import write_toy_dataset
+    from conftest import write_toy_dataset
 
     root = tmp_path_factory.mktemp("checkpointed")
     data = write_toy_dataset(root / "data")
