@@ -25,6 +25,7 @@ from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.encoders import TextEmbeddings
 from pogdiff.errors import PogdiffError, PogdiffWarning
+from pogdiff.files import incomplete
 from pogdiff.cache import cache_path
 from pogdiff.encoded_dataset import encode_dataset
 from pogdiff.ownership import claimed
@@ -320,8 +321,8 @@ def test_a_second_writer_is_refused_and_a_killed_writer_leaves_no_stuck_lock(toy
                                                                              capsys):
     run = tmp_path / "run"
     run.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run)], env={**os.environ, "PYTHONPATH": str(SRC)},
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(SRC)})
     try:
         assert holder.stdout.readline().strip() == "held"
         for extra in ([], ["--overwrite"], ["--resume-from-checkpoint", "latest"]):
@@ -432,10 +433,14 @@ def checkpointed_run(tmp_path_factory, shared_cache):
     return data, root / "run"
 
 
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
 @pytest.mark.parametrize("damage, expected", [
-    (lambda c: (c / "trained_weights.safetensors").write_bytes((c / "trained_weights.safetensors").read_bytes()[:-1000]),
-     "trained_weights.safetensors is damaged (7930932 of its 7931932 bytes)"),
-    (lambda c: (c / "optimizer.bin").write_bytes((c / "optimizer.bin").read_bytes()[:-1000]),
+    (lambda c: cut_short(c / "trained_weights.safetensors"),
+     "trained_weights.safetensors is damaged ("),
+    (lambda c: cut_short(c / "optimizer.bin"),
      "optimizer.bin is damaged (not a whole torch file"),
     (lambda c: (c / "random_states_0.pkl").write_bytes(b"not a pickle"), "random_states_0.pkl is damaged"),
     (lambda c: zipfile.ZipFile(c / "optimizer.bin", "w").writestr("notes.txt", "a zip, not torch's"),
@@ -454,6 +459,20 @@ def test_a_damaged_checkpoint_names_itself_and_the_one_before(damage, expected, 
     code, err = run_main(capsys, *train_args(data, run, shared_cache, "--max-train-steps", 3,
                                              "--resume-from-checkpoint", "checkpoint-1"))
     assert code == 0, err
+
+
+def test_a_file_cut_short_is_told_from_its_header(tmp_path):
+    weights, state = tmp_path / "w.safetensors", tmp_path / "state.bin"
+    save_file({"a": torch.zeros(100), "b": torch.ones(3, 4)}, weights)
+    torch.save({"step": 3, "t": torch.zeros(50)}, state)
+    assert incomplete(weights) is None and incomplete(state) is None
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert incomplete(weights) == f"{size - 10} of its {size} bytes"
+    weights.write_bytes(b"\1\2")
+    assert "too short" in incomplete(weights)
+    state.write_bytes(state.read_bytes()[:-10])
+    assert incomplete(state).startswith("not a whole torch file")
 
 
 def test_resume_only_from_a_checkpoint_of_the_run_itself(checkpointed_run, tmp_path, shared_cache, capsys):

@@ -31,13 +31,15 @@ TRAIN_OPTIONS = [
     ("--checkpoints-total-limit", [-1, 0, 1]), ("--caption-dropout", [5, "nan", 0.5]),
     ("--resolution", [0, -8, 4, 8, 36]), ("--mixed-precision", ["fp16", "fp8", "no"]),
     ("--vae-latent-dim", [0, 2]), ("--k", [0, 1, 100]), ("--method", ["vanilla", "cbdm", "t2h", "resample", "magic"]),
-    ("--a3", [0, "nan", 2]), ("--cbdm-tau", [-1, 0.5]), ("--resume-from-checkpoint", ["latest", "checkpoint-1", "../x"]),
+    ("--a3", [0, "nan", 2]), ("--cbdm-tau", [-1, 0.5]),
+    ("--resume-from-checkpoint", ["latest", "checkpoint-1", "../x"]),
     ("--overwrite", [None]), ("--use-ema", [None]), ("--random-flip", [None]), ("--ema-decay", [2, 0.9]),
     ("--validation-steps", [0]), ("--num-validation-images", [0]), ("--identity-column", ["person"]),
     ("--caption-column", ["caption"]), ("--snr-gamma", [0, 5]), ("--lora-rank", [0, 4]),
 ]
 SAMPLE_OPTIONS = [
-    ("--num-images", [0, -1, 2]), ("--num-inference-steps", [0, -3, 5000, 2]), ("--guidance-scale", ["nan", "inf", -1, 1.5]),
+    ("--num-images", [0, -1, 2]), ("--num-inference-steps", [0, -3, 5000, 2]),
+    ("--guidance-scale", ["nan", "inf", -1, 1.5]),
     ("--seed", [-1, 3]), ("--prompt", ["", "\u2028 \u0085 Zoë"]),
 ]
 EVALUATE_OPTIONS = [

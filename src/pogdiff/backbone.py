@@ -250,7 +250,8 @@ def load_backbone(run_dir: str | Path, device: str | torch.device | None = None)
     except KeyError as error:
         raise PogdiffError(f"{Path(run_dir) / RUN_FILE}: no {error.args[0]}; {DAMAGED_RUN_FIX}") from None
     except (OSError, SafetensorError, ValueError) as error:
-        raise PogdiffError(f"{run_dir}: cannot load the run's weights ({first_line(error)}); {DAMAGED_RUN_FIX}") from None
+        raise PogdiffError(f"{run_dir}: cannot load the run's weights ({first_line(error)}); "
+                           f"{DAMAGED_RUN_FIX}") from None
     backbone.unet.eval().requires_grad_(False)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return backbone.to(device, torch.float16 if device.type == "cuda" else torch.float32)

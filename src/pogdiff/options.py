@@ -30,7 +30,9 @@ class Rule:
 
     def refusal(self, value, typed: str | None = None) -> str | None:
         """Why ``value`` (as the user ``typed`` it) is refused and what to pass instead; None when it is allowed."""
-        return None if self.allows(value) else f"{value if typed is None else typed} {self.problem}; pass {self.allowed}"
+        if self.allows(value):
+            return None
+        return f"{value if typed is None else typed} {self.problem}; pass {self.allowed}"
 
 
 def integer(low: int, high: int | None = None, multiple_of: int = 1, why: str = "") -> Rule:

@@ -205,9 +205,9 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not run_dirs:
         raise PogdiffError("no run to evaluate; pass one or more run folders written by `pogdiff train`")
-    check_values({"num_images": num_images, "num_images_few": num_images_few, "num_inference_steps": num_inference_steps,
-                  "guidance_scale": guidance_scale, "seed": seed, "few_max_images": few_max_images,
-                  "recall_threshold": recall_threshold}, command="evaluate")
+    check_values({"num_images": num_images, "num_images_few": num_images_few, "seed": seed,
+                  "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                  "few_max_images": few_max_images, "recall_threshold": recall_threshold}, command="evaluate")
     labels = run_labels(run_dirs)  # every run folder read before any work: a broken one fails now
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
                             cache_dir, progress)
