@@ -422,7 +422,7 @@ def test_python_callers_get_the_same_checks(toy_data, tmp_path):
     assert list(tmp_path.iterdir()) == [toy_data]
 
 
-@pytest.mark.parametrize("content, expected", [("{}", "pogdiff_run.json: no backbone, config, config.method"),
+@pytest.mark.parametrize("content, expected", [("{}", "pogdiff_run.json: no backbone, config"),
                                                ('{"backbone": "pixel",', "pogdiff_run.json: not valid JSON"),
                                                ("[1, 2]", "pogdiff_run.json: not a JSON object"),
                                                ('{"backbone": "pixel", "config": {"method": "vanilla"}}',

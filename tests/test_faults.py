@@ -393,7 +393,7 @@ def test_ctrl_c_before_any_checkpoint_leaves_a_run_to_replace(toy_data, tmp_path
     interrupt_at_draw(monkeypatch, 1)
     code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, "--max-train-steps", 2))
     assert code == 130
-    assert_one_line(err, "interrupted; no checkpoint was saved: start it afresh with --overwrite")
+    assert_one_line(err, "interrupted; start the run afresh with --overwrite (no checkpoint was saved)")
     monkeypatch.undo()
     code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, "--max-train-steps", 2,
                                              "--resume-from-checkpoint", "latest"))

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pogdiff.errors import PogdiffError
+
 SEED_MAX = 2**32 - 1  # numpy and accelerate seed with 32 bits
 TRAIN_TIMESTEPS = 1000  # both backbones' noise schedules: DDIM cannot take more steps than this
 LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup")
@@ -36,24 +38,33 @@ class Rule:
 
 
 def integer(low: int, high: int | None = None, multiple_of: int = 1, why: str = "") -> Rule:
-    allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    """An integer in [low, high] (no upper bound without ``high``), a multiple of ``multiple_of``."""
     if multiple_of > 1:
         allowed = f"a multiple of {multiple_of} >= {low}"
-    return Rule(lambda v: v >= low and (high is None or v <= high) and v % multiple_of == 0,
-                allowed + (f" ({why})" if why else ""))
+    else:
+        allowed = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    return Rule(lambda v: v >= low and (high is None or v <= high) and v % multiple_of == 0, _with_reason(allowed, why))
 
 
 def number(low: float | None = None, high: float | None = None, above: float | None = None, why: str = "") -> Rule:
-    """A finite float within [low, high], or above ``above`` (exclusive)."""
-    bounds = [f"> {above}" if above is not None else None, f">= {low}" if low is not None and high is None else None,
-              f"in [{low}, {high}]" if high is not None else None]
-    allowed = " ".join(["a finite number", *filter(None, bounds)]) + (f" ({why})" if why else "")
+    """A finite float in [low, high] (one bound may be None), or above ``above`` (exclusive)."""
+    if high is not None:
+        bound = f" in [{low}, {high}]"
+    elif low is not None:
+        bound = f" >= {low}"
+    else:
+        bound = f" > {above}" if above is not None else ""
     return Rule(lambda v: math.isfinite(v) and (low is None or v >= low) and (high is None or v <= high)
-                and (above is None or v > above), allowed)
+                and (above is None or v > above), _with_reason("a finite number" + bound, why))
 
 
 def one_of(*values: str) -> Rule:
+    """One of the names ``values``."""
     return Rule(lambda v: v in values, "one of " + ", ".join(values), problem="is not a known name")
+
+
+def _with_reason(allowed: str, why: str) -> str:
+    return f"{allowed} ({why})" if why else allowed
 
 
 def _cuda_visible() -> bool:
@@ -103,8 +114,6 @@ def rule_for(command: str, dest: str) -> Rule | None:
 
 def check_values(values: dict[str, Any], command: str = "train") -> None:
     """Refuse the first value (None: not given) that its option's rule does not allow, naming the option."""
-    from pogdiff.errors import PogdiffError
-
     for dest, value in values.items():
         rule = rule_for(command, dest)
         refusal = rule.refusal(value) if rule is not None and value is not None else None

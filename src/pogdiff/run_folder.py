@@ -70,8 +70,8 @@ def _checked_run_info(path: Path) -> dict:
     if not isinstance(info, dict):
         raise PogdiffError(f"{path}: not a JSON object; {DAMAGED_RUN_FIX}")
     missing = [key for key in ("backbone", "config") if key not in info]
-    config = info.get("config", {})
-    if not isinstance(config, dict) or not isinstance(config.get("method", ""), str) or "method" not in config:
+    config = info.get("config")
+    if "config" in info and not (isinstance(config, dict) and isinstance(config.get("method"), str)):
         missing.append("config.method")
     if missing:
         raise PogdiffError(f"{path}: no {', '.join(missing)}; {DAMAGED_RUN_FIX}")

@@ -319,7 +319,7 @@ def how_to_continue(out: Path) -> str:
     """The fix for an unfinished run: resume from its last checkpoint, or start it afresh."""
     last = latest_checkpoint(out)
     if last is None:
-        return "no checkpoint was saved: start it afresh with --overwrite"
+        return "start the run afresh with --overwrite (no checkpoint was saved)"
     return f"continue from {last.name} with --resume-from-checkpoint latest, or start afresh with --overwrite"
 
 
