@@ -402,6 +402,23 @@ def test_ctrl_c_before_any_checkpoint_leaves_a_run_to_replace(toy_data, tmp_path
     assert code == 0, err
 
 
+def test_a_real_sigint_is_one_line(toy_data, tmp_path, shared_cache):
+    """SIGINT, as a terminal sends it on Ctrl-C, to a `pogdiff train` process that has saved a checkpoint."""
+    run = tmp_path / "run"
+    argv = train_args(toy_data, run, shared_cache, "--max-train-steps", 500, "--checkpointing-steps", 1,
+                      "--checkpoints-total-limit", 1)
+    process = subprocess.Popen([sys.executable, "-m", "pogdiff.cli", *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    while latest_checkpoint(run) is None and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate()[1]
+    assert process.returncode == 130, err
+    assert_one_line(err, "run: interrupted; continue from checkpoint-", "with --resume-from-checkpoint latest")
+    assert not (run / "pogdiff_run.json").exists()
+
+
 def test_ctrl_c_before_the_run_folder_exists(toy_data, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
