@@ -41,9 +41,11 @@ def _train(args) -> None:
 
 
 def _pretrain(args) -> None:
-    from pogdiff.pretraining import PRETRAINING, write_release
+    from pogdiff.pretraining import PRETRAINING, check_release_dir, write_release
     from pogdiff.train import TrainConfig, config_fields, train
 
+    if getattr(args, "release_dir", None):
+        check_release_dir(args.release_dir)  # before hours of training, not after
     values = {**PRETRAINING, **{k: v for k, v in vars(args).items() if k in config_fields()}}
     out = train(TrainConfig(**values, progress=not args.no_progress))
     print(f"pretrained backbone saved to {out}")

@@ -46,9 +46,25 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 
 
+def check_release_dir(release_dir: str | Path) -> None:
+    """A release replaces only an earlier release (its manifest names the shipped backbone), never a folder
+    of the user's; checked before pretraining starts, and again before the release is written."""
+    release = Path(release_dir)
+    if not release.exists() or (release.is_dir() and not any(release.iterdir())):
+        return
+    try:
+        earlier = json.loads((release / MANIFEST_FILE).read_text()).get("name") == SHIPPED_NAME
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        raise PogdiffError(f"{release}: --release-dir exists and is not an earlier release of {SHIPPED_NAME}, so it "
+                           "is not replaced; choose another --release-dir")
+
+
 def write_release(run_dir: str | Path, release_dir: str | Path, command: list[str] | None = None) -> Path:
     """Release a finished pretraining run: fp16 weights, configs and a manifest with their sha256."""
     run_dir, release = Path(run_dir), Path(release_dir)
+    check_release_dir(release)
     info = read_run_info(run_dir)
     config = info["config"]
     unet = UNet2DConditionModel.from_pretrained(run_dir / "unet")
