@@ -416,9 +416,10 @@ def test_python_callers_get_the_same_checks(toy_data, tmp_path):
 
     with pytest.raises(PogdiffError, match=r"--train-batch-size: 0 is out of range; pass an integer >= 1"):
         train(TrainConfig(str(toy_data), str(tmp_path / "run"), train_batch_size=0))
-    spec = parse_method("cbdm:tau=-1")  # a benchmark row: its options reach train() as method options
     with pytest.raises(PogdiffError, match=r"--cbdm-tau: -1.0 is out of range; pass a finite number >= 0"):
-        train(TrainConfig(str(toy_data), str(tmp_path / "run"), method=spec.method, method_options=spec.options))
+        train(TrainConfig(str(toy_data), str(tmp_path / "run"), method="cbdm", method_options={"tau": -1.0}))
+    with pytest.raises(PogdiffError, match=r"'cbdm:tau=-1': --cbdm-tau: -1.0 is out of range"):
+        parse_method("cbdm:tau=-1")  # a benchmark row, refused before any cell runs
     assert list(tmp_path.iterdir()) == [toy_data]
 
 

@@ -39,6 +39,7 @@ from pogdiff.evaluation.evaluate import evaluate_runs
 from pogdiff.evaluation.results_table import all_few_table, html_table, markdown_table
 from pogdiff.files import atomic_path, safe_stem, write_text_atomic
 from pogdiff.losses import METHODS, method_parameters
+from pogdiff.options import check_values
 from pogdiff.run_folder import is_finished
 from pogdiff.train import TrainConfig, train
 
@@ -97,6 +98,10 @@ def parse_method(text: str) -> MethodSpec:
             raise PogdiffError(f"{text!r}: {method} takes option=value with option one of "
                                f"{', '.join(parameters) or '(none)'}, got {item!r}")
         options[key] = _parse_value(text, key, value, parameters[key].default)
+    try:
+        check_values(options)  # now, not when the cell's turn comes after hours of other cells
+    except PogdiffError as error:
+        raise PogdiffError(f"{text!r}: {error}") from None
     return MethodSpec(text, method, options)
 
 

@@ -4,7 +4,7 @@ A value out of range is refused by argparse before any work, on one line that na
 option and the allowed range (``pogdiff: error: argument --train-batch-size: 0 is out of
 range; pass an integer >= 1``). The Python entry points (:func:`pogdiff.train.train`,
 :func:`pogdiff.evaluation.evaluate.evaluate_runs`) check their arguments against the same
-table with :func:`check_values`, so a benchmark's ``cbdm:tau=-1`` is refused the same way.
+table with :func:`check_values`, and so does a benchmark row (``cbdm:tau=-1``).
 """
 
 from __future__ import annotations
