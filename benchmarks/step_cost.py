@@ -53,6 +53,13 @@ def sd15_unet() -> UNet2DConditionModel:
 SETTINGS = {"cpu": (tiny_unet, 16, 16, 32), "cuda": (sd15_unet, 64, 77, 768)}  # unet, latent size, tokens, text dim
 
 
+class RandomNeighbours:
+    """Neighbour tables of random features, in whatever space is asked for."""
+
+    def neighbours(self, space: str, k: int):
+        return find_neighbours(torch.randn(ROWS, 64), k)
+
+
 class Bench:
     """One method's training step on random data, as in pogdiff.train."""
 
@@ -62,9 +69,8 @@ class Bench:
         self.unet = make_unet().to(device).train()
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-5)
         scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        tables = EncodedDataset(torch.randn(ROWS, tokens, dim), torch.randn(tokens, dim),
-                               find_neighbours(torch.randn(ROWS, 64), k=10), torch.arange(ROWS) // 4,
-                               torch.randn(ROWS)).to(device)
+        tables = EncodedDataset(torch.randn(ROWS, tokens, dim), torch.randn(tokens, dim), torch.arange(ROWS) // 4,
+                                torch.randn(ROWS), RandomNeighbours()).to(device)
         self.loss_fn = METHODS[method](scheduler, tables)
         self.tables, self.device, self.batch, self.size = tables, device, batch, size
         self.autocast_dtype = autocast_dtype

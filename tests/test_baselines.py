@@ -1,4 +1,4 @@
-"""The baselines' arithmetic on tiny tensors (CBDM, T2H, balanced resampling), and every method trains."""
+"""The baselines' arithmetic on tiny tensors (CBDM, T2H, and their identity variants), and every method trains."""
 
 import json
 
@@ -8,11 +8,11 @@ from diffusers import DDPMScheduler
 from test_losses import TinyDenoiser, make_batch, make_tables
 
 from pogdiff.cli import build_parser, main
-from pogdiff.losses import METHODS, CBDMLoss, ResampleLoss, T2HLoss, TrainBatch, method_parameters
-from pogdiff.neighbours import NeighbourTable
 from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.errors import PogdiffError
+from pogdiff.losses import METHODS, CBDMLoss, T2HLoss, TrainBatch, method_parameters
 from pogdiff.run_folder import run_label
-from pogdiff.train import TrainConfig, batch_rows, train
+from pogdiff.train import TrainConfig, train
 
 
 def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
@@ -21,7 +21,7 @@ def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
     batch = make_batch(tables)  # rows 0, 2, 3; the third caption was dropped
     model = TinyDenoiser()
     torch.manual_seed(7)
-    loss = CBDMLoss(scheduler, tables, tau=2.0)(model, batch)
+    loss = CBDMLoss(scheduler, tables, tau=2.0, balance="rows")(model, batch)
     loss.sum().backward()
 
     torch.manual_seed(7)  # replay the draws: eps, t, then the balanced caption y_b
@@ -48,10 +48,10 @@ def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
     assert torch.allclose(model.w.grad, grad_w, atol=1e-5)
 
 
-def t2h_tables(elbo):
+def t2h_tables(elbo, identity=None):
     n = len(elbo)
-    return EncodedDataset(torch.zeros(n, 2, 3), torch.zeros(2, 3), NeighbourTable(torch.zeros(n, 1, dtype=torch.long),
-                         torch.ones(n, 1)), torch.arange(n), torch.tensor(elbo))
+    return EncodedDataset(torch.zeros(n, 2, 3), torch.zeros(2, 3),
+                          torch.arange(n) if identity is None else torch.tensor(identity), torch.tensor(elbo))
 
 
 def test_t2h_transfer_probabilities_follow_the_gaussian_posterior():
@@ -115,25 +115,36 @@ def test_t2h_target_is_the_noise_that_makes_x_t_from_the_source(prediction_type)
     assert torch.allclose(loss.detach(), ((prediction - target) ** 2).mean((1, 2, 3)), atol=1e-5)
 
 
-def test_resampling_balances_identities():
+def test_cbdm_draws_y_b_uniformly_over_identities_by_default_and_over_rows_as_an_option():
     tables = make_tables()
-    tables.identity = torch.tensor([0, 0, 0, 1])
-    weights = ResampleLoss(DDPMScheduler(num_train_timesteps=100), tables).sampling_weights()
-    assert torch.allclose(weights, torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]))
-    drawn = torch.cat([batch_rows(4, 2, step, seed=0, weights=weights) for step in range(2000)])
-    assert abs((drawn == 3).float().mean().item() - 0.5) < 0.03  # the lone image is half of what is seen
-
-
-def test_resampling_without_identities_follows_inverse_text_density():
-    tables = make_tables()
-    tables.identity = torch.arange(4)  # no identity column: every row is its own identity
+    tables.identity = torch.tensor([0, 0, 0, 1])  # three rows of one person, one of another
     scheduler = DDPMScheduler(num_train_timesteps=100)
-    weights = ResampleLoss(scheduler, tables).sampling_weights()
-    density = torch.exp(-tables.elbo)
-    assert torch.allclose(weights, density / density.sum())
-    tables.elbo = torch.tensor([-10.0, 0.0, 0.0, 0.0])  # one outlier caption is clipped at 10x the median
-    weights = ResampleLoss(scheduler, tables, density_max_ratio=10.0).sampling_weights()
-    assert torch.allclose(weights, torch.tensor([10.0, 1.0, 1.0, 1.0]) / 13)
+    torch.manual_seed(0)
+    by_identity = CBDMLoss(scheduler, tables).draw_balanced(20000, "cpu")
+    by_row = CBDMLoss(scheduler, tables, balance="rows").draw_balanced(20000, "cpu")
+    share = [[(drawn == row).float().mean().item() for row in range(4)] for drawn in (by_identity, by_row)]
+    assert torch.allclose(torch.tensor(share[0]), torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]), atol=0.015)
+    assert torch.allclose(torch.tensor(share[1]), torch.tensor([1 / 4] * 4), atol=0.015)
+    with pytest.raises(PogdiffError, match="balance='classes': choose one of identities, rows"):
+        CBDMLoss(scheduler, tables, balance="classes")
+
+
+def test_t2h_frequency_is_the_identity_count_by_default_and_text_density_as_an_option():
+    # Rows 0-2 are one person with rare captions (low ELBO), row 3 a person with one image and a dense caption.
+    x0 = torch.zeros(4, 1, 1, 1)  # one image: every source equally likely
+    noise, t, rows = torch.zeros(4, 1, 1, 1), torch.full((4,), 50), torch.arange(4)
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    moved = {}
+    for frequency in ("identity", "text_density"):
+        loss_fn = T2HLoss(scheduler, t2h_tables([-3.0, -3.0, -3.0, 5.0], identity=[0, 0, 0, 1]), frequency=frequency)
+        torch.manual_seed(0)
+        sources = torch.stack([loss_fn.transfer(x0, noise, t, rows) for _ in range(400)])
+        moved[frequency] = [(sources[:, i] == 3).any().item() for i in range(3)], (sources[:, 3] != 3).any().item()
+    assert moved["identity"] == ([False] * 3, True)      # the single image's row borrows from the 3-image person
+    assert moved["text_density"] == ([True] * 3, False)  # rare captions borrow from the dense one
+    # Without an identity column the default falls back to the text density.
+    loss_fn = T2HLoss(scheduler, t2h_tables([-3.0, -3.0, -3.0, 5.0]))
+    assert torch.equal(loss_fn.condition_frequency, loss_fn.encoded.elbo)
 
 
 @pytest.fixture(scope="module")

@@ -45,8 +45,13 @@ def test_method_names_ablations_and_options():
     assert parse_method("cbdm:tau=0.5") == MethodSpec("cbdm:tau=0.5", "cbdm", {"tau": 0.5})
     assert parse_method("pogdiff:a1=2,use_psi_txt=false").options == {"a1": 2.0, "use_psi_txt": False}
     for bad, message in [("nope", "unknown method"), ("cbdm:a1=1", "cbdm takes option=value with option one of tau"),
-                         ("pogdiff:use_psi_img=maybe", "use_psi_img takes a true or false"),
-                         ("t2h:tau=1", "(none)")]:
+                         ("pogdiff:use_psi_img=maybe", "use_psi_img takes true or false"),
+                         ("t2h:tau=1", "t2h takes option=value with option one of frequency"),
+                         ("vanilla:tau=1", "(none)"), ("pogdiff+sometimes", "unknown sampler 'sometimes'"),
+                         ("resample+uniform", "resample implies the balanced sampler"),
+                         ("pogdiff:density_max_ratio=5", "option one of k, neighbour_features"),
+                         ("cbdm:balance=classes", "balance takes one of identities, rows"),
+                         ("pogdiff:k=three", "k takes an integer")]:
         with pytest.raises(PogdiffError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse_method(bad)
 
@@ -78,6 +83,9 @@ def test_benchmark_writes_tables_and_resumes_without_training(toy_data, tmp_path
     assert metrics["paired_vs_vanilla"]["pogdiff-no-psi-txt"]["metric"] == "few.id_acc"
     table = (out / "benchmark.md").read_text()
     assert "| pogdiff-no-psi-txt |" in table and "id_acc All" in table and " ± " in table
+    assert "| real (look-alike) |" in table  # toy_data has no DATA/heldout, so no held-out row
+    assert list(metrics["calibration"]) == ["real (look-alike)"]
+    assert metrics["calibration"]["real (look-alike)"]["few"]["id_acc"]["n"] == 1
     assert "<td>pogdiff-no-psi-txt</td>" in (out / "benchmark.html").read_text()
 
     runs = sorted((out / "runs").rglob("*"))

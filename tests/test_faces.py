@@ -12,8 +12,12 @@ import torch
 
 from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.evaluate import Evaluation
-from pogdiff.evaluation.faces import FaceDescriptor, FaceJudge
+from pogdiff.errors import PogdiffWarning
+from pogdiff.evaluation.faces import FaceJudge
+from pogdiff.face_descriptor import FaceDescriptor
 from pogdiff.images import to_pil
+from pogdiff.neighbour_features import neighbour_feature_space
+from pogdiff.neighbours import similarity_by_identity
 
 pytest.importorskip("dlib")
 NAMES = ("Lukas", "Emma", "Noah")
@@ -88,3 +92,16 @@ def test_evaluation_with_the_faces_judge_reports_images_without_a_face(faces, tm
     for name in NAMES:
         assert per_identity[name]["no_face"] == 1
         assert 0.3 <= per_identity[name]["id_acc"] <= 2 / 3
+
+
+def test_faces_neighbour_space_tells_people_apart_and_zeroes_images_without_a_face(faces):
+    space = neighbour_feature_space("faces")
+    images = torch.cat([images[:4] for images in faces.values()] + [torch.zeros(1, 3, 64, 64)])
+    with pytest.warns(PogdiffWarning, match="no face found in [1-9]+ of 13 training images"):
+        features = space(images)
+    assert features.shape == (13, 128) and space.name == "dlib-face-descriptor-v1-hog@128"
+    assert (features[-1] == 0).all()
+    found = features.abs().sum(1) > 0
+    identity = torch.arange(3).repeat_interleave(4)[found[:12]]
+    split = similarity_by_identity(features[:12][found[:12]], identity)
+    assert split["same_identity"].median() > split["other_identity"].median()

@@ -91,8 +91,10 @@ def counted(monkeypatch):
 
 
 def build(root, text, image, cache, k=3):
+    """The encoded dataset and its neighbour table in the space of ``image``."""
     dataset = load_dataset(root)
-    return encode_dataset(dataset, dataset.load_images(32), text, image, k=k, cache_dir=cache)
+    encoded = encode_dataset(dataset, dataset.load_images(32), text, cache_dir=cache, feature_spaces=lambda _: image)
+    return encoded, encoded.image_features.neighbours("fake", k)
 
 
 def test_caches_follow_content_and_parameters_not_location(toy_data, tmp_path, counted):
@@ -101,17 +103,17 @@ def test_caches_follow_content_and_parameters_not_location(toy_data, tmp_path, c
     def computed():
         return {"text": text.calls, "image": image.calls, **counted}
 
-    first = build(toy_data, text, image, cache)
+    first, first_table = build(toy_data, text, image, cache)
     assert computed() == {"text": 1, "image": 1, "neighbours": 1, "density": 1}
 
     for path in toy_data.rglob("*"):  # touching every file changes nothing
         os.utime(path, (time.time() + 100, time.time() + 100))
     copy = shutil.copytree(toy_data, tmp_path / "elsewhere")  # nor does a copy in another place
     for root in (toy_data, copy):
-        again = build(root, text, image, cache)
+        again, again_table = build(root, text, image, cache)
         assert computed() == {"text": 1, "image": 1, "neighbours": 1, "density": 1}
         assert torch.equal(again.text_states, first.text_states) and torch.equal(again.elbo, first.elbo)
-        assert torch.equal(again.neighbours.index, first.neighbours.index)
+        assert torch.equal(again_table.index, first_table.index)
 
     lines = (copy / "metadata.jsonl").read_text().splitlines()
     lines[3] = lines[3].replace("pose", "smiling, pose")
@@ -145,13 +147,13 @@ def test_building_tables_leaves_the_global_rng_alone(toy_data, tmp_path, counted
 
 def test_damaged_cache_files_are_computed_again(toy_data, tmp_path, counted):
     text, image, cache = FakeTextEncoder(), FakeImageEncoder(), tmp_path / "cache"
-    good = build(toy_data, text, image, cache)
+    good, _ = build(toy_data, text, image, cache)
     text_file = next(cache.glob("text-*.safetensors"))
     tensors = load_file(text_file)
     tensors["states"][2, 0, 0] = float("inf")
     save_file(tensors, text_file)
     with pytest.warns(PogdiffWarning, match="NaN or inf in this cache file; computing it again"):
-        again = build(toy_data, text, image, cache)
+        again, _ = build(toy_data, text, image, cache)
     assert text.calls == 2 and torch.equal(again.text_states, good.text_states)
 
     density_file = next(cache.glob("text-density-*.safetensors"))
@@ -177,7 +179,7 @@ def test_a_cache_write_that_fails_leaves_no_file_and_the_run_goes_on(toy_data, t
     monkeypatch.setattr(cache_module, "save_file", disk_full)
     cache = tmp_path / "cache"
     with pytest.warns(PogdiffWarning, match="cannot write this cache file \\(No space left on device\\)"):
-        tables = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
+        tables, _ = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
     assert len(tables) == 20 and list(cache.iterdir()) == []
 
     def interrupted(tensors, path, metadata=None):

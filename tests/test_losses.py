@@ -22,15 +22,32 @@ class TinyDenoiser(torch.nn.Module):
         return self.w * x_t + (cond.mean(1) @ self.v)[:, None, None, None]
 
 
+class GivenNeighbours:
+    """Stands in for ImageFeatureSpaces: a hand-built table (and features), whatever space and k are asked for."""
+
+    def __init__(self, table: NeighbourTable, features: torch.Tensor | None = None):
+        self.table, self.given_features, self.asked = table, features, []
+
+    def neighbours(self, space, k):
+        self.asked.append((space, k))
+        return self.table
+
+    def features(self, space):
+        return self.given_features
+
+    def name(self, space):
+        return f"given:{space}"
+
+
 def make_tables():
     g = torch.Generator().manual_seed(1)
     return EncodedDataset(
         text_states=torch.randn(4, 2, 3, generator=g),
         uncond_states=torch.zeros(2, 3),
-        neighbours=NeighbourTable(torch.tensor([[1, 2], [0, 2], [3, 0], [2, 1]]),
-                                  torch.tensor([[0.8, 0.2], [0.5, 0.5], [0.9, 0.1], [0.6, 0.4]])),
         identity=torch.tensor([0, 0, 1, 1]),
-        elbo=torch.tensor([-1.0, 0.0, 1.0, 2.0]))
+        elbo=torch.tensor([-1.0, 0.0, 1.0, 2.0]),
+        image_features=GivenNeighbours(NeighbourTable(torch.tensor([[1, 2], [0, 2], [3, 0], [2, 1]]),
+                                                      torch.tensor([[0.8, 0.2], [0.5, 0.5], [0.9, 0.1], [0.6, 0.4]]))))
 
 
 def make_batch(tables):
@@ -54,10 +71,11 @@ def test_pogdiff_loss_matches_hand_computation():
     t = torch.randint(0, 100, (3,))
     abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * batch.x0 + (1 - abar).sqrt() * eps
-    weights = tables.neighbours.similarity[batch.index] / tables.neighbours.similarity[batch.index].sum(1, keepdim=True)
+    table = tables.image_features.table
+    weights = table.similarity[batch.index] / table.similarity[batch.index].sum(1, keepdim=True)
     choice = torch.multinomial(weights, 1).squeeze(1)
-    j = tables.neighbours.index[batch.index, choice]
-    s = tables.neighbours.similarity[batch.index, choice]
+    j = table.index[batch.index, choice]
+    s = table.similarity[batch.index, choice]
     same = tables.identity[batch.index] == tables.identity[j]
     psi_img = s ** torch.where(same, 1.0, 2.0)                           # Eq. 9
     psi_txt = torch.exp(-(tables.elbo[batch.index] - tables.elbo.median()))  # Eq. 11, median-normalised
@@ -89,7 +107,7 @@ def test_target_branch_has_no_gradient_by_default():
 def test_pogdiff_with_zero_psi_equals_vanilla():
     scheduler = DDPMScheduler(num_train_timesteps=100)
     tables = make_tables()
-    tables.neighbours.similarity.zero_()  # psi_img = 0 everywhere
+    tables.image_features.table.similarity.zero_()  # psi_img = 0 everywhere
     batch = make_batch(tables)
     torch.manual_seed(5)
     pog = PoGDiffLoss(scheduler, tables)(TinyDenoiser(), batch)

@@ -1,5 +1,6 @@
 """The per-identity metrics against cases with known answers, and the pluggable feature spaces."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from pogdiff.data.synth import load_identities
 from pogdiff.encoders import ImageEncoder
 from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.evaluation import metrics as m
-from pogdiff.evaluation.evaluate import Evaluation, average, by_identity
+from pogdiff.evaluation.evaluate import Evaluation, average, by_identity, identity_summary
 from pogdiff.evaluation.features import HuggingFaceImageFeatures, InceptionFeatures, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge, _renders
 
@@ -204,3 +205,35 @@ def test_inception_needs_its_weights_file_and_torch_fidelity(tmp_path, monkeypat
     monkeypatch.setattr("torchmetrics.image.fid._TORCH_FIDELITY_AVAILABLE", False)  # as where it is not installed
     with pytest.raises(PogdiffError, match="torch-fidelity"):
         InceptionFeatures(weights)
+
+
+def test_real_held_out_images_score_better_than_a_look_alike_on_every_metric(small_synth):
+    data, cache = small_synth
+    evaluation = Evaluation(data, "efficientnet-lite0", None, "auto", "hog", 5, cache, progress=False)
+    rows = {label: identity_summary(row["per_identity"], evaluation)
+            for label, row in evaluation.calibration(32, recall_threshold=0.9).items()}
+    perfect, wrong = rows["real (held-out)"], rows["real (look-alike)"]
+    for split in ("all", "few"):  # few: Jihoon, 2 training photos, a look-alike of Renate
+        assert perfect[split]["fd"] < wrong[split]["fd"]
+        for key in ("sim", "recall", "id_acc"):
+            assert perfect[split][key] > wrong[split][key], (split, key)
+
+
+def test_a_pogdiff_run_whose_neighbours_share_the_judges_space_is_warned_about():
+    from types import SimpleNamespace
+
+    from pogdiff.evaluation.evaluate import warn_if_judge_shares_neighbour_space
+
+    by_features = SimpleNamespace(judge_kind="features", features="efficientnet-lite0")
+    with pytest.warns(PogdiffWarning, match="found its neighbours in efficientnet-lite0, the space the identity judge"):
+        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff"}, by_features)
+    with pytest.warns(PogdiffWarning, match="found its neighbours in faces"):
+        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff", "method_options": {
+            "neighbour_features": "faces"}}, SimpleNamespace(judge_kind="faces", features="efficientnet-lite0"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_judge_shares_neighbour_space("vanilla", {"method": "vanilla"}, by_features)
+        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff", "method_options": {
+            "neighbour_features": "unet"}}, by_features)
+        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff"},
+                                             SimpleNamespace(judge_kind="synth", features="efficientnet-lite0"))

@@ -79,7 +79,21 @@ def test_metrics_json_has_every_metric_for_all_and_few_and_names_its_spaces(eval
         assert result["all"]["fd"] == pytest.approx(sum(per[n]["fd"] for n in per) / 3)
         assert result["skipped"] == {"fd": [], "sim": []}
     assert (out / "samples" / "pogdiff" / "Chen_003.png").is_file()
-    assert "| pogdiff |" in format_table(metrics)
+    assert "| pogdiff |" in format_table(metrics) and "| real (look-alike) |" in format_table(metrics)
+
+
+def test_calibration_rows_score_real_images_and_a_look_alike(evaluated):
+    metrics, _ = evaluated
+    held_out, look_alike = metrics["calibration"]["real (held-out)"], metrics["calibration"]["real (look-alike)"]
+    for row in (held_out, look_alike):
+        assert set(row["all"]) == set(row["few"]) == {"fd", "sim", "recall", "id_acc"}
+    assert held_out["per_identity"]["Chen"]["generated_images"] == 3  # its held-out images
+    assert held_out["per_identity"]["Chen"]["sim_reference_images"] == 2  # the others of them
+    assert held_out["per_identity"]["Chen"]["fd_reference_images"] == 2  # its training images only
+    # Toy identities are colours: red Anna, green Bruno, blue Chen; each has a nearest other one.
+    assert set(look_alike["look_alike_of"]) == {"Anna", "Bruno", "Chen"}
+    assert all(other != name for name, other in look_alike["look_alike_of"].items())
+    assert held_out["all"]["id_acc"] == 1.0 and look_alike["all"]["id_acc"] == 0.0
 
 
 def test_report_is_self_contained_with_the_table_and_decodable_pngs(evaluated):
@@ -90,17 +104,21 @@ def test_report_is_self_contained_with_the_table_and_decodable_pngs(evaluated):
     assert summary[0] == ["method", "FD ↓", "Similarity ↑", "Recall ↑", "Identity accuracy ↑"]
     assert summary[1] == ["All", "Few"] * 4
     rows = {row[0]: row[1:] for row in summary[2:]}
-    assert set(rows) == {"vanilla", "pogdiff"}
+    assert set(rows) == {"vanilla", "pogdiff", "real (held-out)", "real (look-alike)"}
+    calibration = metrics["calibration"]["real (held-out)"]
+    assert rows["real (held-out)"] == [f"{calibration[split][k]:.3f}" for k in ("fd", "sim", "recall", "id_acc")
+                                       for split in ("all", "few")]
     for label, result in metrics["methods"].items():
         expected = [f"{result[split][k]:.3f}" for k in ("fd", "sim", "recall", "id_acc") for split in ("all", "few")]
         assert rows[label] == expected
     per_identity = {row[0]: row for row in page.tables[1][2:]}
     assert list(per_identity) == ["Chen", "Bruno", "Anna"]  # minority first
     assert per_identity["Chen"][2] == f"{metrics['methods']['vanilla']['per_identity']['Chen']['fd']:.3f}"
-    # 3 identities x (training + 2 methods) sample strips, then histogram, psi and PCA figures
-    assert len(page.images) == 3 * 3 + 3
+    # 3 identities x (training + 2 methods) sample strips, then histogram, psi, neighbour similarity and PCA figures
+    assert len(page.images) == 3 * 3 + 4
     alts = [image["alt"] for image in page.images]
-    assert "psi, majority vs minority" in alts and "identity-count histogram" in alts
+    assert "psi and the share of y' from another identity, majority vs minority" in alts
+    assert "same vs other identity similarity" in alts and "identity-count histogram" in alts
     for image in page.images:
         prefix = "data:image/png;base64,"
         assert image["src"].startswith(prefix)

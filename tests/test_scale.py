@@ -20,7 +20,7 @@ from pogdiff.data.dataset import load_dataset
 from pogdiff.losses import TrainBatch, VanillaLoss
 from pogdiff.neighbours import find_neighbours
 from pogdiff.encoded_dataset import encode_dataset
-from pogdiff.train import batch_rows
+from pogdiff.row_sampler import batch_rows
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

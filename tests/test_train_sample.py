@@ -7,7 +7,8 @@ from pogdiff.data.dataset import load_dataset
 from pogdiff.losses import TrainBatch, VanillaLoss
 from pogdiff.sampling import generate
 from pogdiff.encoded_dataset import encode_dataset
-from pogdiff.train import TrainConfig, batch_rows, train
+from pogdiff.row_sampler import batch_rows
+from pogdiff.train import TrainConfig, train
 
 
 def held_out_loss(unet, backbone, tables, images):
@@ -61,8 +62,12 @@ def test_pogdiff_run_writes_a_readable_psi_summary(toy_data, tmp_path, cache_dir
                             train_batch_size=4, cache_dir=str(cache_dir), progress=False))
     summary = json.loads((run / "psi_summary.json").read_text())
     assert summary["minority"]["rows"] == 2 and summary["majority"]["rows"] == 18  # toy: 12 + 6 vs 2
-    for group in summary.values():
+    for group in (summary["majority"], summary["minority"]):
         assert group["psi"]["min"] <= group["psi"]["median"] <= group["psi"]["max"]
+        assert 0 <= group["other_identity_share"]["mean"] <= 1
+    space = summary["neighbour_features"]
+    assert space["space"] == "efficientnet-lite0-imagenet" and space["k"] == 10
+    assert space["same_identity"]["pairs"] == 66 + 15 + 1 and space["other_identity"]["pairs"] == 190 - 82
     weights = load_file(run / "psi.safetensors")
     assert torch.allclose(weights["psi"], weights["psi_img"] * weights["psi_txt"], atol=1e-6)
     assert (weights["psi_img"] >= 0).all() and (weights["psi_img"] <= 1).all()

@@ -23,8 +23,16 @@ def _data_synth(args) -> None:
 
 
 def _train(args) -> None:
+    from pogdiff.train import train
+
+    out = train(train_config(args))
+    print(f"run saved to {out}")
+
+
+def train_config(args):
+    """The TrainConfig of parsed ``pogdiff train`` arguments: a method's flags go into its method_options."""
     from pogdiff.losses import method_parameters
-    from pogdiff.train import PAPER_PRESETS, TrainConfig, config_fields, train
+    from pogdiff.train import PAPER_PRESETS, TrainConfig, config_fields
 
     typed = vars(args)
     values = {**PAPER_PRESETS.get(typed.get("preset"), {}),
@@ -36,8 +44,7 @@ def _train(args) -> None:
         raise PogdiffError(f"{', '.join(wrong)} does not apply to --method {method}; drop it or choose the method "
                            "it belongs to (see pogdiff train --help)")
     values["progress"] = not args.no_progress
-    out = train(TrainConfig(**values))
-    print(f"run saved to {out}")
+    return TrainConfig(**values)
 
 
 def _pretrain(args) -> None:
@@ -173,6 +180,7 @@ def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.losses import METHODS
+    from pogdiff.row_sampler import SAMPLERS
     from pogdiff.train import PAPER_PRESETS, TrainConfig
 
     t = sub.add_parser("train", parents=parents, help="fine-tune with a method", argument_default=argparse.SUPPRESS)
@@ -225,8 +233,13 @@ def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     option("--report-to", "log to this tracker under OUTPUT_DIR/logs", choices=["tensorboard"])
     option("--log-rows", "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per step and "
            "digests of its tables and weights (checks multi-process runs)", action="store_true")
-    encoded = t.add_argument_group("neighbours and text density (Eqs. 8, 10)")
-    option("--k", "neighbours per image, Eq. 8", group=encoded, type=int)
+    sampler = t.add_argument_group("row sampler (every method)")
+    option("--sampler", "which rows a batch holds: uniform (an epoch shuffle) or balanced (every identity equally "
+           "often; without identities, by inverse text density) (default: uniform; balanced for resample)",
+           group=sampler, choices=SAMPLERS)
+    option("--density-max-ratio", "balanced sampler without identities: clip inverse text-density weights to "
+           "[1/r, r] x the median", group=sampler, type=float)
+    encoded = t.add_argument_group("text density (Eq. 10)")
     option("--vae-latent-dim", "latent size of the text-density VAE, Eq. 10", group=encoded, type=int)
     t.set_defaults(func=_train, method_flags=add_method_options(t))
 
@@ -247,7 +260,8 @@ def add_method_options(parser: argparse.ArgumentParser) -> dict[str, str]:
                 kwargs = {"action": "store_false" if default else "store_true", "help": help}
             else:
                 flag = f"--{name}"
-                kwargs = {"type": type(default), "help": f"{help} (default: {default})"}
+                kwargs = {"type": type(default), "help": f"{help} (default: {default})",
+                          "choices": loss.OPTION_CHOICES.get(name)}
             flag = loss.OPTION_FLAGS.get(name, flag.replace("_", "-"))
             group.add_argument(flag, dest=name, **kwargs)
             method_flags[name] = flag

@@ -9,9 +9,13 @@ numeric metric under All and Few, and each method is compared with vanilla seed 
 seed on Few identity accuracy. A finished cell is never run again, so re-running the
 same command continues an interrupted benchmark.
 
-Methods are named ``METHOD`` or ``METHOD:option=value,...`` (a constructor argument of
-the method's loss, e.g. ``cbdm:tau=0.5``); the paper's Table 5 ablations have the short
-names in :data:`ABLATIONS`.
+Methods are named ``METHOD[+SAMPLER][:option=value,...]``: a loss of
+:data:`pogdiff.losses.METHODS`, optionally a row sampler of :mod:`pogdiff.row_sampler`
+(``pogdiff+balanced``, ``cbdm+balanced``; ``resample`` is ``vanilla+balanced``), and
+constructor arguments of the method's loss (``cbdm:tau=0.5``,
+``pogdiff:k=3,a2=10,psi_txt_max_ratio=2,neighbour_features=unet``) or the balanced
+sampler's ``density_max_ratio``. The paper's Table 5 ablations have the short names in
+:data:`ABLATIONS`.
 
 Layout of the output folder::
 
@@ -40,6 +44,7 @@ from pogdiff.evaluation.results_table import all_few_table, html_table, markdown
 from pogdiff.files import atomic_path, safe_stem, write_text_atomic
 from pogdiff.losses import METHODS, method_parameters
 from pogdiff.options import check_values
+from pogdiff.row_sampler import SAMPLERS
 from pogdiff.run_folder import is_finished
 from pogdiff.train import TrainConfig, train
 
@@ -71,13 +76,18 @@ class Budget:
 QUICK = Budget(max_train_steps=20, train_batch_size=8, num_images=2, num_inference_steps=10)
 
 
+SAMPLER_OPTIONS = {"density_max_ratio": TrainConfig.density_max_ratio}  # option -> default, balanced sampler only
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """One row of the table: a method and the constructor options it runs with."""
+    """One row of the table: a method, the constructor options it runs with, and the row sampler."""
 
     name: str
     method: str
     options: dict = field(default_factory=dict)
+    sampler: str | None = None  # None: the method's own
+    sampler_options: dict = field(default_factory=dict)
 
     @property
     def folder(self) -> str:
@@ -85,24 +95,35 @@ class MethodSpec:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """``METHOD`` or ``METHOD:option=value,...`` or an ablation name, checked against the loss's options."""
-    method, _, options_text = ABLATIONS.get(text, text).partition(":")
+    """``METHOD[+SAMPLER][:option=value,...]`` or an ablation name, checked against the loss's options."""
+    head, _, options_text = ABLATIONS.get(text, text).partition(":")
+    method, plus, sampler = head.partition("+")
     if method not in METHODS:
         raise PogdiffError(f"unknown method {text!r}; choose from {', '.join([*METHODS, *ABLATIONS])}, "
-                           "optionally with options as METHOD:option=value,...")
-    parameters = method_parameters(method)
-    options = {}
+                           "optionally with a sampler and options as METHOD+SAMPLER:option=value,...")
+    if plus and sampler not in SAMPLERS:
+        raise PogdiffError(f"{text!r}: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    implied = METHODS[method].SAMPLER
+    if plus and implied != "uniform" and sampler != implied:
+        raise PogdiffError(f"{text!r}: {method} implies the {implied} sampler")
+    balanced = (sampler or implied) == "balanced"
+    parameters = {name: p.default for name, p in method_parameters(method).items()}
+    allowed = {**parameters, **(SAMPLER_OPTIONS if balanced else {})}
+    options, sampler_options = {}, {}
     for item in filter(None, options_text.split(",")):
         key, equals, value = item.partition("=")
-        if key not in parameters or not equals:
-            raise PogdiffError(f"{text!r}: {method} takes option=value with option one of "
-                               f"{', '.join(parameters) or '(none)'}, got {item!r}")
-        options[key] = _parse_value(text, key, value, parameters[key].default)
+        if key not in allowed or not equals:
+            raise PogdiffError(f"{text!r}: {head} takes option=value with option one of "
+                               f"{', '.join(allowed) or '(none)'}, got {item!r}")
+        choices = METHODS[method].OPTION_CHOICES.get(key)
+        if choices and value not in choices:
+            raise PogdiffError(f"{text!r}: {key} takes one of {', '.join(choices)}, got {value!r}")
+        (options if key in parameters else sampler_options)[key] = _parse_value(text, key, value, allowed[key])
     try:
-        check_values(options)  # now, not when the cell's turn comes after hours of other cells
+        check_values({**options, **sampler_options})  # now, not when the cell's turn comes after hours of others
     except PogdiffError as error:
         raise PogdiffError(f"{text!r}: {error}") from None
-    return MethodSpec(text, method, options)
+    return MethodSpec(text, method, options, sampler or None, sampler_options)
 
 
 def _parse_value(text: str, key: str, value: str, default):
@@ -111,8 +132,8 @@ def _parse_value(text: str, key: str, value: str, default):
             return {"true": True, "false": False}[value.lower()]
         return type(default)(value) if default is not None else float(value)
     except (KeyError, ValueError):
-        kind = "true or false" if isinstance(default, bool) else "number" if default is None else type(default).__name__
-        raise PogdiffError(f"{text!r}: {key} takes a {kind}, got {value!r}") from None
+        kind = "true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int) else "a number"
+        raise PogdiffError(f"{text!r}: {key} takes {kind}, got {value!r}") from None
 
 
 def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: list[int] = DEFAULT_SEEDS,
@@ -192,6 +213,7 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
         shutil.rmtree(run, ignore_errors=True)  # an interrupted run of this benchmark: start it again
         began = time.time()
         train(TrainConfig(str(data_dir), str(run), method=spec.method, method_options=dict(spec.options), seed=seed,
+                          sampler=spec.sampler, **spec.sampler_options,
                           max_train_steps=budget.max_train_steps, train_batch_size=budget.train_batch_size,
                           learning_rate=budget.learning_rate,
                           cache_dir=str(cache_dir) if cache_dir else None, progress=progress))
@@ -202,9 +224,11 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
                             seed=seed, few_max_images=budget.few_max_images, cache_dir=cache_dir, progress=progress)
     seconds["evaluate"] = round(time.time() - began, 1)
     (result,) = metrics["methods"].values()
-    cell = {"method": spec.method, "options": spec.options, "seed": seed, "label": next(iter(metrics["methods"])),
+    cell = {"method": spec.method, "options": spec.options, "sampler": spec.sampler,
+            "sampler_options": spec.sampler_options, "seed": seed, "label": next(iter(metrics["methods"])),
             "all": result["all"], "few": result["few"], "per_identity": result["per_identity"], "seconds": seconds,
-            "identity_judge": metrics["identity_judge"], "num_identities": metrics["num_identities"]}
+            "identity_judge": metrics["identity_judge"], "num_identities": metrics["num_identities"],
+            "calibration": {label: {"all": row["all"], "few": row["few"]} for label, row in metrics["calibration"].items()}}
     write_text_atomic(cell_file, json.dumps(cell, indent=2))
     return cell, True
 
@@ -254,7 +278,8 @@ def summarise(specs: list[MethodSpec], seeds: list[int], results: dict[str, dict
     for spec in specs:
         cells = results[spec.name]
         first = next(iter(cells.values()))
-        methods[spec.name] = {"method": spec.method, "options": spec.options, "label": first["label"],
+        methods[spec.name] = {"method": spec.method, "options": spec.options, "sampler": spec.sampler,
+                              "sampler_options": spec.sampler_options, "label": first["label"],
                               **aggregate(cells),
                               "seeds": {seed: {"all": c["all"], "few": c["few"], "seconds": c["seconds"]}
                                         for seed, c in cells.items()}}
@@ -262,9 +287,11 @@ def summarise(specs: list[MethodSpec], seeds: list[int], results: dict[str, dict
     paired = {} if baseline is None else {s.name: paired_difference(results[s.name], baseline)
                                           for s in specs if s.name != BASELINE}
     any_cell = next(iter(results[specs[0].name].values()))
+    # Real images scored as if generated: the same in every cell (no training, no sampling), so one value each.
+    calibration = {label: aggregate({0: row}) for label, row in any_cell.get("calibration", {}).items()}
     return {"settings": settings, "seeds": seeds, "confidence": CONFIDENCE,
             "identity_judge": any_cell["identity_judge"], "num_identities": any_cell["num_identities"],
-            "methods": methods, "paired_vs_vanilla": paired}
+            "methods": methods, "calibration": calibration, "paired_vs_vanilla": paired}
 
 
 def format_interval(summary: dict | None, digits: int = 3) -> str:
@@ -294,12 +321,22 @@ def describe(metrics: dict) -> str:
             f"{metrics['confidence']:.0%} Student-t interval over seeds.")
 
 
+def results_rows(metrics: dict) -> dict:
+    """The table's rows: every method, then the calibration rows (real images scored as if generated)."""
+    return {**metrics["methods"], **metrics.get("calibration", {})}
+
+
+CALIBRATION_NOTE = ("Calibration rows: real (held-out) = each identity's held-out images scored as if generated "
+                    "(a perfect generator); real (look-alike) = the images of the identity with the nearest "
+                    "centroid, scored against this one (the wrong, similar person).")
+
+
 def markdown_report(metrics: dict) -> str:
     parts = ["# pogdiff benchmark", "", describe(metrics), "",
-             markdown_table(*all_few_table(metrics["methods"], format_interval))]
+             markdown_table(*all_few_table(results_rows(metrics), format_interval)), "", CALIBRATION_NOTE]
     if metrics["paired_vs_vanilla"]:
         parts += ["", f"Paired comparison with {BASELINE} on Few id_acc, seed by seed (a seed fixes the initial "
-                  "weights, the batch order except for resample, and the sampling noise):", "",
+                  "weights, the batch order except under the balanced sampler, and the sampling noise):", "",
                   markdown_table(*paired_rows(metrics))]
     return "\n".join(parts) + "\n"
 
@@ -313,7 +350,8 @@ def html_report(metrics: dict) -> str:
              "td:first-child,th:first-child{text-align:left}th{background:#eee}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pogdiff benchmark</title>"
             f"<style>{style}</style></head><body><h1>pogdiff benchmark</h1><p>{html.escape(describe(metrics))}</p>"
-            f"{html_table(*all_few_table(metrics['methods'], format_interval))}{paired}</body></html>\n")
+            f"{html_table(*all_few_table(results_rows(metrics), format_interval))}"
+            f"<p>{html.escape(CALIBRATION_NOTE)}</p>{paired}</body></html>\n")
 
 
 def budget_from(quick: bool, **typed) -> Budget:

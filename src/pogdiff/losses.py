@@ -7,11 +7,14 @@ Every loss shares one call contract::
 
 where ``encoded`` is the :class:`~pogdiff.encoded_dataset.EncodedDataset`,
 ``denoiser(x_t, t, cond)`` returns the model output (epsilon or v) and ``batch`` is a
-:class:`TrainBatch`. Optional hooks, with neutral defaults on :class:`DiffusionLoss`:
-:meth:`~DiffusionLoss.sampling_weights` (a method that changes which examples are seen)
-and :meth:`~DiffusionLoss.psi_per_row` (a method with PoGDiff's weight psi). The
-``OPTION_HELP`` of a class documents its constructor options for ``pogdiff train --help``.
-Register new classes in ``METHODS``.
+:class:`TrainBatch`. Which rows a batch holds is the row sampler's business
+(:mod:`pogdiff.row_sampler`, ``--sampler``), not the loss's; a class only names the
+sampler it implies (``SAMPLER``: ``resample`` is vanilla on balanced batches). Optional
+hooks, with neutral defaults on :class:`DiffusionLoss`, for a method with PoGDiff's
+weight psi: :meth:`~DiffusionLoss.psi_per_row` and :meth:`~DiffusionLoss.neighbour_space`.
+The ``OPTION_HELP`` of a class documents its constructor options for ``pogdiff train
+--help`` (``OPTION_CHOICES`` lists the values of a text option). Register new classes in
+``METHODS``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,15 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
+from pogdiff.data.dataset import ImageTextDataset
 from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.errors import PogdiffError
+from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
+from pogdiff.neighbours import NeighbourTable, check_neighbour_count, other_identity_share, similarity_by_identity
 from pogdiff.psi import check_image_exponents, image_similarity_weight, inverse_text_density_weight, pog_weight
+from pogdiff.row_sampler import identity_balanced_weights
+
+DEFAULT_K = 10  # PoGDiff's neighbours per image (Eq. 8)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,6 +61,9 @@ class DiffusionLoss:
     OPTION_TITLE: ClassVar[str] = ""  # heading of the method's options in `pogdiff train --help`
     OPTION_HELP: ClassVar[dict[str, str]] = {}  # constructor option -> its help
     OPTION_FLAGS: ClassVar[dict[str, str]] = {}  # constructor option -> its flag, where not --option-name
+    OPTION_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}  # text option -> its values, where fixed
+    SAMPLER: ClassVar[str] = "uniform"  # the row sampler the method implies (pogdiff.row_sampler)
+    neighbours: NeighbourTable | None = None  # Eq. 8's table, for a method that draws neighbours
 
     def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None):
         self.scheduler = scheduler
@@ -81,12 +94,24 @@ class DiffusionLoss:
             weight = snr.clamp(max=self.snr_gamma) / (snr + 1)
         return weight
 
-    def sampling_weights(self) -> torch.Tensor | None:
-        """Per-row probabilities of drawing each training example; None is uniform shuffling."""
-        return None
+    @classmethod
+    def check_dataset(cls, dataset: ImageTextDataset, **options) -> None:
+        """Refuse options that cannot fit ``dataset`` before any work is done (the constructor checks the rest)."""
+
+    def check_choice(self, option: str, value: str) -> None:
+        """A text option must be one of OPTION_CHOICES[option]."""
+        choices = self.OPTION_CHOICES[option]
+        if value not in choices:
+            raise PogdiffError(f"{option}={value!r}: choose one of {', '.join(choices)}")
 
     def psi_per_row(self) -> dict[str, torch.Tensor] | None:
-        """Per training row: psi_txt, psi_img and psi (Eqs. 9, 11, 12); None for a method without psi."""
+        """Per training row: psi_txt, psi_img, psi (Eqs. 9, 11, 12) and the share of y' drawn from
+        another identity (Eq. 8); None for a method without psi."""
+        return None
+
+    def neighbour_space(self) -> dict | None:
+        """The feature space of Eq. 8: its ``name``, ``k`` and the cosine similarity of same-identity and
+        other-identity image pairs in it; None for a method without neighbours."""
         return None
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
@@ -103,16 +128,21 @@ class PoGDiffLoss(DiffusionLoss):
 
         L = ||eps_theta(x_t, y) - eps||^2 + psi * ||eps_theta(x_t, y) - eps_theta(x_t, y')||^2
 
-    y' is the caption of a neighbour drawn by Eq. 8, psi = psi_img * psi_txt (Eqs. 9, 11, 12).
-    eps_theta(x_t, y') is a target to match (the mean of the PoG's second Gaussian), so by
-    default it carries no gradient and runs as a separate forward without autograd
-    (1.4x a vanilla step, against 2x for one batched 2B forward); ``target_grad=True``
-    lets the gradient flow through both branches. Examples whose caption was dropped
-    for classifier-free guidance have no caption to borrow for, so their psi is 0.
+    y' is the caption of one of the k nearest neighbours in the feature space
+    ``neighbour_features`` (:mod:`pogdiff.neighbour_features`), drawn by Eq. 8;
+    psi = psi_img * psi_txt (Eqs. 9, 11, 12). eps_theta(x_t, y') is a target to match (the
+    mean of the PoG's second Gaussian), so by default it carries no gradient and runs as a
+    separate forward without autograd (1.4x a vanilla step, against 2x for one batched 2B
+    forward); ``target_grad=True`` lets the gradient flow through both branches. Examples
+    whose caption was dropped for classifier-free guidance have no caption to borrow for,
+    so their psi is 0.
     """
 
     OPTION_TITLE = "PoGDiff (Sec. 3.2)"
     OPTION_HELP = {
+        "k": "neighbours per image, Eq. 8",
+        "neighbour_features": "feature space of Eq. 8's neighbours: efficientnet-lite0, faces (dlib), unet (the "
+                              "backbone's own mid-block features) or a Hugging Face image model id or folder",
         "a1": "Eq. 9 exponent for the same identity",
         "a2": "Eq. 9 extra exponent for another identity",
         "a3": "Eq. 11 scale of the inverse text density",
@@ -121,8 +151,10 @@ class PoGDiffLoss(DiffusionLoss):
         "use_psi_txt": "ablation: psi_txt = 1",
         "target_grad": "let gradient flow through eps(x_t, y')",
     }
+    OPTION_FLAGS = {"k": "--k"}
 
     def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None,
+                 k: int = DEFAULT_K, neighbour_features: str = DEFAULT_NEIGHBOUR_FEATURES,
                  a1: float = 1.0, a2: float = 1.0, a3: float = 1.0, psi_txt_max_ratio: float = 10.0,
                  use_psi_img: bool = True, use_psi_txt: bool = True, target_grad: bool = False):
         super().__init__(scheduler, encoded, snr_gamma)
@@ -131,6 +163,12 @@ class PoGDiffLoss(DiffusionLoss):
         self.use_psi_img, self.use_psi_txt = use_psi_img, use_psi_txt
         self.target_grad = target_grad
         self.psi_txt = inverse_text_density_weight(encoded.elbo, a3, psi_txt_max_ratio)  # Eq. 11, checks a3
+        self.neighbour_features = neighbour_features
+        self.neighbours = encoded.image_features.neighbours(neighbour_features, k).to(encoded.identity.device)
+
+    @classmethod
+    def check_dataset(cls, dataset: ImageTextDataset, k: int = DEFAULT_K, **options) -> None:
+        check_neighbour_count(k, len(dataset), str(dataset.root))
 
     def psi(self, rows: torch.Tensor, neighbours: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
         """Eq. 12 for each (example, drawn neighbour) pair; an ablated factor counts as 1."""
@@ -141,19 +179,27 @@ class PoGDiffLoss(DiffusionLoss):
         return pog_weight(psi_img, psi_txt)
 
     def psi_per_row(self) -> dict[str, torch.Tensor]:
-        """Per training row: psi_txt, and psi_img and psi in expectation over the neighbour draw (Eq. 8)."""
-        table = self.encoded.neighbours
+        """Per training row: psi_txt, psi_img and psi in expectation over the neighbour draw (Eq. 8), and
+        the probability that the drawn y' is another identity's caption."""
+        table = self.neighbours
         rows = torch.arange(len(self.encoded), device=table.index.device)[:, None].expand_as(table.index)
         psi = self.psi(rows.flatten(), table.index.flatten(), table.similarity.flatten()).view_as(table.index)
         weights = table.sampling_weights()
         expected_psi = (weights * psi).sum(1)
         psi_txt = self.psi_txt if self.use_psi_txt else torch.ones_like(expected_psi)
-        return {"psi_txt": psi_txt, "psi_img": expected_psi / psi_txt, "psi": expected_psi}
+        return {"psi_txt": psi_txt, "psi_img": expected_psi / psi_txt, "psi": expected_psi,
+                "other_identity_share": other_identity_share(table, self.encoded.identity)}
+
+    def neighbour_space(self) -> dict:
+        features = self.encoded.image_features
+        return {"name": features.name(self.neighbour_features), "k": self.neighbours.k,
+                "similarity": similarity_by_identity(features.features(self.neighbour_features),
+                                                     self.encoded.identity.cpu())}
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
         x_t, t, _, target = self.diffuse(batch.x0)
         prediction = denoiser(x_t, t, batch.cond)
-        neighbours, similarity = self.encoded.neighbours.draw(batch.index)
+        neighbours, similarity = self.neighbours.draw(batch.index)
         psi = self.psi(batch.index, neighbours, similarity) * (~batch.dropped)
         neighbour_cond = self.encoded.text_states[neighbours]
         with torch.set_grad_enabled(self.target_grad and torch.is_grad_enabled()):
@@ -170,24 +216,40 @@ class CBDMLoss(DiffusionLoss):
 
     The first term pulls the prediction under the example's caption towards the one under
     a balanced condition y_b; the second (commitment) term pulls the y_b prediction back.
-    CBDM draws y_b uniformly over class labels; with free-form captions y_b is the caption
-    of a training row drawn uniformly (the row itself included, as CBDM's draw includes the
-    example's own class). Both branches need gradient, so they run as one batched forward;
+    CBDM draws y_b's class uniformly over the class labels (its reference code does so when
+    fine-tuning); with free-form captions y_b is the caption of a training row:
+    ``balance="identities"`` (default) draws an identity uniformly, then one of its rows
+    uniformly, so that a minority person is y_b as often as a majority one; ``"rows"``
+    draws a row uniformly (identities in proportion to their images). Without an identity
+    column the two coincide. The example's own row can be drawn, as CBDM's draw includes
+    the example's class. Both branches need gradient, so they run as one batched forward;
     examples whose caption was dropped for guidance get no regulariser (CBDM skips it for
     unconditional batches) and are left out of the y_b half.
     """
 
     OPTION_TITLE = "CBDM (Qin et al., 2023)"
-    OPTION_HELP = {"tau": "regulariser weight, w = tau * t / T"}
-    OPTION_FLAGS = {"tau": "--cbdm-tau"}
+    OPTION_HELP = {"tau": "regulariser weight, w = tau * t / T",
+                   "balance": "y_b is a row of an identity drawn uniformly (identities) or a row drawn uniformly (rows)"}
+    OPTION_FLAGS = {"tau": "--cbdm-tau", "balance": "--cbdm-balance"}
+    OPTION_CHOICES = {"balance": ("identities", "rows")}
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, tau: float = 1.0):
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, tau: float = 1.0,
+                 balance: str = "identities"):
         super().__init__(scheduler, encoded, snr_gamma)
+        self.check_choice("balance", balance)
         self.tau = tau
+        self.balance = balance
+        self.balanced_weights = identity_balanced_weights(encoded.identity).to(encoded.identity.device)
+
+    def draw_balanced(self, count: int, device) -> torch.Tensor:
+        """Rows whose captions become y_b, one per example."""
+        if self.balance == "rows":
+            return torch.randint(0, len(self.encoded), (count,), device=device)
+        return torch.multinomial(self.balanced_weights, count, replacement=True)
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
         x_t, t, _, target = self.diffuse(batch.x0)
-        balanced = torch.randint(0, len(self.encoded), (len(x_t),), device=x_t.device)
+        balanced = self.draw_balanced(len(x_t), x_t.device)
         kept = (~batch.dropped).nonzero().squeeze(1)
         both = denoiser(torch.cat([x_t, x_t[kept]]), torch.cat([t, t[kept]]),
                         torch.cat([batch.cond, self.encoded.text_states[balanced[kept]]]))
@@ -212,11 +274,29 @@ class T2HLoss(DiffusionLoss):
     i.e. the posterior that the noisy x_t came from x0_j. The draw is kept only when j's
     condition is at least as frequent as i's (tail to head), else j = i; OC_LT applies it
     to every example at every step (no probability or time cut-off by default), whether
-    or not the caption was dropped. Class frequency becomes the caption's text density
-    exp(ELBO) from the same VAE as PoGDiff's psi_txt (Eq. 10), as the PoGDiff paper
-    adapted it. The new target is the noise that makes x_t from x0_j:
-    eps' = (x_t - sqrt(abar_t) x0_j) / sqrt(1 - abar_t), or its velocity for v-prediction.
+    or not the caption was dropped. The frequency of a condition, ``frequency``:
+    ``"identity"`` (default) is the number of training images of the row's identity, as
+    OC_LT counts a class, when the dataset has an identity column, and the text density
+    without one; ``"text_density"`` is always the caption's text density exp(ELBO) from the
+    same VAE as PoGDiff's psi_txt (Eq. 10), as the PoGDiff paper adapted it. The new target
+    is the noise that makes x_t from x0_j: eps' = (x_t - sqrt(abar_t) x0_j) / sqrt(1 - abar_t),
+    or its velocity for v-prediction.
     """
+
+    OPTION_TITLE = "T2H (Zhang et al., 2024)"
+    OPTION_HELP = {"frequency": "how frequent a condition is: images of its identity (identity; text density "
+                                "without an identity column) or the caption's text density (text_density)"}
+    OPTION_FLAGS = {"frequency": "--t2h-frequency"}
+    OPTION_CHOICES = {"frequency": ("identity", "text_density")}
+
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None,
+                 frequency: str = "identity"):
+        super().__init__(scheduler, encoded, snr_gamma)
+        self.check_choice("frequency", frequency)
+        self.frequency = frequency
+        # Per row, a number that grows with how frequent its condition is (only its order matters).
+        by_identity = frequency == "identity" and encoded.has_identities
+        self.condition_frequency = encoded.identity_counts().float() if by_identity else encoded.elbo
 
     def transfer_probabilities(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(B, B) row-stochastic matrix: the probability of drawing source j for example i."""
@@ -228,9 +308,10 @@ class T2HLoss(DiffusionLoss):
         return torch.softmax(-distance2 / (2 * sigma2[:, None]), dim=1).float()
 
     def transfer(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Batch position of each example's new source x0_j: drawn, then kept only towards denser captions."""
+        """Batch position of each example's new source x0_j: drawn, then kept only towards conditions at least
+        as frequent."""
         drawn = torch.multinomial(self.transfer_probabilities(x0, noise, t), 1).squeeze(1)
-        towards_head = self.encoded.elbo[rows[drawn]] >= self.encoded.elbo[rows]
+        towards_head = self.condition_frequency[rows[drawn]] >= self.condition_frequency[rows]
         return torch.where(towards_head, drawn, torch.arange(len(x0), device=x0.device))
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
@@ -246,33 +327,15 @@ class T2HLoss(DiffusionLoss):
         return self.example_weights(t) * mse_per_example(denoiser(x_t, t, batch.cond), target)
 
 
-class ResampleLoss(DiffusionLoss):
-    """Balanced resampling: the standard loss on batches that oversample the minority.
+class ResampleLoss(VanillaLoss):
+    """Balanced resampling: the standard loss on batches that oversample the minority, i.e. vanilla
+    with ``--sampler balanced`` (:mod:`pogdiff.row_sampler`), under a name of its own.
 
     Not in the paper; what practitioners do today with per-folder repeats (kohya-ss
-    sd-scripts' ``num_repeats``). Each row is drawn with probability proportional to
-    1 / (images of its identity), so every identity is seen equally often. When rows carry
-    no shared identity (no identity column: every row is its own identity) it falls back
-    to the inverse text density of Eq. 11, exp(-ELBO) relative to the median, clipped to
-    [1/max_ratio, max_ratio] so that no single caption takes over.
+    sd-scripts' ``num_repeats``).
     """
 
-    OPTION_TITLE = "balanced resampling"
-    OPTION_HELP = {"density_max_ratio": "without identities: clip inverse text-density weights to [1/r, r] x the median"}
-
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None,
-                 density_max_ratio: float = 10.0):
-        super().__init__(scheduler, encoded, snr_gamma)
-        self.density_max_ratio = density_max_ratio
-
-    def sampling_weights(self) -> torch.Tensor:
-        identity = self.encoded.identity.cpu()
-        _, codes, counts = identity.unique(return_inverse=True, return_counts=True)
-        if len(counts) == len(identity):
-            weights = inverse_text_density_weight(self.encoded.elbo.cpu(), 1.0, self.density_max_ratio)
-        else:
-            weights = 1.0 / counts[codes].double()
-        return (weights / weights.sum()).float()
+    SAMPLER = "balanced"
 
 
 METHODS: dict[str, type[DiffusionLoss]] = {

@@ -1,6 +1,7 @@
 """Neighbour sampling of PoGDiff (Sec. 3.2, Eq. 8).
 
-Every training image is embedded with a frozen image encoder; its k most similar other
+Every training image is embedded with a frozen image encoder (a feature space of
+:mod:`pogdiff.neighbour_features`); its k most similar other
 images by cosine similarity are its neighbours. At each step one neighbour j is drawn
 with probability w_j = s_j / sum_j s_j (Eq. 8) and its caption embedding becomes y'.
 """
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pogdiff.errors import PogdiffError
 
 # Similarity blocks of at most this many entries: memory stays bounded whatever N is.
 _BLOCK_ELEMENTS = 1 << 24
@@ -44,6 +47,13 @@ class NeighbourTable:
 
     def to(self, device) -> "NeighbourTable":
         return NeighbourTable(self.index.to(device), self.similarity.to(device))
+
+
+def check_neighbour_count(k: int, num_images: int, where: str) -> None:
+    """Each of ``num_images`` images has at most num_images - 1 others to be its neighbours."""
+    if not 1 <= k <= num_images - 1:
+        raise PogdiffError(f"{where}: --k {k} neighbours per image, but the dataset has {num_images} images "
+                           f"(at most {num_images - 1} other images each); pass --k between 1 and {num_images - 1}")
 
 
 def find_neighbours(features: torch.Tensor, k: int, backend: str = "auto") -> NeighbourTable:
@@ -97,3 +107,26 @@ def _search_faiss(normed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         index.append(found[keep].view(-1, k))
         similarity.append(sims[keep].view(-1, k))
     return torch.cat(index), torch.cat(similarity)
+
+
+def other_identity_share(table: NeighbourTable, identity: torch.Tensor) -> torch.Tensor:
+    """(N,) probability that the y' drawn for each row (Eq. 8) is the caption of another identity."""
+    other = (identity[table.index] != identity[:, None]).to(table.similarity.dtype)
+    return (table.sampling_weights() * other).sum(1)
+
+
+def similarity_by_identity(features: torch.Tensor, identity: torch.Tensor, max_rows: int = 2000,
+                           seed: int = 0) -> dict[str, torch.Tensor]:
+    """Cosine similarities of every pair of distinct images, split into same identity and other identity.
+
+    On at most ``max_rows`` rows (a seeded random subset beyond that), so that the N x N
+    matrix stays small: these are distributions to read, not a search.
+    """
+    if len(features) > max_rows:
+        keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:max_rows]
+        features, identity = features[keep], identity[keep]
+    normed = F.normalize(features.float(), dim=1)
+    similarity = normed @ normed.T
+    pairs = torch.triu(torch.ones_like(similarity, dtype=torch.bool), diagonal=1)
+    same = identity[:, None] == identity[None, :]
+    return {"same_identity": similarity[pairs & same], "other_identity": similarity[pairs & ~same]}

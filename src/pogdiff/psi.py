@@ -2,7 +2,8 @@
 
 psi = psi_img * psi_txt: how much of the neighbour's prediction to borrow, larger when
 the neighbour image looks alike (and more so when it shows the same identity), and
-larger for captions in sparse regions of the text space.
+larger for captions in sparse regions of the text space. The summaries at the end are
+what a run's ``psi_summary.json`` holds (:func:`pogdiff.run_folder.save_psi`).
 """
 
 from __future__ import annotations
@@ -52,14 +53,38 @@ def pog_weight(psi_img: torch.Tensor, psi_txt: torch.Tensor) -> torch.Tensor:
     return psi_img * psi_txt
 
 
+QUANTILES = {"min": 0.0, "q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95, "max": 1.0}
+
+
+def quantiles(values: torch.Tensor) -> dict[str, float]:
+    """Mean and quantiles of ``values``, rounded for people to read."""
+    values = values.double().flatten()
+    found = values.quantile(torch.tensor(list(QUANTILES.values()), dtype=torch.float64)).tolist()
+    return {"mean": round(values.mean().item(), 4), **{k: round(v, 4) for k, v in zip(QUANTILES, found)}}
+
+
 def summarise(weights: dict[str, torch.Tensor], is_few: torch.Tensor) -> dict:
-    """Quantiles of each per-row weight for majority and minority ("Few") rows, for people to read."""
-    probs = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    """Mean and quantiles of each per-row value (psi_txt, psi_img, psi, the share of y' of another
+    identity) for majority and minority ("Few") rows, for people to read."""
     summary = {}
     for group, mask in (("majority", ~is_few), ("minority", is_few)):
         if mask.any():
-            summary[group] = {"rows": int(mask.sum()), **{
-                name: dict(zip(("min", "q25", "median", "q75", "max"),
-                               [round(v, 4) for v in values[mask].float().quantile(probs).tolist()]))
-                for name, values in weights.items()}}
+            summary[group] = {"rows": int(mask.sum()), **{name: quantiles(values[mask]) for name, values in weights.items()}}
+    return summary
+
+
+def summarise_similarity(similarity: dict[str, torch.Tensor], bins: int = 40) -> dict:
+    """Quantiles and a histogram on [-1, 1] of each group of cosine similarities (same vs other identity),
+    and ``separation``: the probability that a same-identity pair is more similar than an other-identity
+    pair (ties count half; the area under the ROC curve of similarity as a same-identity test; 0.5 is chance)."""
+    same, other = similarity["same_identity"].double(), similarity["other_identity"].double().sort().values
+    separation = None
+    if len(same) and len(other):
+        below = torch.searchsorted(other, same, right=False).double()
+        ties = torch.searchsorted(other, same, right=True).double() - below
+        separation = round(((below + ties / 2) / len(other)).mean().item(), 4)
+    summary = {"separation": separation, "histogram_edges": torch.linspace(-1, 1, bins + 1).tolist()}
+    for group, values in similarity.items():
+        summary[group] = {"pairs": len(values), **(quantiles(values) if len(values) else {}),
+                          "histogram": torch.histc(values.float(), bins, -1, 1).long().tolist()}
     return summary

@@ -3,9 +3,9 @@
 Every process appends JSON lines to ``OUTPUT_DIR/rows-rank<R>.jsonl``:
 
 - ``{"rank": R, "num_rows": N, "tables": {name: sha256}}`` once per start (resumes add one):
-  digests of the per-row tables every process must share (caption states, neighbour
-  index and similarity of Eq. 8, identity codes, ELBO of Eq. 10, and psi of Eq. 12 where
-  the method has it: see :class:`~pogdiff.encoded_dataset.EncodedDataset`);
+  digests of the per-row tables every process must share (caption states, identity
+  codes, ELBO of Eq. 10: see :class:`~pogdiff.encoded_dataset.EncodedDataset`; and the
+  neighbour index and similarity of Eq. 8 and psi of Eq. 12 where the method has them);
 - ``{"micro_step": m, "rows": [...]}`` per micro-batch: the dataset rows this process trained on;
 - ``{"weights": sha256}`` at the end: a digest of the trained weights as this process holds them.
 
@@ -24,16 +24,18 @@ import torch
 
 from pogdiff.cache import tensor_digest
 from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.neighbours import NeighbourTable
 
 
 class RowLog:
     """One process's ``rows-rank<R>.jsonl``, appended to."""
 
-    def __init__(self, out: Path, rank: int, encoded: EncodedDataset, psi: torch.Tensor | None):
+    def __init__(self, out: Path, rank: int, encoded: EncodedDataset, neighbours: NeighbourTable | None,
+                 psi: torch.Tensor | None):
         self.path = Path(out) / f"rows-rank{rank}.jsonl"
-        named = {"text_states": encoded.text_states, "neighbour_index": encoded.neighbours.index,
-                 "neighbour_similarity": encoded.neighbours.similarity, "identity": encoded.identity,
-                 "elbo": encoded.elbo}
+        named = {"text_states": encoded.text_states, "identity": encoded.identity, "elbo": encoded.elbo}
+        if neighbours is not None:
+            named.update(neighbour_index=neighbours.index, neighbour_similarity=neighbours.similarity)
         if psi is not None:
             named["psi"] = psi
         self._write({"rank": rank, "num_rows": len(encoded),

@@ -4,8 +4,10 @@
 
     RUN/pogdiff_run.json     backbone, config, steps; written last: without it the run is unfinished
     RUN/unet/, scheduler/    the weights, in diffusers' layout (a full pipeline for Stable Diffusion)
-    RUN/psi.safetensors      PoGDiff only: psi_txt, psi_img, psi per training row (Eqs. 9, 11, 12), is_few
-    RUN/psi_summary.json     their quantiles, majority vs minority rows
+    RUN/psi.safetensors      PoGDiff only: per training row psi_txt, psi_img, psi (Eqs. 9, 11, 12), the
+                             share of drawn y' of another identity (Eq. 8), is_few
+    RUN/psi_summary.json     their means and quantiles, majority vs minority rows; same- vs
+                             other-identity cosine similarity in the neighbour feature space
     RUN/checkpoint-N/        training states (--checkpointing-steps)
     RUN/rows-rank<R>.jsonl   --log-rows (pogdiff.row_log)
 
@@ -29,8 +31,9 @@ RUN_FILE = "pogdiff_run.json"
 PIPELINE_BACKBONE = "stable-diffusion"  # the backbone kind of a plain pipeline folder
 PSI_FILE = "psi.safetensors"
 PSI_SUMMARY_FILE = "psi_summary.json"
-PSI_KEYS = ("psi_txt", "psi_img", "psi")
+PSI_KEYS = ("psi_txt", "psi_img", "psi", "other_identity_share")
 IS_FEW_KEY = "is_few"
+NEIGHBOUR_SPACE_KEY = "neighbour_features"  # in PSI_SUMMARY_FILE
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -79,22 +82,40 @@ def _checked_run_info(path: Path) -> dict:
 
 
 def run_label(config: dict) -> str:
-    """A run's name in tables: its method, plus the method options it changed (e.g. ablations)."""
+    """A run's name in tables: its method, the sampler it was given (``+balanced``) and the method
+    options it changed (e.g. ablations)."""
     options = ",".join(f"{k}={v}" for k, v in sorted(config.get("method_options", {}).items()))
-    return f"{config['method']}({options})" if options else config["method"]
+    name = f"{config['method']}+{config['sampler']}" if config.get("sampler") else config["method"]
+    return f"{name}({options})" if options else name
 
 
-def save_psi(run_dir: Path, psi_per_row: dict[str, torch.Tensor], is_few: torch.Tensor) -> None:
-    """psi per training row (PSI_FILE) and its quantiles, majority vs minority (PSI_SUMMARY_FILE)."""
+def save_psi(run_dir: Path, psi_per_row: dict[str, torch.Tensor], is_few: torch.Tensor,
+             neighbour_space: dict | None = None) -> None:
+    """The per-row values (PSI_FILE) and their quantiles, majority vs minority (PSI_SUMMARY_FILE).
+
+    ``neighbour_space``: the feature space of Eq. 8 (``name``, ``k``) and its cosine similarities
+    of same-identity and other-identity pairs (:func:`pogdiff.neighbours.similarity_by_identity`),
+    summarised under ``"neighbour_features"``.
+    """
     weights = {k: v.float().cpu().contiguous() for k, v in psi_per_row.items()}
     save_file({**weights, IS_FEW_KEY: is_few}, Path(run_dir) / PSI_FILE)
-    (Path(run_dir) / PSI_SUMMARY_FILE).write_text(json.dumps(psi.summarise(weights, is_few), indent=2))
+    summary = psi.summarise(weights, is_few)
+    if neighbour_space is not None:
+        summary[NEIGHBOUR_SPACE_KEY] = {"space": neighbour_space["name"], "k": neighbour_space["k"],
+                                        **psi.summarise_similarity(neighbour_space["similarity"])}
+    (Path(run_dir) / PSI_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
 
 def load_psi(run_dir: str | Path) -> dict[str, torch.Tensor] | None:
     """PSI_FILE's tensors, None for a run without one (every method but PoGDiff)."""
     path = Path(run_dir) / PSI_FILE
     return load_file(path) if path.is_file() else None
+
+
+def load_psi_summary(run_dir: str | Path) -> dict | None:
+    """PSI_SUMMARY_FILE, None for a run without one."""
+    path = Path(run_dir) / PSI_SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def checkpoint_step(checkpoint: Path) -> int:

@@ -40,10 +40,12 @@ from pogdiff.encoded_dataset import EncodedDataset, encode_dataset, training_ima
 from pogdiff.errors import DatasetError, Interrupted, PogdiffError, first_line
 from pogdiff.files import incomplete, remove_quietly, write_errors_as_os_errors
 from pogdiff.images import save_grid
-from pogdiff.losses import METHODS, TrainBatch
+from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch
+from pogdiff.neighbour_features import neighbour_feature_space
 from pogdiff.options import check_values
 from pogdiff.ownership import claimed, entries, is_marked, refuse_if_in_use
 from pogdiff.row_log import RowLog
+from pogdiff.row_sampler import SAMPLERS, batch_rows, row_weights
 from pogdiff.run_folder import (CHECKPOINT_PREFIX, PSI_FILE, RUN_FILE, checkpoint_step, checkpoints,
                                 latest_checkpoint, save_psi, write_run_info)
 from pogdiff.sampling import generate
@@ -88,9 +90,10 @@ class TrainConfig:
     use_ema: bool = False
     ema_decay: float = 0.9999
     snr_gamma: float | None = None
-    # method (Sec. 3.2); ignored by methods that do not use them
-    k: int = 10
+    # method: its loss's constructor options (pogdiff.losses), and the row sampler (pogdiff.row_sampler)
     method_options: dict = field(default_factory=dict)
+    sampler: str | None = None  # None: the method's own (balanced for resample, uniform otherwise)
+    density_max_ratio: float = 10.0  # balanced sampler without identities: clip of the inverse text density
     vae_latent_dim: int = 8
     # small backbone
     text_max_length: int = 24
@@ -142,20 +145,21 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     global_batch = config.train_batch_size * accelerator.num_processes
     check_batch_fits(dataset, global_batch, config)
+    METHODS[config.method].check_dataset(dataset, **config.method_options)
 
     # Model: the same initial weights (or LoRA adapters) on every rank and for every method.
     backbone = make_backbone(config)
     config = replace(config, resolution=config.resolution or backbone.resolution,
                      learning_rate=config.learning_rate or backbone.default_learning_rate)
 
-    # Encoded dataset (Eqs. 8, 10) and loss: the frozen encoders run once, in float32, for the caches.
+    # Encoded dataset (Eqs. 8, 10), loss and row sampler: the frozen encoders run once, in float32, for the caches.
     backbone.to(accelerator.device)
     with accelerator.local_main_process_first():
         encoded, x0_cache = encode_for_training(dataset, backbone, config)
+        encoded = encoded.to(accelerator.device)
+        loss_fn = make_loss(config, backbone, encoded)  # PoGDiff's neighbour table (Eq. 8) is built or read here
     backbone.to(accelerator.device, weight_dtype)
-    encoded = encoded.to(accelerator.device)
-    loss_fn = METHODS[config.method](backbone.scheduler, encoded, snr_gamma=config.snr_gamma, **config.method_options)
-    sampling_weights = loss_fn.sampling_weights()
+    sampling_weights = row_weights(sampler_of(config), encoded, config.density_max_ratio)
     psi_per_row = loss_fn.psi_per_row()
 
     # Run folder: the inputs are good, only now is anything written to it.
@@ -164,10 +168,11 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     accelerator.wait_for_everyone()
     row_log = None
     if config.log_rows:
-        row_log = RowLog(out, accelerator.process_index, encoded, None if psi_per_row is None else psi_per_row["psi"])
+        row_log = RowLog(out, accelerator.process_index, encoded, loss_fn.neighbours,
+                         None if psi_per_row is None else psi_per_row["psi"])
     if accelerator.is_main_process and psi_per_row is not None:
         with reported_write_errors(out / PSI_FILE, out):
-            save_psi(out, psi_per_row, few_rows(dataset))
+            save_psi(out, psi_per_row, few_rows(dataset), loss_fn.neighbour_space())
 
     # Optimizer: the whole UNet, or its LoRA adapters.
     unet = backbone.unet.train()
@@ -265,7 +270,20 @@ def check_options(config: TrainConfig) -> None:
         raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.lora_rank and not config.pretrained:
         raise PogdiffError("--lora-rank adapts a pretrained checkpoint: pass --pretrained PATH_OR_HUB_ID too")
+    if config.sampler is not None and config.sampler not in SAMPLERS:
+        raise PogdiffError(f"unknown sampler {config.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    implied = METHODS[config.method].SAMPLER
+    if config.sampler not in (None, implied) and implied != "uniform":
+        raise PogdiffError(f"--method {config.method} implies --sampler {implied}; drop --sampler {config.sampler} "
+                           "or choose another method (resample is vanilla + --sampler balanced)")
+    if config.density_max_ratio != TrainConfig.density_max_ratio and sampler_of(config) != "balanced":
+        raise PogdiffError("--density-max-ratio applies to the balanced sampler; drop it or pass --sampler balanced")
     check_values({**asdict(config), **config.method_options})
+
+
+def sampler_of(config: TrainConfig) -> str:
+    """The row sampler a run uses: --sampler, else the one its method implies."""
+    return config.sampler or METHODS[config.method].SAMPLER
 
 
 def check_output_dir(config: TrainConfig) -> Path:
@@ -385,11 +403,22 @@ def make_backbone(config: TrainConfig):
 
 
 def encode_for_training(dataset: ImageTextDataset, backbone, config: TrainConfig) -> tuple[EncodedDataset, torch.Tensor]:
-    """The encoded dataset the losses look up, and the x0 cache the loop draws from (both cached on disk)."""
+    """The encoded dataset the losses look up, and the x0 cache the loop draws from (both cached on disk).
+
+    Image features for Eq. 8 come on demand, in the space the method asks for (the backbone's
+    own ``unet`` space included); the images are loaded again for them only on a cache miss.
+    """
     images = dataset.load_images(config.resolution, config.center_crop)
-    encoded = encode_dataset(dataset, images, backbone.text_encoder, k=config.k, vae_latent_dim=config.vae_latent_dim,
-                             seed=config.seed, cache_dir=config.cache_dir)
+    encoded = encode_dataset(dataset, images, backbone.text_encoder, vae_latent_dim=config.vae_latent_dim,
+                             seed=config.seed, cache_dir=config.cache_dir,
+                             feature_spaces=lambda space: neighbour_feature_space(space, backbone),
+                             load_images=lambda: dataset.load_images(config.resolution, config.center_crop))
     return encoded, training_images(backbone, images, config.random_flip, config.cache_dir)
+
+
+def make_loss(config: TrainConfig, backbone, encoded: EncodedDataset) -> DiffusionLoss:
+    """The method's loss with its options (``config.method_options``); PoGDiff finds its neighbours here."""
+    return METHODS[config.method](backbone.scheduler, encoded, snr_gamma=config.snr_gamma, **config.method_options)
 
 
 # --- run folder ---
@@ -506,22 +535,6 @@ def describe_hardware(device: torch.device) -> str:
 
 
 # --- loop ---
-
-def batch_rows(num_rows: int, global_batch: int, micro_step: int, seed: int,
-               weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of the ``micro_step``-th global batch: a fresh seeded shuffle each epoch (drop-last).
-
-    With ``weights`` (resampling methods) rows are drawn with replacement in proportion to them.
-    """
-    per_epoch = num_rows // global_batch
-    epoch, position = divmod(micro_step, per_epoch)
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if weights is None:
-        order = torch.randperm(num_rows, generator=generator)
-    else:
-        order = torch.multinomial(weights, per_epoch * global_batch, replacement=True, generator=generator)
-    return order[position * global_batch:(position + 1) * global_batch]
-
 
 def draw_batch(rows: torch.Tensor, backbone, x0_cache: torch.Tensor, encoded: EncodedDataset, config: TrainConfig,
                device) -> TrainBatch:

@@ -17,6 +17,16 @@ paper's protocol, App. B and E):
 fd, sim and recall are measured in one feature space (``features``); metrics.json and
 report.html name it, and the judge. Averages skip the identities whose value is None;
 metrics.json lists them under ``skipped``.
+
+Calibration rows (``calibration`` in metrics.json) say what the numbers mean on this
+dataset, feature space and judge: real images scored as if generated, with the same code.
+
+- ``real (held-out)``: each identity's held-out images (``DATA/heldout``), what a perfect
+  generator would give. A reference never contains the image being scored: fd is taken
+  against the training images only, and sim over pairs of two different held-out images.
+- ``real (look-alike)``: the held-out images (training images where it has none) of the
+  identity whose training-image centroid is nearest in the feature space (cosine), scored
+  against this identity's references: what drawing the wrong, similar person gives.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pogdiff.backbone import load_backbone
 from pogdiff.data.dataset import FEW_MAX_IMAGES, ImageTextDataset, load_dataset
@@ -39,14 +50,16 @@ from pogdiff.evaluation.report import ReportData, write_report
 from pogdiff.evaluation.results_table import all_few_table, format_value, markdown_table
 from pogdiff.files import file_stems
 from pogdiff.images import save_grid, to_pil
+from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
 from pogdiff.options import check_values
-from pogdiff.run_folder import load_psi, read_run_info, run_label
+from pogdiff.run_folder import load_psi, load_psi_summary, read_run_info, run_label
 from pogdiff.sampling import generate
 
 PROMPT = "An image of {name}."  # App. B
 METRIC_KEYS = ("fd", "sim", "recall", "id_acc")
 JUDGES = ("auto", "synth", "faces", "features")
 HELDOUT_DIR = "heldout"
+HELD_OUT, LOOK_ALIKE = "real (held-out)", "real (look-alike)"  # calibration rows
 
 
 def paper_sample_counts(num_training_images: int) -> tuple[int, int]:
@@ -77,7 +90,8 @@ class RealImages:
 
     training: dict[str, torch.Tensor]
     training_features: dict[str, torch.Tensor]
-    heldout_features: dict[str, torch.Tensor] | None  # None: the dataset has no DATA/heldout
+    heldout: dict[str, torch.Tensor] | None  # None: the dataset has no DATA/heldout
+    heldout_features: dict[str, torch.Tensor] | None
     judge: object
 
 
@@ -98,6 +112,7 @@ class Evaluation:
         self.names = identity_order(self.dataset)
         self.counts = self.dataset.identity_counts()
         self.few = self.dataset.few_identities(few_max_images)
+        self.features = features
         self.extractor = load_feature_extractor(features, inception_weights)
         synth = data_dir / "synth.json"
         self.judge_kind = self._judge_kind(identity_judge, synth)
@@ -132,11 +147,13 @@ class Evaluation:
         if resolution not in self._real:
             training = by_identity(self.dataset.load_images(resolution), self.dataset.identity_names)
             training_features = {n: self.extractor(images) for n, images in training.items()}
-            heldout_features = None
+            heldout = heldout_features = None
             if self.heldout is not None:
-                heldout = by_identity(self.heldout.load_images(resolution), self.heldout.identity_names)
-                heldout_features = {n: self.extractor(images) for n, images in heldout.items() if n in self.counts}
-            self._real[resolution] = RealImages(training, training_features, heldout_features,
+                heldout = {n: images for n, images in by_identity(self.heldout.load_images(resolution),
+                                                                  self.heldout.identity_names).items()
+                           if n in self.counts}
+                heldout_features = {n: self.extractor(images) for n, images in heldout.items()}
+            self._real[resolution] = RealImages(training, training_features, heldout, heldout_features,
                                                 self._make_judge(training))
         return self._real[resolution]
 
@@ -162,27 +179,79 @@ class Evaluation:
         features = {n: self.extractor(images) for n, images in generated.items()}
         per_identity = {}
         for name in self.names:
-            training = real.training_features[name]
-            if real.heldout_features is None:  # no DATA/heldout: the training images stand in
-                fd_reference = sim_reference = training
-            else:
-                heldout = real.heldout_features.get(name, training[:0])
-                fd_reference, sim_reference = torch.cat([training, heldout]), heldout
-            predicted = real.judge.predict(generated[name])
-            scores = {
-                "fd": m.frechet_distance(features[name], fd_reference),
-                "sim": m.mean_similarity(features[name], sim_reference),
-                "recall": m.recall(features[name], training, recall_threshold),
-                "id_acc": m.identity_accuracy(predicted, name),
-                "train_images": self.counts[name],
-                "generated_images": len(generated[name]),
-                "fd_reference_images": len(fd_reference),
-                "sim_reference_images": len(sim_reference),
-            }
-            if self.judge_kind == "faces":
-                scores["no_face"] = sum(p is None for p in predicted)
-            per_identity[name] = scores
+            fd_reference, sim_reference = self._reference_features(name, real)
+            per_identity[name] = self._score_identity(
+                name, generated[name], features[name], real, recall_threshold, fd_reference,
+                m.mean_similarity(features[name], sim_reference), len(sim_reference))
         return per_identity, features
+
+    def calibration(self, resolution: int, recall_threshold: float) -> dict[str, dict]:
+        """Per-identity scores of real images standing in for generated ones (see the module docstring):
+        {row label: {"per_identity": ..., "look_alike_of": {identity: its look-alike}}}."""
+        real = self.real(resolution)
+        rows = {}
+        if real.heldout is not None:
+            per_identity = {}
+            for name in self.names:
+                images, features = real.heldout.get(name), real.heldout_features.get(name)
+                per_identity[name] = (self._empty_scores(name) if images is None else self._score_identity(
+                    name, images, features, real, recall_threshold, real.training_features[name],
+                    m.mean_similarity_to_others(features), len(features) - 1))
+            rows[HELD_OUT] = {"per_identity": per_identity}
+        look_alike = self.look_alikes(real)
+        per_identity = {}
+        for name in self.names:
+            other = look_alike[name]
+            if other is None:
+                per_identity[name] = self._empty_scores(name)
+                continue
+            held_out = real.heldout is not None and other in real.heldout
+            images = (real.heldout if held_out else real.training)[other]
+            features = (real.heldout_features if held_out else real.training_features)[other]
+            fd_reference, sim_reference = self._reference_features(name, real)
+            per_identity[name] = self._score_identity(name, images, features, real, recall_threshold, fd_reference,
+                                                      m.mean_similarity(features, sim_reference), len(sim_reference))
+        rows[LOOK_ALIKE] = {"per_identity": per_identity, "look_alike_of": look_alike}
+        return rows
+
+    def look_alikes(self, real: RealImages) -> dict[str, str | None]:
+        """For each identity, the other identity whose training-image centroid is nearest (cosine)."""
+        if len(self.names) < 2:
+            return {name: None for name in self.names}
+        centroids = torch.stack([F.normalize(real.training_features[n].double(), dim=1).mean(0) for n in self.names])
+        similarity = m.cosine_similarities(centroids, centroids).fill_diagonal_(-float("inf"))
+        return {name: self.names[j] for name, j in zip(self.names, similarity.argmax(1).tolist())}
+
+    def _reference_features(self, name: str, real: RealImages) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real features an identity's images are compared with: (fd's, sim's); see the module docstring."""
+        training = real.training_features[name]
+        if real.heldout_features is None:  # no DATA/heldout: the training images stand in
+            return training, training
+        heldout = real.heldout_features.get(name, training[:0])
+        return torch.cat([training, heldout]), heldout
+
+    def _score_identity(self, name: str, images: torch.Tensor, features: torch.Tensor, real: RealImages,
+                        recall_threshold: float, fd_reference: torch.Tensor, sim: float | None,
+                        sim_reference_images: int) -> dict:
+        """The metrics of one identity's images (generated, or real ones standing in), sim given."""
+        predicted = real.judge.predict(images)
+        scores = {
+            "fd": m.frechet_distance(features, fd_reference),
+            "sim": sim,
+            "recall": m.recall(features, real.training_features[name], recall_threshold),
+            "id_acc": m.identity_accuracy(predicted, name),
+            "train_images": self.counts[name],
+            "generated_images": len(images),
+            "fd_reference_images": len(fd_reference),
+            "sim_reference_images": sim_reference_images,
+        }
+        if self.judge_kind == "faces":
+            scores["no_face"] = sum(p is None for p in predicted)
+        return scores
+
+    def _empty_scores(self, name: str) -> dict:
+        """No image to score (an identity without held-out images or look-alike): every metric None."""
+        return {**dict.fromkeys(METRIC_KEYS), "train_images": self.counts[name], "generated_images": 0}
 
 
 def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str | Path,
@@ -208,7 +277,8 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     check_values({"num_images": num_images, "num_images_few": num_images_few, "seed": seed,
                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                   "few_max_images": few_max_images, "recall_threshold": recall_threshold}, command="evaluate")
-    labels = run_labels(run_dirs)  # every run folder read before any work: a broken one fails now
+    configs = [read_run_info(run_dir)["config"] for run_dir in run_dirs]  # a broken run fails now, before any work
+    labels = run_labels(configs)
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
                             cache_dir, progress)
     if paper_protocol:
@@ -217,9 +287,10 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     samples_for = {n: num_images_few if n in evaluation.few else num_images for n in evaluation.names}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    results, generated, generated_features, psi = {}, {}, {}, {}
+    results, generated, generated_features, psi, psi_summaries = {}, {}, {}, {}, {}
     label_stems, name_stems = file_stems(labels), file_stems(evaluation.names)
-    for run_dir, label in zip(run_dirs, labels):
+    for run_dir, config, label in zip(run_dirs, configs, labels):
+        warn_if_judge_shares_neighbour_space(label, config, evaluation)
         generated[label] = generate_per_identity(load_backbone(run_dir), samples_for, num_inference_steps,
                                                  guidance_scale, seed, progress)
         save_samples(generated[label], evaluation.counts, out_dir / f"samples-{label_stems[label]}.png",
@@ -228,10 +299,14 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
         results[label] = run_result(per_identity, evaluation, run_dir)
         run_psi = load_psi(run_dir)
         if run_psi is not None:
-            psi[label] = run_psi
+            psi[label], psi_summaries[label] = run_psi, load_psi_summary(run_dir)
 
-    real = evaluation.real(next(iter(generated.values()))[evaluation.names[0]].shape[-1])
-    metrics = {"methods": results, "data": str(data_dir), "feature_space": evaluation.extractor.name,
+    resolution = next(iter(generated.values()))[evaluation.names[0]].shape[-1]
+    real = evaluation.real(resolution)
+    calibration = {label: {**identity_summary(row.pop("per_identity"), evaluation), **row}
+                   for label, row in evaluation.calibration(resolution, recall_threshold).items()}
+    metrics = {"methods": results, "calibration": calibration, "data": str(data_dir),
+               "feature_space": evaluation.extractor.name,
                "identity_judge": real.judge.name, "recall_threshold": recall_threshold,
                "references": evaluation.references(), "num_images_per_identity": num_images,
                "num_images_per_few_identity": num_images_few, "paper_protocol": paper_protocol,
@@ -242,8 +317,22 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     if report:
         write_report(out_dir / "report.html", metrics,
                      ReportData(evaluation.names, dict(evaluation.counts), evaluation.few, real.training,
-                                real.training_features, generated, generated_features, psi))
+                                real.training_features, generated, generated_features, psi, psi_summaries))
     return metrics
+
+
+def warn_if_judge_shares_neighbour_space(label: str, config: dict, evaluation: Evaluation) -> None:
+    """A PoGDiff run whose neighbours (Eq. 8) were found in the judge's own space has seen the test a little."""
+    if config.get("method") != "pogdiff":
+        return
+    space = config.get("method_options", {}).get("neighbour_features", DEFAULT_NEIGHBOUR_FEATURES)
+    shared = ((evaluation.judge_kind == "faces" and space == "faces")
+              or (evaluation.judge_kind == "features" and space == evaluation.features))
+    if shared:
+        warnings.warn(f"{label}: PoGDiff found its neighbours in {space}, the space the identity judge "
+                      f"({evaluation.judge_kind}) decides in, so its id_acc is not independent of the method; pass "
+                      "another --identity-judge or train with another --neighbour-features", PogdiffWarning,
+                      stacklevel=2)
 
 
 def generate_per_identity(backbone, samples_for: dict[str, int], num_inference_steps: int,
@@ -270,24 +359,28 @@ def save_samples(generated: dict[str, torch.Tensor], counts: dict[str, int], gri
 
 
 def run_result(per_identity: dict[str, dict], evaluation: Evaluation, run_dir: str | Path) -> dict:
-    """One run's entry in metrics.json: averages over All and Few, per-identity values, what was skipped."""
+    """One run's entry in metrics.json: :func:`identity_summary` and the run folder."""
+    return {**identity_summary(per_identity, evaluation), "run": str(run_dir)}
+
+
+def identity_summary(per_identity: dict[str, dict], evaluation: Evaluation) -> dict:
+    """Averages over All and Few, per-identity values, what was skipped (a run's or a calibration row's)."""
     names = evaluation.names
     result = {"all": average(per_identity, names), "few": average(per_identity, [n for n in names if n in evaluation.few]),
               "per_identity": per_identity,
-              "skipped": {k: [n for n in names if per_identity[n][k] is None] for k in ("fd", "sim")},
-              "run": str(run_dir)}
+              "skipped": {k: [n for n in names if per_identity[n][k] is None] for k in ("fd", "sim")}}
     if evaluation.judge_kind == "faces":
-        missing = sum(v["no_face"] for v in per_identity.values())
+        missing = sum(v.get("no_face", 0) for v in per_identity.values())
         total = sum(v["generated_images"] for v in per_identity.values())
-        result["no_face"] = {"count": missing, "fraction": missing / total}
+        result["no_face"] = {"count": missing, "fraction": missing / max(total, 1)}
     return result
 
 
-def run_labels(run_dirs: list[str | Path]) -> list[str]:
-    """Each run's label (:func:`run_label`), made unique."""
+def run_labels(configs: list[dict]) -> list[str]:
+    """Each run's label (:func:`run_label` of its config), made unique."""
     labels: list[str] = []
-    for run_dir in run_dirs:
-        labels.append(_unique(run_label(read_run_info(run_dir)["config"]), labels))
+    for config in configs:
+        labels.append(_unique(run_label(config), labels))
     return labels
 
 
@@ -305,5 +398,5 @@ def average(per_identity: dict[str, dict], names: list[str]) -> dict[str, float 
 
 
 def format_table(metrics: dict) -> str:
-    """The All/Few table as Markdown, one row per method."""
-    return markdown_table(*all_few_table(metrics["methods"], format_value))
+    """The All/Few table as Markdown, one row per method, then the calibration rows."""
+    return markdown_table(*all_few_table({**metrics["methods"], **metrics["calibration"]}, format_value))

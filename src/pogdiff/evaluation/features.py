@@ -3,7 +3,7 @@
 The paper measures FID in Inception features and similarity and recall in DINOv2
 features (App. B, E). Neither network's weights ship with a Python package, so the
 default is the offline EfficientNet-Lite0 space that also finds the neighbours of
-Eq. 8; the others load when the user has their weights:
+Eq. 8 by default; the others load when the user has their weights:
 
 - ``"efficientnet-lite0"`` (default): :class:`pogdiff.encoders.ImageEncoder`, 1280-d.
 - ``"inception"``: the standard FID network (2048-d pool features of the 2015 TF
@@ -11,8 +11,7 @@ Eq. 8; the others load when the user has their weights:
   ``torch-fidelity`` (extra ``pogdiff[inception]``; it imports torchvision) and the
   weights file ``pt_inception-2015-12-05-6726825d.pth`` given by ``inception_weights``.
 - anything else: a Hugging Face image model id or folder (e.g. ``facebook/dinov2-base``),
-  loaded with ``AutoModel`` and ``AutoImageProcessor``; the feature is the pooled output
-  (DINOv2: the layer-normed CLS token), else the CLS token of the last hidden state.
+  :class:`pogdiff.encoders.HuggingFaceImageFeatures`.
 
 Each extractor has a ``name``, written next to every number measured in its space. Any
 object with a ``name`` and ``__call__(images) -> (N, D)`` can be passed instead of a name.
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pogdiff.encoders import ImageEncoder
+from pogdiff.encoders import HuggingFaceImageFeatures, ImageEncoder
 from pogdiff.errors import PogdiffError
 from pogdiff.images import to_uint8
 
@@ -71,36 +70,3 @@ class InceptionFeatures:
         device = next(self.model.parameters()).device
         return torch.cat([self.model(to_uint8(chunk).to(device)).float().cpu()
                           for chunk in images.split(batch_size)])
-
-
-class HuggingFaceImageFeatures:
-    """A Hugging Face vision backbone: pooled output, or the CLS token, per image."""
-
-    def __init__(self, name_or_path: str | Path, device: str | torch.device = "cpu"):
-        from transformers import AutoImageProcessor, AutoModel
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(str(name_or_path))
-            self.model = AutoModel.from_pretrained(str(name_or_path))
-        except (OSError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise PogdiffError(f"{name_or_path}: cannot load it as a Hugging Face image model ({first}); pass "
-                               f"--features {DEFAULT_FEATURES}, 'inception', or a local folder (or cached hub id) "
-                               "holding config.json, preprocessor_config.json and the weights") from None
-        self.model.eval().requires_grad_(False).to(device)
-        self.name = f"hf:{name_or_path}"
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        features = []
-        for chunk in images.split(batch_size):
-            pixels = list(to_uint8(chunk).permute(0, 2, 3, 1).numpy())
-            inputs = self.processor(images=pixels, return_tensors="pt").to(device)
-            output = self.model(**inputs)
-            pooled = getattr(output, "pooler_output", None)
-            vector = pooled if pooled is not None else output.last_hidden_state[:, 0]
-            features.append(vector.flatten(1).float().cpu())
-        return torch.cat(features)

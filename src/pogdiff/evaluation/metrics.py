@@ -63,6 +63,14 @@ def mean_similarity(generated: torch.Tensor, real: torch.Tensor) -> float | None
     return cosine_similarities(generated, real).mean().item()
 
 
+def mean_similarity_to_others(features: torch.Tensor) -> float | None:
+    """Mean cosine similarity over pairs of two different images of one set (no image against itself)."""
+    if len(features) < 2:
+        return None
+    similarity = cosine_similarities(features, features)
+    return ((similarity.sum() - similarity.diagonal().sum()) / (len(features) * (len(features) - 1))).item()
+
+
 def recall(generated: torch.Tensor, training: torch.Tensor, threshold: float = 0.9) -> float | None:
     """Eq. 17 for one identity: covered training images / training images.
 

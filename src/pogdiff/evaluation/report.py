@@ -1,10 +1,12 @@
 """``report.html``: the evaluation as one self-contained page (every picture embedded as a base64 PNG).
 
-Sections, after the paper's: the All/Few table (Tables 1-2, 6), per-identity values,
+Sections, after the paper's: the All/Few table (Tables 1-2, 6) with the calibration rows
+(real held-out images, and a look-alike's, scored as if generated), per-identity values,
 real training images beside generated ones for every identity, minority first (Fig. 6),
-the identity-count histogram of the training set (Fig. 4), psi for majority vs minority
-rows of each PoGDiff run, and a PCA of real and generated features for a few minority
-identities (Fig. 9).
+the identity-count histogram of the training set (Fig. 4), for each PoGDiff run psi and
+the share of y' drawn from another identity for majority vs minority rows and the cosine
+similarity of same- vs other-identity pairs in its neighbour feature space, and a PCA of
+real and generated features for a few minority identities (Fig. 9).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from PIL import Image
 
 from pogdiff.evaluation.results_table import SPLITS, all_few_columns, format_value
 from pogdiff.images import labelled_grid
-from pogdiff.run_folder import IS_FEW_KEY, PSI_FILE, PSI_KEYS
+from pogdiff.run_folder import IS_FEW_KEY, NEIGHBOUR_SPACE_KEY, PSI_FILE, PSI_KEYS
 
 LOWER_IS_BETTER = {"fd"}
 METRIC_TITLES = {"fd": "FD ↓", "sim": "Similarity ↑", "recall": "Recall ↑", "id_acc": "Identity accuracy ↑"}
@@ -41,6 +44,7 @@ class ReportData:
     generated: dict[str, dict[str, torch.Tensor]]  # method -> identity -> images
     generated_features: dict[str, dict[str, torch.Tensor]]
     psi: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # method -> its run's psi.safetensors
+    psi_summary: dict[str, dict] = field(default_factory=dict)  # method -> its run's psi_summary.json
 
 
 def write_report(path: str | Path, metrics: dict, data: ReportData, images_per_cell: int = 6) -> Path:
@@ -52,8 +56,7 @@ def write_report(path: str | Path, metrics: dict, data: ReportData, images_per_c
         "<h2>Samples</h2><p>Real training images, then each method's samples for \"An image of {name}.\", "
         "minority first.</p>" + _sample_grid(data, images_per_cell),
         "<h2>Training set</h2>" + _image(identity_histogram(data), "identity-count histogram"),
-        "<h2>PoGDiff weights</h2>" + (_image(psi_figure(data.psi), "psi, majority vs minority") if data.psi else
-                                      f"<p>No run here has a {PSI_FILE} (only PoGDiff runs write one).</p>"),
+        "<h2>PoGDiff weights and neighbours</h2>" + _pogdiff_section(data),
         "<h2>Features of minority identities</h2>"
         f"<p>PCA of {html.escape(metrics['feature_space'])} features, fitted on all training images.</p>"
         + _image(feature_projection(data), "PCA of real and generated features"),
@@ -91,6 +94,20 @@ def _settings(metrics: dict) -> str:
     return f"<dl>{rows}</dl>"
 
 
+def _pogdiff_section(data: ReportData) -> str:
+    if not data.psi:
+        return f"<p>No run here has a {PSI_FILE} (only PoGDiff runs write one).</p>"
+    spaces = {m: s[NEIGHBOUR_SPACE_KEY] for m, s in data.psi_summary.items() if s and NEIGHBOUR_SPACE_KEY in s}
+    text = ("<p>Per training row: psi_txt, psi_img and psi (Eqs. 9, 11, 12; psi_img and psi in expectation over "
+            "Eq. 8's draw), and the probability that the drawn y' is the caption of another identity.</p>")
+    text += _image(psi_figure(data.psi), "psi and the share of y' from another identity, majority vs minority")
+    if spaces:
+        text += ("<p>Cosine similarity of pairs of training images in each run's neighbour feature space (Eq. 8), "
+                 "same identity vs other identity: where the two overlap, a look-alike is as likely a neighbour "
+                 "as the person.</p>" + _image(similarity_figure(spaces), "same vs other identity similarity"))
+    return text
+
+
 def _best(values: list, key: str):
     """The best value of a column, None when there is nothing to single out (no values, or all equal)."""
     present = [v for v in values if v is not None]
@@ -100,9 +117,10 @@ def _best(values: list, key: str):
 
 
 def _summary_table(metrics: dict) -> str:
-    """The results table with a metric heading over its All and Few columns, the best value of each in bold."""
-    methods = metrics["methods"]
-    columns = all_few_columns(methods)
+    """The results table with a metric heading over its All and Few columns, the best value of each in bold,
+    then the calibration rows in italics (never bold)."""
+    methods, calibration = metrics["methods"], metrics.get("calibration", {})
+    columns = all_few_columns({**methods, **calibration})
     keys = list(dict.fromkeys(key for key, _ in columns))
     head = ("<tr><th rowspan=\"2\">method</th>" + "".join(f"<th colspan=\"2\">{html.escape(METRIC_TITLES.get(k, k))}"
                                                         f"</th>" for k in keys) + "</tr>"
@@ -117,7 +135,22 @@ def _summary_table(metrics: dict) -> str:
             cells.append(f"<td><b>{text}</b></td>" if value is not None and value == best[k, split]
                          else f"<td>{text}</td>")
         body += f"<tr><td class=\"name\">{html.escape(label)}</td>{''.join(cells)}</tr>"
-    return f"<table>{head}{body}</table>"
+    for label, result in calibration.items():
+        cells = "".join(f"<td><i>{format_value(result[split].get(k))}</i></td>" for k, split in columns)
+        body += f"<tr class=\"calibration\"><td class=\"name\"><i>{html.escape(label)}</i></td>{cells}</tr>"
+    return f"<table>{head}{body}</table>" + _calibration_note(calibration)
+
+
+def _calibration_note(calibration: dict) -> str:
+    if not calibration:
+        return ""
+    pairs = calibration.get("real (look-alike)", {}).get("look_alike_of", {})
+    look_alikes = ", ".join(f"{html.escape(a)} → {html.escape(b)}" for a, b in pairs.items() if b)
+    return ("<p><i>Calibration</i>: real images scored as if generated, with the same metrics and judge. "
+            "<i>real (held-out)</i>: each identity's held-out images, what a perfect generator gets (fd against "
+            "the training images only, sim over pairs of two different held-out images). <i>real (look-alike)</i>: "
+            "images of the identity with the nearest training-image centroid, scored against this one, what "
+            f"drawing the wrong, similar person gets. Look-alikes: {look_alikes}.</p>")
 
 
 def _per_identity_table(metrics: dict, data: ReportData) -> str:
@@ -182,19 +215,43 @@ def identity_histogram(data: ReportData) -> Figure:
 
 
 def psi_figure(psi: dict[str, dict[str, torch.Tensor]]) -> Figure:
-    """psi_txt, psi_img and psi per training row, majority vs minority, one row of panels per run."""
-    figure = Figure(figsize=(10, 2.8 * len(psi)))
+    """psi_txt, psi_img, psi and the share of y' from another identity per training row, majority vs
+    minority, one row of panels per run (a run written before the share was recorded leaves its panel empty)."""
+    figure = Figure(figsize=(13, 2.8 * len(psi)))
     axes = figure.subplots(len(psi), len(PSI_KEYS), squeeze=False)
     for row, (method, tensors) in enumerate(psi.items()):
         few = tensors[IS_FEW_KEY].bool()
         for ax, key in zip(axes[row], PSI_KEYS):
+            if key not in tensors:
+                ax.set_axis_off()
+                continue
             values = tensors[key].float()
             groups = {label: values[mask].numpy() for label, mask in (("majority", ~few), ("minority", few)) if mask.any()}
             ax.boxplot(list(groups.values()))
             ax.set_xticks(range(1, len(groups) + 1), [f"{label} ({len(v)})" for label, v in groups.items()])
             if (values > 0).all():
                 ax.set_yscale("log")
-            ax.set_title(f"{method}: {key}", fontsize=9)
+            ax.set_title(key, fontsize=9)
+        axes[row][0].set_ylabel(textwrap.fill(method, 28), fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def similarity_figure(spaces: dict[str, dict]) -> Figure:
+    """Histograms of same- and other-identity cosine similarity in each run's neighbour space (psi_summary.json)."""
+    figure = Figure(figsize=(4.5 * len(spaces), 2.8))
+    axes = figure.subplots(1, len(spaces), squeeze=False)[0]
+    for ax, (method, space) in zip(axes, spaces.items()):
+        edges = space["histogram_edges"]
+        for group, colour in (("same_identity", "tab:blue"), ("other_identity", "tab:orange")):
+            counts = space[group]["histogram"]
+            total = max(sum(counts), 1)
+            ax.stairs([c / total for c in counts], edges, color=colour,
+                      label=f"{group.replace('_', ' ')} ({space[group]['pairs']} pairs)")
+        separation = "" if space.get("separation") is None else f", separation {space['separation']:.2f}"
+        ax.set_title(textwrap.fill(f"{method}: {space['space']}, k = {space['k']}{separation}", 60), fontsize=8)
+        ax.set_xlabel("cosine similarity")
+        ax.legend(fontsize=7)
     figure.tight_layout()
     return figure
 

@@ -1,0 +1,115 @@
+"""The feature spaces in which PoGDiff finds neighbours (Eq. 8), ``--neighbour-features``.
+
+Eq. 8 needs "a pretrained image encoder"; which one decides who counts as a look-alike,
+so it is an option of the method:
+
+- ``efficientnet-lite0`` (default): ImageNet features of EfficientNet-Lite0, global
+  average pool, 1280-d (:class:`pogdiff.encoders.ImageEncoder`; offline).
+- ``faces``: dlib's 128-d face descriptor (:mod:`pogdiff.face_descriptor`), for photos
+  of real people, the paper's domain (``pip install 'pogdiff[faces]'``). An image where
+  no face is found gets the zero vector: cosine 0 to every image, so its own neighbours
+  are drawn uniformly (Eq. 8's fallback) with psi_img = 0, and it is nobody's likely
+  neighbour; a warning counts them.
+- ``unet``: the backbone's own denoiser, no extra weights. The feature of an image is
+  the output of the UNet's mid block (the lowest resolution), averaged over its spatial
+  positions, for x_t = sqrt(abar_t) x0 with t = :data:`UNET_TIMESTEP` (no noise added;
+  abar_50 = 0.99 under the small backbone's cosine schedule) under the empty caption
+  phi(""), with the weights the run starts from (the pretrained backbone, or the fresh
+  initialisation of ``config.seed``). x0 is what training regresses on: the pixels for
+  the small backbone (64-d), one draw of the VAE posterior for Stable Diffusion (1280-d).
+- anything else: a Hugging Face image model id or folder the user has, e.g.
+  ``facebook/dinov2-base`` (:class:`pogdiff.encoders.HuggingFaceImageFeatures`).
+
+Never the evaluation's identity judge (its CNN, or its faces/features judge paired with
+the same space): the method would then see the test. Every space here has a ``name``
+that names its weights (it keys the cached features) and is called on images
+(N, 3, H, W) in [-1, 1] at training resolution, returning (N, D); models load on the
+first call, so a cached space costs nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from pogdiff.encoders import HuggingFaceImageFeatures, ImageEncoder, weights_fingerprint
+from pogdiff.errors import PogdiffError, PogdiffWarning
+
+DEFAULT_NEIGHBOUR_FEATURES = "efficientnet-lite0"
+BUILT_IN_SPACES = (DEFAULT_NEIGHBOUR_FEATURES, "faces", "unet")
+UNET_TIMESTEP = 50
+
+
+def neighbour_feature_space(space: str, backbone=None):
+    """The feature space ``space`` names (see the module docstring); ``unet`` needs the backbone."""
+    if space == DEFAULT_NEIGHBOUR_FEATURES:
+        return EfficientNetSpace()
+    if space == "faces":
+        return FaceSpace()
+    if space == "unet":
+        if backbone is None:
+            raise PogdiffError("--neighbour-features unet needs the backbone being trained")
+        return UNetSpace(backbone)
+    return HuggingFaceSpace(space)
+
+
+class EfficientNetSpace:
+    name = ImageEncoder.name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return ImageEncoder()(images)
+
+
+class FaceSpace:
+    """dlib face descriptors, the zero vector where no face is found (warned about)."""
+
+    def __init__(self, detector: str = "hog", min_size: int = 128):
+        self.detector, self.min_size = detector, min_size
+        self.name = f"dlib-face-descriptor-v1-{detector}@{min_size}"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from pogdiff.face_descriptor import FaceDescriptor
+
+        descriptors, found = FaceDescriptor(self.detector, self.min_size)(images)
+        if not found.all():
+            warnings.warn(f"--neighbour-features faces: no face found in {int((~found).sum())} of {len(images)} "
+                          "training images; they get neighbours drawn uniformly with psi_img = 0", PogdiffWarning,
+                          stacklevel=2)
+        return descriptors.float()
+
+
+class UNetSpace:
+    """Mean-pooled mid-block output of the backbone's UNet at t = UNET_TIMESTEP, empty caption, no noise."""
+
+    def __init__(self, backbone, timestep: int = UNET_TIMESTEP):
+        self.backbone, self.timestep = backbone, timestep
+        self.name = f"unet-{weights_fingerprint(backbone.unet)}-mid-t{timestep}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        backbone, unet = self.backbone, self.backbone.unet
+        device = next(unet.parameters()).device
+        abar = backbone.scheduler.alphas_cumprod[self.timestep].item()
+        uncond = backbone.text_encoder.encode([""]).states.to(device)
+        pooled = []
+        hook = unet.mid_block.register_forward_hook(lambda module, args, output: pooled.append(output.float().mean((2, 3))))
+        try:
+            for chunk in images.split(batch_size):
+                x0 = backbone.x0_from_cache(backbone.cache_images(chunk).to(device))
+                t = torch.full((len(x0),), self.timestep, device=device)
+                unet(abar ** 0.5 * x0, t, encoder_hidden_states=uncond.expand(len(x0), -1, -1))
+        finally:
+            hook.remove()
+        return torch.cat(pooled).cpu()
+
+
+class HuggingFaceSpace:
+    """A Hugging Face image model; its name carries a fingerprint of the weights, loaded to compute it."""
+
+    def __init__(self, name_or_path: str):
+        self.model = HuggingFaceImageFeatures(name_or_path)
+        self.name = f"hf:{name_or_path}@{weights_fingerprint(self.model.model)}"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
