@@ -9,6 +9,8 @@ import errno
 import hashlib
 import json
 import math
+import re
+import shutil
 import warnings
 
 import numpy as np
@@ -19,9 +21,11 @@ from PIL import Image
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset, load_image
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
+from pogdiff.files import file_stems
 from pogdiff.pretrained import check_pipeline_files
 from pogdiff.psi import image_similarity_weight, inverse_text_density_weight
-from pogdiff.train import TrainConfig, check_output_dir, prepare_output_dir
+from pogdiff.ownership import MARK_FILE, entries
+from pogdiff.train import TrainConfig, check_output_dir, claimed_output_dir
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +180,28 @@ def _empty_metadata(root):
     return root, ["metadata.jsonl: no rows"]
 
 
+def _identity_number_and_string(root):
+    edit_metadata(root, 0, identity=1)
+    edit_metadata(root, 1, identity="1")
+    return root, ["metadata.jsonl:2: identity '1' and 1 on line 1 would count as one identity",
+                  "write every identity as a string"]
+
+
+def _nan_float_image(root):
+    Image.fromarray(np.full((32, 32), np.nan, dtype=np.float32), "F").save(root / "images" / "1_2.png", format="TIFF")
+    return root, ["images/1_2.png: cannot read this image (NaN or infinite pixel values)", "replace it"]
+
+
+def _image_bomb(root):
+    Image.new("RGB", (3_000_000, 1)).save(root / "images" / "0_5.png")  # a few KB on disk, 9 MB decoded
+    return root, ["images/0_5.png: 3000000x1 pixels", "more than 16 times as wide as high", "crop or shrink it"]
+
+
 DATASET_BREAKERS = [_missing_folder, _folder_is_a_file, _misnamed_metadata, _csv_metadata, _not_utf8, _malformed_json,
                     _not_an_object, _caption_column_renamed, _image_column_renamed, _image_outside_folder,
                     _missing_image, _duplicate_file, _corrupt_image, _truncated_image, _empty_image_file,
-                    _empty_caption, _non_string_caption, _identity_on_some_lines, _null_identity, _empty_metadata]
+                    _empty_caption, _non_string_caption, _identity_on_some_lines, _null_identity, _empty_metadata,
+                    _identity_number_and_string, _nan_float_image, _image_bomb]
 
 
 @pytest.mark.parametrize("breaker", DATASET_BREAKERS, ids=lambda b: b.__name__.strip("_"))
@@ -199,8 +221,9 @@ def test_bad_dataset_gives_one_line_error_and_train_writes_nothing(breaker, toy_
 def test_bad_dataset_gives_one_line_error_in_evaluate(breaker, toy_data, tmp_path, capsys):
     data, expected = breaker(toy_data)
     before = snapshot(toy_data)
-    run = tmp_path / "fake-run"
+    run = tmp_path / "fake-run"  # read (first) but never loaded: the dataset is refused before
     run.mkdir()
+    (run / "pogdiff_run.json").write_text(json.dumps({"backbone": "pixel", "config": {"method": "vanilla"}}))
     code, _, err = run_cli(capsys, "evaluate", run, "--data", data, "--out", tmp_path / "eval", "--no-progress")
     assert_one_line_error(code, err, *expected)
     assert snapshot(toy_data) == before
@@ -240,6 +263,18 @@ def test_exif_rotated_photo_is_turned_upright(tmp_path):
     upright = load_image(tmp_path / "phone.png", 20, center_crop=False)  # portrait after rotation: top 20x20
     assert upright[0, 0, 0] > 200 and upright[0, 0, 2] < 50  # top is the red half
     assert load_image(tmp_path / "phone.png", 20, center_crop=False)[19, 0, 0] > 200
+
+
+def test_line_separators_inside_json_strings_are_accepted(toy_data):
+    """U+2028, U+2029 and U+0085 are legal inside JSON strings; only "\\n" ends a JSONL line."""
+    edit_metadata(toy_data, 2, text="An image of Anna,\u2028smiling.")
+    edit_metadata(toy_data, 3, text="An image of Anna,\u0085frowning.")
+    text = (toy_data / "metadata.jsonl").read_text(encoding="utf-8")
+    (toy_data / "metadata.jsonl").write_bytes(text.replace("\\u2028", "\u2028").replace("\\u0085", "\u0085")
+                                              .encode())
+    assert "\u2028" in (toy_data / "metadata.jsonl").read_text(encoding="utf-8")  # raw, not escaped
+    dataset = load_dataset(toy_data)
+    assert len(dataset) == 20 and dataset.captions[2] == "An image of Anna,\u2028smiling."
 
 
 def test_utf8_byte_order_mark_and_windows_paths_are_accepted(toy_data):
@@ -301,13 +336,22 @@ def test_k_larger_than_the_dataset(toy_data, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_single_image_dataset_is_told_it_needs_two(toy_data, tmp_path, capsys):
+    lines = (toy_data / "metadata.jsonl").read_text().splitlines()
+    (toy_data / "metadata.jsonl").write_text(lines[0] + "\n")
+    code, _, err = run_cli(capsys, "train", toy_data, "--output-dir", tmp_path / "run", "--train-batch-size", 1,
+                           "--cache-dir", tmp_path / "cache", "--no-progress")
+    assert_one_line_error(code, err, "metadata.jsonl: a single row", "add images")
+    assert "--k" not in err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("option, value, expected", [("--a3", 0, "Eq. 11 needs a3 > 0"),
                                                      ("--a1", -1, "Eq. 9's exponents must be >= 0")])
 def test_psi_options_that_would_make_psi_infinite(option, value, expected, toy_data, tmp_path, shared_cache,
                                                    capsys):
     code, _, err = run_cli(capsys, "train", toy_data, "--output-dir", tmp_path / "run", option, value,
                            "--train-batch-size", 4, "--cache-dir", shared_cache, "--no-progress")
-    assert_one_line_error(code, err, f"{option} ", expected)
+    assert_one_line_error(code, err, f"argument {option}: ", expected)
     assert not (tmp_path / "run").exists()
 
 
@@ -323,28 +367,161 @@ def test_psi_functions_refuse_values_that_give_nan_or_inf():
     assert math.isclose(image_similarity_weight(torch.tensor([0.0]), torch.tensor([True]), 0.0, 0.0).item(), 1.0)
 
 
+# --- option values: refused when the command line is parsed (pogdiff.options), before anything is read or written ---
+
+CPU_ONLY = not torch.cuda.is_available()
+OPTION_CASES = [  # (command and option, allowed range in the error)
+    ("train --train-batch-size 0", "an integer >= 1"), ("train --train-batch-size -1", "an integer >= 1"),
+    ("train --gradient-accumulation-steps 0", "an integer >= 1"),
+    ("train --learning-rate -1", "a finite number > 0"), ("train --learning-rate 0", "a finite number > 0"),
+    ("train --learning-rate nan", "a finite number > 0"),
+    ("train --lr-scheduler foo", "one of constant, linear, cosine"),
+    ("train --seed -1", "an integer in [0, 4294967295]"), ("train --seed 4294967296", "an integer in [0, 4294967295]"),
+    ("train --validation-steps 0", "an integer >= 1"), ("train --num-validation-images 0", "an integer >= 1"),
+    ("train --resolution -8", "a multiple of 8 >= 8"), ("train --resolution 0", "a multiple of 8 >= 8"),
+    ("train --resolution 36", "a multiple of 8 >= 8"),
+    ("train --max-train-steps 0", "an integer >= 1"), ("train --max-train-steps -5", "an integer >= 1"),
+    ("train --checkpoints-total-limit -1", "an integer >= 1"), ("train --checkpointing-steps 0", "an integer >= 1"),
+    ("train --caption-dropout 5", "a finite number in [0, 1]"), ("train --vae-latent-dim 0", "an integer >= 1"),
+    ("train --k 0", "an integer >= 1"), ("train --ema-decay 1.5", "a finite number in [0, 1]"),
+    ("train --cbdm-tau -1", "a finite number >= 0"), ("train --train-batch-size two", "an integer >= 1"),
+    pytest.param("train --mixed-precision fp16", "bf16 or no",
+                 marks=pytest.mark.skipif(not CPU_ONLY, reason="a GPU is visible: fp16 is allowed"),
+                 id="train --mixed-precision fp16"),
+    ("sample --num-images 0", "an integer >= 1"), ("sample --num-images -1", "an integer >= 1"),
+    ("sample --num-inference-steps 0", "an integer in [1, 1000]"),
+    ("sample --num-inference-steps -3", "an integer in [1, 1000]"),
+    ("sample --num-inference-steps 5000", "an integer in [1, 1000]"),
+    ("sample --guidance-scale nan", "a finite number >= 0"), ("sample --guidance-scale inf", "a finite number >= 0"),
+    ("evaluate --num-images 0", "an integer >= 1"), ("evaluate --recall-threshold 2", "a finite number in [-1, 1]"),
+    ("data synth --resolution 4", "an integer >= 8"), ("benchmark --seeds 0 -1", "an integer in [0, 4294967295]"),
+]
+COMMAND_ARGUMENTS = {"train": "{data} --output-dir {out}", "sample": "{run} --prompt x --out {out}",
+                     "evaluate": "{run} --data {data} --out {out}", "data synth": "{out}", "benchmark": "--out {out}"}
+
+
+@pytest.mark.parametrize("case, allowed", [c if len(c) == 3 else pytest.param(*c, id=c[0]) for c in OPTION_CASES])
+def test_option_values_out_of_range_are_refused_when_parsed(case, allowed, toy_data, tmp_path, capsys):
+    command = next(c for c in COMMAND_ARGUMENTS if case.startswith(c + " "))
+    option, value = case[len(command) + 1:].split(" ", 1)
+    fixed = COMMAND_ARGUMENTS[command].format(data=toy_data, out=tmp_path / "out", run=tmp_path / "run")
+    code, _, err = run_cli(capsys, *command.split(), *fixed.split(), option, *value.split(), "--no-progress")
+    assert_one_line_error(code, err, f"argument {option}: {value.split()[-1]} ", f"; pass {allowed}")
+    assert list(tmp_path.iterdir()) == [toy_data]  # nothing written
+
+
+def test_python_callers_get_the_same_checks(toy_data, tmp_path):
+    from pogdiff.comparison import parse_method
+    from pogdiff.train import train
+
+    with pytest.raises(PogdiffError, match=r"--train-batch-size: 0 is out of range; pass an integer >= 1"):
+        train(TrainConfig(str(toy_data), str(tmp_path / "run"), train_batch_size=0))
+    with pytest.raises(PogdiffError, match=r"--cbdm-tau: -1.0 is out of range; pass a finite number >= 0"):
+        train(TrainConfig(str(toy_data), str(tmp_path / "run"), method="cbdm", method_options={"tau": -1.0}))
+    with pytest.raises(PogdiffError, match=r"'cbdm:tau=-1': --cbdm-tau: -1.0 is out of range"):
+        parse_method("cbdm:tau=-1")  # a benchmark row, refused before any cell runs
+    assert list(tmp_path.iterdir()) == [toy_data]
+
+
+@pytest.mark.parametrize("content, expected", [("{}", "pogdiff_run.json: no backbone, config"),
+                                               ('{"backbone": "pixel",', "pogdiff_run.json: not valid JSON"),
+                                               ("[1, 2]", "pogdiff_run.json: not a JSON object"),
+                                               ('{"backbone": "pixel", "config": {"method": "vanilla"}}',
+                                                "pogdiff_run.json: no text_max_length"),
+                                               ('{"backbone": "pixel", "config": {"method": "vanilla"}, '
+                                                '"text_max_length": 24}', "cannot load the run's weights")])
+def test_a_broken_run_file_is_one_line(content, expected, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "unet").mkdir(parents=True)
+    (run / "pogdiff_run.json").write_text(content)
+    code, _, err = run_cli(capsys, "sample", run, "--prompt", "x", "--out", tmp_path / "out", "--no-progress")
+    assert_one_line_error(code, err, expected, "the run folder is damaged: train it again")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_keeps_the_files_already_in_out(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "0001.png").write_bytes(b"mine")
+    code, _, err = run_cli(capsys, "sample", tmp_path / "run", "--prompt", "x", "--out", out, "--num-images", 2)
+    assert_one_line_error(code, err, "0001.png: already exists", "choose another --out")
+    assert [p.name for p in out.iterdir()] == ["0001.png"] and (out / "0001.png").read_bytes() == b"mine"
+
+
 # --- the output folder ---
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, toy_data, capsys):
     out = tmp_path / "holiday-photos"
-    out.mkdir()
+    (out / "checkpoint-500").mkdir(parents=True)  # what every diffusers training output holds
     (out / "beach.jpg").write_bytes(b"precious")
-    for extra in ([], ["--overwrite"]):
+    for extra in ([], ["--overwrite"], ["--resume-from-checkpoint", "latest"]):
         code, _, err = run_cli(capsys, "train", toy_data, "--output-dir", out, "--no-progress", *extra)
         assert_one_line_error(code, err, "holiday-photos")
+        assert sorted(p.name for p in out.iterdir()) == ["beach.jpg", "checkpoint-500"]
         assert (out / "beach.jpg").read_bytes() == b"precious"
+
+
+def test_identity_names_are_never_paths(toy_data, tmp_path, shared_cache, capsys):
+    names = {"Anna": "../../../../escaped", "Bruno": "AC/DC", "Chen": "ac/dc"}
+    lines = [json.loads(line) for line in (toy_data / "metadata.jsonl").read_text().splitlines()]
+    (toy_data / "metadata.jsonl").write_text("".join(json.dumps({**row, "identity": names[row["identity"]]}) + "\n"
+                                                     for row in lines))
+    run, out = tmp_path / "run", tmp_path / "deep" / "er" / "eval"
+    code, _, err = run_cli(capsys, "train", toy_data, "--output-dir", run, "--max-train-steps", 1,
+                           "--train-batch-size", 4, "--cache-dir", shared_cache, "--no-progress")
+    assert code == 0, err
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    code, _, err = run_cli(capsys, "evaluate", run, "--data", toy_data, "--out", out, "--num-images", 2,
+                           "--num-inference-steps", 1, "--cache-dir", shared_cache, "--no-progress")
+    assert code == 0, err
+    assert {p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(out)} == before  # only in --out
+    samples = sorted(p.name for p in (out / "samples" / "pogdiff").iterdir())
+    assert len(samples) == 6 and len({name.rsplit("_", 1)[0] for name in samples}) == 3  # one stem per identity
+    assert set(json.loads((out / "metrics.json").read_text())["methods"]["pogdiff"]["per_identity"]) == set(
+        names.values())
+
+
+def test_identities_missing_from_synth_json_are_not_scored_by_the_synth_judge(small_synth, tmp_path):
+    from pogdiff.evaluation.evaluate import Evaluation
+    from pogdiff.evaluation.features import DEFAULT_FEATURES
+
+    data = shutil.copytree(small_synth[0], tmp_path / "data")
+    text = (data / "metadata.jsonl").read_text()
+    first = json.loads(text.splitlines()[0])["identity"]
+    (data / "metadata.jsonl").write_text(text.replace(f'"identity": "{first}"', '"identity": "Zed"'))
+
+    def evaluation(judge):
+        return Evaluation(data, DEFAULT_FEATURES, None, judge, "hog", 5, tmp_path / "cache", progress=False)
+
+    with pytest.warns(PogdiffWarning, match=r"1 of the dataset's identities are not in it \(Zed\).*features judge"):
+        assert evaluation("auto").judge_kind == "features"
+    with pytest.raises(PogdiffError, match=r"synth.json: 1 of the dataset's .*use --identity-judge features or faces"):
+        evaluation("synth")
+    assert not (tmp_path / "cache").exists()  # refused before a judge was trained
+
+
+def test_file_stems_are_safe_distinct_and_readable_where_possible():
+    names = ["Anna", "../../../../escaped", "AC/DC", "AC_DC", "ac/dc", ".hidden", "Zoë", "x" * 300, "Bob", "bob"]
+    stems = file_stems(names)
+    assert stems["Anna"] == "Anna" and stems["AC/DC"].startswith("AC_DC-")
+    assert stems["AC_DC"].startswith("AC_DC-") and stems["bob"].startswith("bob-")  # would share a file otherwise
+    assert len(set(stems.values())) == len(names) and len({s.lower() for s in stems.values()}) == len(names)
+    for stem in stems.values():
+        assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,91}", stem), stem
+    assert file_stems(names) == stems  # the same names, the same files
 
 
 def test_overwrite_replaces_a_run_only_once_the_inputs_are_good(tmp_path, toy_data, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    (out / MARK_FILE).write_text("")
     (out / "pogdiff_run.json").write_text("{}")
     (toy_data / "images" / "0_0.png").write_bytes(b"")
     code, _, err = run_cli(capsys, "train", toy_data, "--output-dir", out, "--overwrite", "--no-progress")
     assert_one_line_error(code, err, "0_0.png: cannot read this image")
     assert (out / "pogdiff_run.json").read_text() == "{}"  # the old run survives a failed start
-    config = TrainConfig(str(toy_data), str(out), overwrite=True)
-    assert prepare_output_dir(config) == out and list(out.iterdir()) == []
+    with claimed_output_dir(TrainConfig(str(toy_data), str(out), overwrite=True)) as claimed:
+        assert claimed == out and entries(out) == []
 
 
 def test_resume_without_a_checkpoint(tmp_path, toy_data, capsys):
@@ -380,7 +557,8 @@ def test_output_folder_on_a_read_only_disk(tmp_path, toy_data, monkeypatch):
 
     monkeypatch.setattr("pathlib.Path.touch", read_only)
     with pytest.raises(PogdiffError, match="cannot write to the output folder \\(Read-only file system\\)"):
-        prepare_output_dir(TrainConfig(str(toy_data), str(tmp_path / "run")))
+        with claimed_output_dir(TrainConfig(str(toy_data), str(tmp_path / "run"))):
+            pass
 
 
 # --- a wrong or partial --pretrained folder (the Stable Diffusion backbone calls this check) ---

@@ -3,6 +3,7 @@
 import json
 
 from pogdiff.cli import main
+from pogdiff.ownership import MARK_FILE
 
 
 def run_cli(capsys, *argv):
@@ -66,6 +67,7 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys):
 def test_train_refuses_a_folder_that_holds_another_run(toy_data, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
+    (run / MARK_FILE).write_text("")
     (run / "pogdiff_run.json").write_text("{}")
     code, _, err = run_cli(capsys, "train", toy_data, "--output-dir", run, "--max-train-steps", 1, "--no-progress")
     assert code == 2 and "already holds a run" in err and "--overwrite" in err

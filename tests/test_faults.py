@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,12 @@ from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.encoders import TextEmbeddings
 from pogdiff.errors import PogdiffError, PogdiffWarning
+from pogdiff.files import incomplete
 from pogdiff.cache import cache_path
 from pogdiff.encoded_dataset import encode_dataset
+from pogdiff.ownership import claimed
 from pogdiff.run_folder import latest_checkpoint
-from pogdiff.train import save_checkpoint
+from pogdiff.train import TrainConfig, check_output_dir, claimed_output_dir, save_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -230,7 +233,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(toy_data, t
     code = main(train_args(toy_data, run, shared_cache, "--max-train-steps", 3, "--checkpointing-steps", 1))
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "checkpoint-2: cannot write (No space left on device); checkpoint-1 is intact" in err
+    assert ("checkpoint-2: cannot write (No space left on device); free space, then continue from checkpoint-1 "
+            "with --resume-from-checkpoint latest") in err
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
     assert not (run / "pogdiff_run.json").exists()
 
@@ -291,3 +295,273 @@ def test_sigkill_between_checkpoints_then_resume_equals_an_uninterrupted_run(toy
     assert reference.keys() == resumed.keys()
     different = [name for name in reference if not torch.equal(reference[name], resumed[name])]
     assert not different, f"killed at {killed_at}; {len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def run_main(capsys, *argv):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(err, *expected):
+    assert len(err.strip().splitlines()) == 1 and err.startswith("pogdiff: error: "), err
+    for text in expected:
+        assert text in err, err
+
+
+# --- two writers: the run folder's lock (pogdiff.ownership) ---
+
+HOLD_THE_LOCK = """
+import sys, time
+from pogdiff.ownership import claimed
+with claimed(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_killed_writer_leaves_no_stuck_lock(toy_data, tmp_path, shared_cache,
+                                                                             capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(SRC)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--overwrite"], ["--resume-from-checkpoint", "latest"]):
+            code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, "--max-train-steps", 1, *extra))
+            assert code == 2
+            if not extra or extra == ["--overwrite"]:
+                assert_one_line(err, f"pogdiff process {holder.pid} is writing into this folder now", "wait for it")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert [p.name for p in run.iterdir()] == [".pogdiff-run"]  # the killed writer's mark, and nothing more
+    code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, "--max-train-steps", 1))
+    assert code == 0, err
+
+
+def test_a_run_finished_by_another_writer_meanwhile_is_not_replaced(toy_data, tmp_path):
+    """Two starts into one empty folder both pass the first check; the second finds the first's run under the lock."""
+    run = tmp_path / "run"
+    config = TrainConfig(str(toy_data), str(run))
+    check_output_dir(config)
+    with claimed_output_dir(config):  # the first writer: claims, writes its run, ends
+        (run / "pogdiff_run.json").write_text("{}")
+    with pytest.raises(PogdiffError, match="already holds a run"):
+        with claimed_output_dir(config):
+            pass
+    assert (run / "pogdiff_run.json").read_text() == "{}"
+    with claimed(run):  # and a live claim is exclusive, within one process too
+        with pytest.raises(PogdiffError, match="is writing into this folder now"):
+            with claimed(run):
+                pass
+
+
+# --- Ctrl-C: one line, and a folder the tool can continue or replace ---
+
+def interrupt_at_draw(monkeypatch, number):
+    """Make the ``number``-th batch draw of the training loop raise KeyboardInterrupt, as Ctrl-C would."""
+    from pogdiff import train as train_module
+
+    draw, calls = train_module.draw_batch, []
+
+    def draw_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "draw_batch", draw_then_interrupt)
+
+
+def test_ctrl_c_after_a_checkpoint_leaves_a_run_to_resume(toy_data, tmp_path, shared_cache, capsys, monkeypatch):
+    run = tmp_path / "run"
+    steps = ["--max-train-steps", 4, "--checkpointing-steps", 2]
+    interrupt_at_draw(monkeypatch, 3)
+    code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, *steps))
+    assert code == 130
+    assert_one_line(err, "run: interrupted; continue from checkpoint-2 with --resume-from-checkpoint latest, "
+                         "or start afresh with --overwrite")
+    monkeypatch.undo()
+    code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, *steps))
+    assert code == 2 and "holds an unfinished run; continue from checkpoint-2" in err
+    code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, *steps, "--resume-from-checkpoint", "latest"))
+    assert code == 0, err
+    assert json.loads((run / "pogdiff_run.json").read_text())["steps"] == 4
+
+
+def test_ctrl_c_before_any_checkpoint_leaves_a_run_to_replace(toy_data, tmp_path, shared_cache, capsys, monkeypatch):
+    run = tmp_path / "run"
+    interrupt_at_draw(monkeypatch, 1)
+    code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, "--max-train-steps", 2))
+    assert code == 130
+    assert_one_line(err, "interrupted; start the run afresh with --overwrite (no checkpoint was saved)")
+    monkeypatch.undo()
+    code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, "--max-train-steps", 2,
+                                             "--resume-from-checkpoint", "latest"))
+    assert code == 2 and "the run saved none; start it afresh with --overwrite" in err
+    code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, "--max-train-steps", 2, "--overwrite"))
+    assert code == 0, err
+
+
+def test_a_real_sigint_is_one_line(toy_data, tmp_path, shared_cache):
+    """SIGINT, as a terminal sends it on Ctrl-C, to a `pogdiff train` process that has saved a checkpoint."""
+    run = tmp_path / "run"
+    argv = train_args(toy_data, run, shared_cache, "--max-train-steps", 500, "--checkpointing-steps", 1,
+                      "--checkpoints-total-limit", 1)
+    process = subprocess.Popen([sys.executable, "-m", "pogdiff.cli", *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(SRC)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    while latest_checkpoint(run) is None and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate()[1]
+    assert process.returncode == 130, err
+    assert_one_line(err, "run: interrupted; continue from checkpoint-", "with --resume-from-checkpoint latest")
+    assert not (run / "pogdiff_run.json").exists()
+
+
+def test_ctrl_c_before_the_run_folder_exists(toy_data, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pogdiff.train.load_dataset", interrupted)
+    code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", tmp_path / "cache"))
+    assert code == 130 and err == "pogdiff: error: interrupted; run the command again\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cache_inside_the_output_folder_is_refused(toy_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = run_main(capsys, *train_args(toy_data, run, run / "cache"))
+    assert code == 2
+    assert_one_line(err, "--cache-dir is inside --output-dir", "choose an --output-dir outside it")
+    assert not run.exists()
+
+
+# --- a damaged checkpoint is named, with the checkpoint to go back to ---
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory, shared_cache):
+    """A finished 3-step run with checkpoint-1 and checkpoint-2 (copied by each test that damages it)."""
+    from conftest import write_toy_dataset
+
+    root = tmp_path_factory.mktemp("checkpointed")
+    data = write_toy_dataset(root / "data")
+    assert main(train_args(data, root / "run", shared_cache, "--max-train-steps", 3, "--checkpointing-steps", 1)) == 0
+    return data, root / "run"
+
+
+def cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda c: cut_short(c / "trained_weights.safetensors"),
+     "trained_weights.safetensors is damaged ("),
+    (lambda c: cut_short(c / "optimizer.bin"),
+     "optimizer.bin is damaged (not a whole torch file"),
+    (lambda c: (c / "random_states_0.pkl").write_bytes(b"not a pickle"), "random_states_0.pkl is damaged"),
+    (lambda c: zipfile.ZipFile(c / "optimizer.bin", "w").writestr("notes.txt", "a zip, not torch's"),
+     "cannot load this checkpoint"),
+], ids=["truncated weights", "truncated optimizer", "garbage random states", "a zip but not torch's"])
+def test_a_damaged_checkpoint_names_itself_and_the_one_before(damage, expected, checkpointed_run, tmp_path,
+                                                              shared_cache, capsys):
+    data, finished = checkpointed_run
+    run = shutil.copytree(finished, tmp_path / "run")
+    damage(run / "checkpoint-2")
+    code, err = run_main(capsys, *train_args(data, run, shared_cache, "--max-train-steps", 3,
+                                             "--resume-from-checkpoint", "latest"))
+    assert code == 2
+    assert_one_line(err, "checkpoint-2: ", expected, "resume from the one before with --resume-from-checkpoint "
+                    "checkpoint-1, or start the run afresh with --overwrite")
+    code, err = run_main(capsys, *train_args(data, run, shared_cache, "--max-train-steps", 3,
+                                             "--resume-from-checkpoint", "checkpoint-1"))
+    assert code == 0, err
+
+
+def test_a_file_cut_short_is_told_from_its_header(tmp_path):
+    weights, state = tmp_path / "w.safetensors", tmp_path / "state.bin"
+    save_file({"a": torch.zeros(100), "b": torch.ones(3, 4)}, weights)
+    torch.save({"step": 3, "t": torch.zeros(50)}, state)
+    assert incomplete(weights) is None and incomplete(state) is None
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:-10])
+    assert incomplete(weights) == f"{size - 10} of its {size} bytes"
+    weights.write_bytes(b"\1\2")
+    assert "too short" in incomplete(weights)
+    state.write_bytes(state.read_bytes()[:-10])
+    assert incomplete(state).startswith("not a whole torch file")
+
+
+def test_resume_only_from_a_checkpoint_of_the_run_itself(checkpointed_run, tmp_path, shared_cache, capsys):
+    data, finished = checkpointed_run
+    mine = tmp_path / "mine"  # a diffusers-like folder of the user's: resuming into it would overwrite unet/
+    (mine / "unet").mkdir(parents=True)
+    (mine / "unet" / "config.json").write_text("mine")
+    for out, checkpoint, expected in [
+            (mine, finished / "checkpoint-1", "no checkpoint to resume from"),
+            (tmp_path / "new", finished / "checkpoint-1", "not a pogdiff run folder; drop --resume-from-checkpoint"),
+            (finished, tmp_path / "checkpoint-1", "not a checkpoint of the run in"),
+            (finished, "checkpoint-7", "pass latest or one of checkpoint-1, checkpoint-2")]:
+        code, err = run_main(capsys, *train_args(data, out, shared_cache, "--resume-from-checkpoint", checkpoint))
+        assert code == 2
+        assert_one_line(err, expected)
+    assert (mine / "unet" / "config.json").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
+# --- really full and read-only disks: small tmpfs mounts (root only) ---
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, read_only=False): a fresh tmpfs of that size; the test is skipped where mounting is not allowed."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk-{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'needs root'})")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_a_really_full_cache_disk_is_a_warning_and_the_run_goes_on(toy_data, tmp_path, small_disk, capsys):
+    cache = small_disk("64k")
+    code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", cache, "--max-train-steps", 1))
+    assert code == 0, err
+    assert "pogdiff: warning: " in err and "cannot write this cache file (No space left on device)" in err
+    assert "Traceback" not in err and not any(p.name.endswith(".tmp") for p in cache.iterdir())
+
+
+def test_a_read_only_cache_disk_is_a_warning_and_the_run_goes_on(toy_data, tmp_path, small_disk, capsys):
+    cache = small_disk("1m", read_only=True)
+    code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", cache, "--max-train-steps", 1))
+    assert code == 0, err
+    assert "cannot write this cache file (Read-only file system); going on without it" in err
+
+
+def test_a_cache_folder_under_a_regular_file_is_a_warning_and_the_run_goes_on(toy_data, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", tmp_path / "notes.txt" / "cache",
+                                             "--max-train-steps", 1))
+    assert code == 0, err
+    assert "going on without it" in err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_really_full_checkpoint_disk_keeps_the_previous_checkpoint(toy_data, small_disk, shared_cache, capsys):
+    run = small_disk("32m") / "run"  # room for checkpoint-1 (23 MB), not for checkpoint-2
+    code, err = run_main(capsys, *train_args(toy_data, run, shared_cache, "--max-train-steps", 3,
+                                             "--checkpointing-steps", 1))
+    assert code == 2
+    assert_one_line(err, "checkpoint-2: cannot write (No space left on device); free space, then continue from "
+                         "checkpoint-1 with --resume-from-checkpoint latest")
+    assert sorted(p.name for p in run.iterdir()) == [".pogdiff-run", "checkpoint-1", "psi.safetensors",
+                                                     "psi_summary.json"]

@@ -77,3 +77,14 @@ def test_pretrain_runs_resumes_and_releases_verified_weights(corpus, tmp_path, c
     for (name, a), b in zip(released.unet.state_dict().items(), trained.unet.state_dict().values()):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3, msg=name)  # fp16 storage
+
+
+def test_a_release_never_replaces_a_folder_of_the_users(corpus, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text('{"name": "my own project"}')
+    code = main(["pretrain", str(corpus), "--output-dir", str(tmp_path / "run"), "--release-dir", str(mine),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--release-dir exists and is not an earlier release" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists() and [p.name for p in mine.iterdir()] == ["manifest.json"]

@@ -52,17 +52,18 @@ def test_the_shipped_name_stands_for_its_folder_unless_a_folder_has_that_name(tm
 
 
 def test_shipped_backbone_follows_a_background_colour_prompt():
-    """Few-step samples for three background colours: the border pixels are nearest the asked colour
-    far more often than the 1-in-10 of chance."""
+    """Three few-step samples for each of the ten background colours, at the default guidance: the border
+    pixels are nearest the asked colour at least three times as often as the 1-in-10 of chance (for a model
+    that ignored the colour, 9 or more hits in 30 has a probability under 1%)."""
     backbone = load_backbone(SHIPPED_NAME, "cpu")
-    colours = ["blue", "yellow", "red"]
+    colours = list(BACKGROUNDS)
     images = generate(backbone, [f"An image of a person in front of a {c} background." for c in colours],
-                      num_images=6, num_inference_steps=15, progress=False)
+                      num_images=3, num_inference_steps=15, progress=False)
     palette = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 127.5 - 1
     border = torch.cat([images[:, :, :3, :].flatten(2), images[:, :, :, :3].flatten(2)], dim=2).mean(2)
     nearest = torch.cdist(border, palette).argmin(1)
-    asked = torch.tensor([list(BACKGROUNDS).index(c) for c in colours]).repeat_interleave(6)
-    assert (nearest == asked).float().mean() >= 0.5
+    asked = torch.arange(len(colours)).repeat_interleave(3)
+    assert (nearest == asked).float().mean() >= 0.3
 
 
 def test_train_starts_from_the_shipped_weights_unless_from_scratch(toy_data, tmp_path, cache_dir):

@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from pogdiff.backbone import StableDiffusionBackbone, load_backbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
+from pogdiff.ownership import MARK_FILE
 from pogdiff.sampling import generate
 from pogdiff.encoded_dataset import training_images
 
@@ -150,6 +151,7 @@ def test_resumed_run_ends_with_the_same_weights(options, tiny_sd, sd_data, tmp_p
     assert sorted(p.name for p in whole.glob("checkpoint-*")) == ["checkpoint-2"]
     resumed = tmp_path / "resumed"  # the run as it stood when stopped after the checkpoint
     resumed.mkdir()
+    shutil.copy(whole / MARK_FILE, resumed / MARK_FILE)  # pogdiff's own run folder
     shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
     train_cli(sd_data, tiny_sd, resumed, cache, "--max-train-steps", 4, "--checkpointing-steps", 2,
               "--learning-rate", 1e-3, "--resume-from-checkpoint", "latest", *options)

@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from pogdiff.errors import PogdiffError, PogdiffWarning
+from pogdiff.errors import Interrupted, PogdiffError, PogdiffWarning
 
 
 def _data_synth(args) -> None:
@@ -48,9 +48,11 @@ def train_config(args):
 
 
 def _pretrain(args) -> None:
-    from pogdiff.pretraining import PRETRAINING, write_release
+    from pogdiff.pretraining import PRETRAINING, check_release_dir, write_release
     from pogdiff.train import TrainConfig, config_fields, train
 
+    if getattr(args, "release_dir", None):
+        check_release_dir(args.release_dir)  # before hours of training, not after
     values = {**PRETRAINING, **{k: v for k, v in vars(args).items() if k in config_fields()}}
     out = train(TrainConfig(**values, progress=not args.no_progress))
     print(f"pretrained backbone saved to {out}")
@@ -63,13 +65,18 @@ def _sample(args) -> None:
     from pogdiff.images import to_pil
     from pogdiff.sampling import generate
 
+    out = Path(args.out)
+    files = [out / f"{i:04d}.png" for i in range(args.num_images)]
+    taken = [file for file in files if file.exists()]
+    if taken:
+        raise PogdiffError(f"{taken[0]}: already exists ({len(taken)} of the {len(files)} files to write do); "
+                           "choose another --out, or move them away")
     backbone = load_backbone(args.run)
     images = generate(backbone, [args.prompt], args.num_images, args.num_inference_steps, args.guidance_scale,
                       args.seed, progress=not args.no_progress)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        to_pil(image).save(out / f"{i:04d}.png")
+    for file, image in zip(files, images):
+        to_pil(image).save(file)
     print(f"wrote {len(images)} images to {out}")
 
 
@@ -109,7 +116,9 @@ def _benchmark(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pogdiff", description=__doc__)
+    from pogdiff.options import OneLineErrorParser, install_rules
+
+    parser = OneLineErrorParser(prog="pogdiff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     seed = argparse.ArgumentParser(add_help=False)
     seed.add_argument("--seed", type=int, default=0)
@@ -124,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub, [seed, runtime])
     add_benchmark_parser(sub, [runtime])
     add_demo_parser(sub, [seed, runtime])
-    return parser
+    return install_rules(parser)
 
 
 def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
@@ -357,7 +366,17 @@ def add_demo_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return run(build_parser().parse_args(argv))
+    except SystemExit as stop:  # argparse: an option refused (its one line is printed) or --help
+        return stop.code
+    except KeyboardInterrupt:  # before a run folder exists (a run's own says how to continue it)
+        print("pogdiff: error: interrupted; run the command again", file=sys.stderr)
+        return Interrupted.exit_code
+
+
+def run(args) -> int:
+    """Run the parsed command; its errors and warnings become single lines on stderr."""
     with warnings.catch_warnings():
         warnings.simplefilter("default", PogdiffWarning)  # each distinct warning once
         shown = warnings.showwarning
@@ -373,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
         except PogdiffError as error:
             print(f"pogdiff: error: {error}", file=sys.stderr)
-            return 2
+            return error.exit_code
         except OSError as error:  # disk full, permissions, ...: the file and the reason, without a traceback
             where = f"{error.filename}: " if error.filename else ""
             print(f"pogdiff: error: {where}{error.strerror or error}", file=sys.stderr)

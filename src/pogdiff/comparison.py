@@ -31,7 +31,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -42,8 +41,9 @@ from pogdiff.data.synth import write_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.evaluation.evaluate import evaluate_runs
 from pogdiff.evaluation.results_table import all_few_table, html_table, markdown_table
-from pogdiff.files import atomic_path, write_text_atomic
+from pogdiff.files import atomic_path, safe_stem, write_text_atomic
 from pogdiff.losses import METHODS, method_parameters
+from pogdiff.options import check_values
 from pogdiff.row_sampler import SAMPLERS
 from pogdiff.run_folder import is_finished
 from pogdiff.train import TrainConfig, train
@@ -92,7 +92,7 @@ class MethodSpec:
 
     @property
     def folder(self) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
+        return safe_stem(self.name)
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -120,6 +120,10 @@ def parse_method(text: str) -> MethodSpec:
         if choices and value not in choices:
             raise PogdiffError(f"{text!r}: {key} takes one of {', '.join(choices)}, got {value!r}")
         (options if key in parameters else sampler_options)[key] = _parse_value(text, key, value, allowed[key])
+    try:
+        check_values({**options, **sampler_options})  # now, not when the cell's turn comes after hours of others
+    except PogdiffError as error:
+        raise PogdiffError(f"{text!r}: {error}") from None
     return MethodSpec(text, method, options, sampler or None, sampler_options)
 
 

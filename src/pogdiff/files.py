@@ -1,12 +1,33 @@
-"""Writing files and folders so that a reader never finds half of one."""
+"""Writing files and folders so that a reader never finds half of one, and telling a half-written one.
+
+Writers that are not Python's own (safetensors, ``torch.save``) report a full or read-only
+disk as ``SafetensorError`` or ``RuntimeError``; :func:`write_errors_as_os_errors` turns
+those into the ``OSError`` that every caller already handles (a warning for a cache, a
+one-line error for a run), so a full disk is one kind of error wherever it happens.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import json
 import os
+import re
 import shutil
-from collections.abc import Iterator
+import struct
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+# torch.save's zip writer says no more than this when the disk fills ("unexpected pos 576 vs 534")
+_TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos")
+_OS_ERROR_CODE = re.compile(r"os error (\d+)")
+_NOT_IN_FILE_NAMES = re.compile(r"[^A-Za-z0-9._-]+")
+TORCH_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")  # torch.save writes a zip archive
 
 
 @contextlib.contextmanager
@@ -15,21 +36,113 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
     The rename (``os.replace``) happens only when the block finishes; on any error, a
     KeyboardInterrupt included, the temporary file or folder is removed and the error goes
-    on, so ``target`` is either absent, as it was, or complete.
+    on (a write error of safetensors or torch as an ``OSError``), so ``target`` is either
+    absent, as it was, or complete.
     """
     target = Path(target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        yield tmp
-        os.replace(tmp, target)
+        with write_errors_as_os_errors(target):
+            yield tmp
+            os.replace(tmp, target)
     finally:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_quietly(tmp)
+
+
+@contextlib.contextmanager
+def write_errors_as_os_errors(target: str | Path) -> Iterator[None]:
+    """Re-raise a safetensors or torch write failure inside the block as an ``OSError`` about ``target``."""
+    try:
+        yield
+    except SafetensorError as error:
+        code = _OS_ERROR_CODE.search(str(error))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(target)) from error
+    except RuntimeError as error:
+        if not _TORCH_WRITE_FAILURE.search(str(error)):
+            raise
+        number = errno.ENOSPC if _nearly_full(Path(target)) else errno.EIO
+        raise OSError(number, os.strerror(number), str(target)) from error
+
+
+def _nearly_full(target: Path) -> bool:
+    """Whether the disk ``target`` is on has less than 1 MiB left (torch's failed write says no more)."""
+    folder = next((p for p in (target, *target.parents) if p.is_dir()), Path("."))
+    return shutil.disk_usage(folder).free < 2**20
+
+
+def remove_quietly(path: Path) -> None:
+    """Remove a file or folder if it is there; a clean-up that fails (read-only disk, a file for a
+    parent folder) must not hide the error that made it necessary."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
         else:
-            tmp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def incomplete(path: str | Path) -> str | None:
+    """Why a safetensors or torch (zip) file is not whole, e.g. cut short by a full disk; None when it is.
+
+    Reads the header and the index only, not the tensors.
+    """
+    path = Path(path)
+    with open(path, "rb") as file:
+        start = file.read(8)
+        if path.suffix == ".safetensors":
+            return _incomplete_safetensors(file, start, path.stat().st_size)
+        if path.suffix not in TORCH_SUFFIXES or start.startswith(b"\x80"):  # not torch's, or its pre-zip format
+            return None
+        try:
+            with zipfile.ZipFile(file):
+                return None
+        except zipfile.BadZipFile as error:
+            return f"not a whole torch file ({error})"
+
+
+def _incomplete_safetensors(file, start: bytes, size: int) -> str | None:
+    if len(start) < 8:
+        return f"{size} bytes, too short for a safetensors header"
+    (header_size,) = struct.unpack("<Q", start)
+    try:
+        header = json.loads(file.read(header_size)) if header_size <= size else None
+    except (UnicodeDecodeError, ValueError):
+        header = None
+    try:
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError):
+        return "its safetensors header is cut short or damaged"
+    expected = 8 + header_size + end
+    return None if size == expected else f"{size} of its {expected} bytes"
+
+
+def safe_stem(text: str, limit: int = 80) -> str:
+    """``text`` as a file name: each run of characters other than ASCII letters, digits, '.', '_' and '-'
+    becomes '_', with no leading dot (so never '..' nor a hidden file), at most ``limit`` characters."""
+    return _NOT_IN_FILE_NAMES.sub("_", text).lstrip(".")[:limit] or "_"
+
+
+def file_stems(names: Iterable[str]) -> dict[str, str]:
+    """A distinct, safe file-name stem for each of ``names`` (any strings: 'AC/DC', '../../x', 'Zoë').
+
+    A name that :func:`safe_stem` keeps as it is stays readable; one it changes, or one that
+    would differ from another only in letter case (the same file on macOS and Windows), gets
+    a short hash of the name appended.
+    """
+    names = list(dict.fromkeys(names))
+    folded = Counter(safe_stem(name).lower() for name in names)
+    stems = {}
+    for name in names:
+        stem = safe_stem(name)
+        if stem != name or folded[stem.lower()] > 1:
+            stem = f"{stem}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+        stems[name] = stem
+    return stems

@@ -28,6 +28,7 @@ from diffusers import UNet2DConditionModel
 
 from pogdiff.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
+from pogdiff.errors import PogdiffError
 from pogdiff.run_folder import RUN_FILE, read_run_info
 from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, WEIGHTS_FILE, sha256
 
@@ -38,9 +39,26 @@ PRETRAINING = {"method": "vanilla", "use_ema": True, "ema_decay": 0.999, "train_
                "lr_warmup_steps": 200, "checkpointing_steps": 200, "checkpoints_total_limit": 2,
                "text_max_length": 56, "from_scratch": True}
 
+
+def check_release_dir(release_dir: str | Path) -> None:
+    """A release replaces only an earlier release (its manifest names the shipped backbone), never a folder
+    of the user's; checked before pretraining starts, and again before the release is written."""
+    release = Path(release_dir)
+    if not release.exists() or (release.is_dir() and not any(release.iterdir())):
+        return
+    try:
+        earlier = json.loads((release / MANIFEST_FILE).read_text()).get("name") == SHIPPED_NAME
+    except (OSError, ValueError, AttributeError):
+        earlier = False
+    if not earlier:
+        raise PogdiffError(f"{release}: --release-dir exists and is not an earlier release of {SHIPPED_NAME}, so it "
+                           "is not replaced; choose another --release-dir")
+
+
 def write_release(run_dir: str | Path, release_dir: str | Path, command: list[str] | None = None) -> Path:
     """Release a finished pretraining run: fp16 weights, configs and a manifest with their sha256."""
     run_dir, release = Path(run_dir), Path(release_dir)
+    check_release_dir(release)
     info = read_run_info(run_dir)
     config = info["config"]
     unet = UNet2DConditionModel.from_pretrained(run_dir / "unet", torch_dtype=torch.float16)
@@ -50,12 +68,16 @@ def write_release(run_dir: str | Path, release_dir: str | Path, command: list[st
     shutil.copytree(run_dir / "scheduler", tmp / "scheduler")
     info["config"]["label"] = SHIPPED_NAME  # its name in evaluation tables
     (tmp / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    corpus = Path(config["data_dir"]) / "corpus.json"
+    corpus_file = Path(config["data_dir"]) / "corpus.json"
+    corpus = {k: v for k, v in json.loads(corpus_file.read_text()).items() if k != "traits"} \
+        if corpus_file.is_file() else None
     manifest = {
         "name": SHIPPED_NAME,
+        "corpus_command": corpus and (f"pogdiff data synth {Path(config['data_dir']).name} --preset pretrain "
+                                      f"--seed {corpus['seed']} --people {corpus['people']} "
+                                      f"--images-per-person {corpus['images_per_person']} --resolution {corpus['size']}"),
         "command": " ".join(command or ["pogdiff", *sys.argv[1:]]),
-        "corpus": {k: v for k, v in json.loads(corpus.read_text()).items() if k != "traits"}
-        if corpus.is_file() else str(config["data_dir"]),
+        "corpus": corpus or str(config["data_dir"]),
         "rows": len(load_dataset(config["data_dir"])),
         "steps": info["steps"],
         "batch": config["train_batch_size"] * config["gradient_accumulation_steps"] * info["num_processes"],

@@ -52,13 +52,33 @@ def read_run_info(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if path.is_file():
-        return json.loads(path.read_text())
+        return _checked_run_info(path)
     if (run_dir / PIPELINE_FILE).is_file():
         return {"backbone": PIPELINE_BACKBONE, "pretrained": str(run_dir.resolve()), "lora_rank": None,
                 "config": {"method": run_dir.resolve().name}}
     raise PogdiffError(f"{run_dir}: neither a pogdiff run folder (no {RUN_FILE}) nor a diffusers pipeline folder "
                        f"(no {PIPELINE_FILE}); pass the --output-dir of a finished `pogdiff train` or a "
                        "Stable Diffusion folder")
+
+
+DAMAGED_RUN_FIX = "the run folder is damaged: train it again (pogdiff train --overwrite)"
+
+
+def _checked_run_info(path: Path) -> dict:
+    """RUN_FILE's content with the keys every reader needs; a broken file is a one-line error."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PogdiffError(f"{path}: not valid JSON ({error}); {DAMAGED_RUN_FIX}") from None
+    if not isinstance(info, dict):
+        raise PogdiffError(f"{path}: not a JSON object; {DAMAGED_RUN_FIX}")
+    missing = [key for key in ("backbone", "config") if key not in info]
+    config = info.get("config")
+    if "config" in info and not (isinstance(config, dict) and isinstance(config.get("method"), str)):
+        missing.append("config.method")
+    if missing:
+        raise PogdiffError(f"{path}: no {', '.join(missing)}; {DAMAGED_RUN_FIX}")
+    return info
 
 
 def run_label(config: dict) -> str:

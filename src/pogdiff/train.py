@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -27,20 +29,25 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pogdiff.backbone import PixelBackbone, StableDiffusionBackbone
+from pogdiff.cache import default_cache_dir
 from pogdiff.data.dataset import ImageTextDataset, load_dataset
 from pogdiff.encoded_dataset import EncodedDataset, encode_dataset, training_images
-from pogdiff.errors import DatasetError, PogdiffError
+from pogdiff.errors import DatasetError, Interrupted, PogdiffError, first_line
+from pogdiff.files import incomplete, remove_quietly, write_errors_as_os_errors
 from pogdiff.images import save_grid
 from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch
 from pogdiff.neighbour_features import neighbour_feature_space
+from pogdiff.options import check_values
+from pogdiff.ownership import claimed, entries, is_marked, refuse_if_in_use
 from pogdiff.row_log import RowLog
 from pogdiff.row_sampler import SAMPLERS, batch_rows, row_weights
-from pogdiff.run_folder import (CHECKPOINT_PREFIX, RUN_FILE, checkpoint_step, checkpoints, latest_checkpoint, save_psi,
-                                write_run_info)
+from pogdiff.run_folder import (CHECKPOINT_PREFIX, PSI_FILE, RUN_FILE, checkpoint_step, checkpoints,
+                                latest_checkpoint, save_psi, write_run_info)
 from pogdiff.sampling import generate
 from pogdiff.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, shipped_backbone_dir
 
@@ -122,7 +129,15 @@ def config_fields() -> set[str]:
 
 
 def train(config: TrainConfig) -> Path:
-    """Fine-tune with ``config.method`` and write a run folder; returns its path."""
+    """Fine-tune with ``config.method`` and write a run folder; returns its path.
+
+    The run folder is claimed (:func:`claimed_output_dir`) from its creation until this returns.
+    """
+    with contextlib.ExitStack() as run_folder:
+        return _train(config, run_folder)
+
+
+def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     # Checks: whatever can be refused is refused before any work, and before anything is written.
     check_options(config)
     out = check_output_dir(config)
@@ -152,14 +167,15 @@ def train(config: TrainConfig) -> Path:
 
     # Run folder: the inputs are good, only now is anything written to it.
     if accelerator.is_main_process:
-        prepare_output_dir(config)
+        run_folder.enter_context(claimed_output_dir(config))
     accelerator.wait_for_everyone()
     row_log = None
     if config.log_rows:
         row_log = RowLog(out, accelerator.process_index, encoded, loss_fn.neighbours,
                          None if psi_per_row is None else psi_per_row["psi"])
     if accelerator.is_main_process and psi_per_row is not None:
-        save_psi(out, psi_per_row, few_rows(dataset), loss_fn.neighbour_space())
+        with reported_write_errors(out / PSI_FILE, out):
+            save_psi(out, psi_per_row, few_rows(dataset), loss_fn.neighbour_space())
 
     # Optimizer: the whole UNet, or its LoRA adapters.
     unet = backbone.unet.train()
@@ -185,7 +201,7 @@ def train(config: TrainConfig) -> Path:
     global_step = 0
     if config.resume_from_checkpoint:
         checkpoint = resume_checkpoint(config)
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint)
         if ema is not None:
             ema.to(accelerator.device)  # accelerate loads custom states onto the CPU
         global_step = checkpoint_step(checkpoint)
@@ -270,6 +286,7 @@ def check_options(config: TrainConfig) -> None:
                            "or choose another method (resample is vanilla + --sampler balanced)")
     if config.density_max_ratio != TrainConfig.density_max_ratio and sampler_of(config) != "balanced":
         raise PogdiffError("--density-max-ratio applies to the balanced sampler; drop it or pass --sampler balanced")
+    check_values({**asdict(config), **config.method_options})
 
 
 def sampler_of(config: TrainConfig) -> str:
@@ -278,24 +295,17 @@ def sampler_of(config: TrainConfig) -> str:
 
 
 def check_output_dir(config: TrainConfig) -> Path:
-    """Refuse to mix two runs in one folder (resume, overwrite, or pick another) or to write where we cannot.
+    """Refuse to mix two runs in one folder (resume, overwrite, or pick another), to replace a folder that
+    pogdiff did not create, to write into a folder another process writes into, or where we cannot write.
 
     Writes nothing: called before any work, so a bad folder costs seconds, not a run.
     """
     out = Path(config.output_dir)
-    if config.resume_from_checkpoint:
-        resume_checkpoint(config)
-        return out
     if out.exists() and not out.is_dir():
         raise PogdiffError(f"{out}: --output-dir is a file; choose a folder")
-    if out.exists() and any(out.iterdir()):
-        holds_run = (out / RUN_FILE).exists() or any(out.glob(f"{CHECKPOINT_PREFIX}*"))
-        if not config.overwrite:
-            what = "already holds a run" if holds_run else "is not empty"
-            raise PogdiffError(f"{out}: output folder {what}; pass --resume-from-checkpoint latest to continue it, "
-                               "--overwrite to replace it, or choose another --output-dir")
-        if not holds_run:
-            raise PogdiffError(f"{out}: --overwrite only replaces a pogdiff run, and this folder holds something else")
+    check_inputs_outside(out, config)
+    check_folder_state(out, config)
+    refuse_if_in_use(out)
     parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         why = "is a file" if not parent.is_dir() else "is not writable"
@@ -303,17 +313,84 @@ def check_output_dir(config: TrainConfig) -> Path:
     return out
 
 
+def check_inputs_outside(out: Path, config: TrainConfig) -> None:
+    """The dataset and the cache must not live in the run folder: --overwrite would delete them."""
+    for what, folder in (("the dataset", config.data_dir), ("--cache-dir", config.cache_dir or default_cache_dir())):
+        if Path(folder).resolve().is_relative_to(out.resolve()):
+            raise PogdiffError(f"{folder}: {what} is inside --output-dir {out}, where --overwrite or a new run "
+                               "would mix with it; choose an --output-dir outside it")
+
+
+def check_folder_state(out: Path, config: TrainConfig) -> None:
+    """What the folder holds against what was asked: a new run needs a new or empty folder, or pogdiff's own
+    run with --overwrite; --resume-from-checkpoint needs a whole checkpoint of pogdiff's own run."""
+    if config.resume_from_checkpoint:
+        resume_checkpoint(config)
+        return
+    if not entries(out):
+        return
+    if not is_marked(out):
+        raise PogdiffError(f"{out}: output folder is not empty and pogdiff did not create it, so neither --overwrite "
+                           "nor --resume-from-checkpoint touch it; choose another --output-dir")
+    if config.overwrite:
+        return
+    if (out / RUN_FILE).is_file():
+        raise PogdiffError(f"{out}: output folder already holds a run; pass --overwrite to replace it, "
+                           "or choose another --output-dir")
+    raise PogdiffError(f"{out}: output folder holds an unfinished run; {how_to_continue(out)}, "
+                       "or choose another --output-dir")
+
+
+def how_to_continue(out: Path) -> str:
+    """The fix for an unfinished run: resume from its last checkpoint, or start it afresh."""
+    last = latest_checkpoint(out)
+    if last is None:
+        return "start the run afresh with --overwrite (no checkpoint was saved)"
+    return f"continue from {last.name} with --resume-from-checkpoint latest, or start afresh with --overwrite"
+
+
 def resume_checkpoint(config: TrainConfig) -> Path:
-    """The checkpoint folder --resume-from-checkpoint names ('latest': the newest finished one)."""
-    out = Path(config.output_dir)
-    if config.resume_from_checkpoint == "latest":
-        checkpoint = latest_checkpoint(out) if out.is_dir() else None
+    """The checkpoint --resume-from-checkpoint names ('latest': the newest finished one), a whole checkpoint
+    of the pogdiff run in --output-dir."""
+    out, wanted = Path(config.output_dir), config.resume_from_checkpoint
+    if not is_marked(out):
+        raise PogdiffError(f"{out}: no checkpoint to resume from ({wanted}): not a pogdiff run folder; "
+                           "drop --resume-from-checkpoint to start afresh, or pass the --output-dir of the run")
+    saved = checkpoints(out)
+    if not saved:
+        raise PogdiffError(f"{out}: no checkpoint to resume from: the run saved none; start it afresh with --overwrite")
+    if wanted == "latest":
+        checkpoint = saved[-1]
     else:
-        checkpoint = Path(config.resume_from_checkpoint)
-    if checkpoint is None or not checkpoint.is_dir():
-        raise PogdiffError(f"{out}: no checkpoint to resume from ({config.resume_from_checkpoint}); "
-                           "drop --resume-from-checkpoint to start afresh")
+        path = out / wanted if len(Path(wanted).parts) == 1 else Path(wanted)
+        checkpoint = next((c for c in saved if c.resolve() == path.resolve()), None)
+        if checkpoint is None:
+            raise PogdiffError(f"{wanted}: not a checkpoint of the run in {out}; pass latest or one of "
+                               f"{', '.join(c.name for c in saved)}")
+    damage = checkpoint_damage(checkpoint)
+    if damage:
+        raise PogdiffError(f"{checkpoint}: {damage}; {restart_from_before(checkpoint)}")
     return checkpoint
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be loaded (its weights missing, or a file cut short), None when it looks whole."""
+    if not (checkpoint / TRAINED_WEIGHTS_FILE).is_file():
+        return f"no {TRAINED_WEIGHTS_FILE}"
+    for file in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        reason = incomplete(file)
+        if reason:
+            return f"{file.name} is damaged ({reason})"
+    return None
+
+
+def restart_from_before(checkpoint: Path) -> str:
+    """The fix for a damaged checkpoint: the one saved before it, or a fresh run."""
+    earlier = [c for c in checkpoints(checkpoint.parent) if checkpoint_step(c) < checkpoint_step(checkpoint)]
+    fresh = "start the run afresh with --overwrite"
+    if not earlier:
+        return fresh
+    return f"resume from the one before with --resume-from-checkpoint {earlier[-1].name}, or {fresh}"
 
 
 def check_batch_fits(dataset: ImageTextDataset, global_batch: int, config: TrainConfig) -> None:
@@ -356,13 +433,14 @@ def make_loss(config: TrainConfig, backbone, encoded: EncodedDataset) -> Diffusi
 
 # --- run folder ---
 
-def prepare_output_dir(config: TrainConfig) -> Path:
-    """Check the output folder, then replace it (--overwrite) or create it."""
+@contextlib.contextmanager
+def claimed_output_dir(config: TrainConfig) -> Iterator[Path]:
+    """Create the output folder, claim it (mark and lock it, :mod:`pogdiff.ownership`), check it again under
+    the lock, and empty it for --overwrite; the claim lasts for the block.
+
+    A Ctrl-C inside the block becomes a one-line error that says how to continue the run.
+    """
     out = check_output_dir(config)
-    if config.resume_from_checkpoint:
-        return out
-    if config.overwrite and out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -370,7 +448,18 @@ def prepare_output_dir(config: TrainConfig) -> Path:
         probe.unlink()
     except OSError as error:
         raise PogdiffError(f"{out}: cannot write to the output folder ({error.strerror}); choose another --output-dir")
-    return out
+    with claimed(out):
+        check_folder_state(out, config)  # another process may have finished a run here since the first check
+        if config.overwrite and not config.resume_from_checkpoint:
+            for entry in entries(out):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        try:
+            yield out
+        except KeyboardInterrupt:
+            raise Interrupted(f"{out}: interrupted; {how_to_continue(out)}") from None
 
 
 def few_rows(dataset: ImageTextDataset) -> torch.Tensor:
@@ -402,6 +491,15 @@ def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """Restore the training state; a file that cannot be read is a one-line error saying what to resume from."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise PogdiffError(f"{checkpoint}: cannot load this checkpoint ({first_line(error)}); "
+                           f"{restart_from_before(checkpoint)}") from None
 
 
 def make_ema(accelerator: Accelerator, trained: list[torch.nn.Parameter], config: TrainConfig):
@@ -495,16 +593,15 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit:
 
 @contextlib.contextmanager
 def reported_write_errors(target: Path, out: Path, cleanup: Path | None = None):
-    """Turn an OSError while writing ``target`` (disk full, permissions) into a one-line error saying what is safe."""
+    """Turn a failed write of ``target`` (disk full, permissions) into a one-line error saying how to go on."""
     try:
-        yield
+        with write_errors_as_os_errors(target):
+            yield
     except OSError as error:
         if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)
-        previous = latest_checkpoint(out)
-        safe = (f"{previous.name} is intact: free space, then continue with --resume-from-checkpoint latest"
-                if previous else "no earlier checkpoint: free space, then run again")
-        raise PogdiffError(f"{target}: cannot write ({error.strerror or error}); {safe}") from None
+            remove_quietly(cleanup)
+        raise PogdiffError(f"{target}: cannot write ({error.strerror or error}); free space, then "
+                           f"{how_to_continue(out)}") from None
 
 
 def log_validation(accelerator: Accelerator, backbone, config: TrainConfig, out: Path, step: int, ema,

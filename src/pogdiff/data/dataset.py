@@ -24,6 +24,8 @@ from pogdiff.images import from_uint8
 
 METADATA_FILE = "metadata.jsonl"
 FEW_MAX_IMAGES = 5  # "Few" (minority) identities have at most this many training images
+MAX_PIXELS = 64 * 2**20  # a 50-megapixel photo fits; decoded as RGB it takes 192 MiB
+MAX_ASPECT_RATIO = 16  # a wider image would lose over 15/16 of itself to the square crop
 
 
 @dataclass
@@ -75,11 +77,12 @@ def load_image(path: Path, resolution: int, center_crop: bool = True) -> np.ndar
     """One image as a uint8 array (resolution, resolution, 3): shorter side resized, then cropped."""
     try:
         with Image.open(path) as image:
+            _check_decoded_size(image, path)
             image.load()
             image = _to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise DatasetError(f"{path}: image listed in {METADATA_FILE} is missing; add it or remove its line") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(f"{path}: cannot read this image ({error}); replace it or remove its line") from None
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
@@ -92,10 +95,22 @@ def load_image(path: Path, resolution: int, center_crop: bool = True) -> np.ndar
     return np.asarray(image, dtype=np.uint8)
 
 
+def _check_decoded_size(image: Image.Image, path: Path) -> None:
+    """Refuse, from the header alone, an image whose pixels would not fit in memory or whose shape
+    cannot be cropped to a square (a 3,000,000 x 1 PNG is 8.8 KB on disk)."""
+    width, height = image.size
+    if width * height > MAX_PIXELS or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DatasetError(f"{path}: {width}x{height} pixels, more than {MAX_PIXELS // 2**20} Mi pixels or more than "
+                           f"{MAX_ASPECT_RATIO} times as wide as high (or high as wide); crop or shrink it, "
+                           "or remove its line")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Grayscale, palette, RGBA, CMYK and 16-bit or float images become 8-bit RGB (alpha over white)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError("NaN or infinite pixel values")
         image = Image.fromarray((array / max(array.max(), 1.0) * 255).clip(0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
@@ -121,6 +136,7 @@ def load_dataset(
     files, captions, identities = [], [], []
     missing: list[tuple[str, int]] = []
     seen: dict[str, int] = {}
+    identity_lines: dict[str, tuple[object, int]] = {}
     columns: dict[str, None] = {}
     for number, line in enumerate(_read_lines(metadata), start=1):
         if not line.strip():
@@ -138,12 +154,15 @@ def load_dataset(
         files.append(file)
         captions.append(caption)
         if identity_column and identity_column in row:
-            identities.append(_identity(row[identity_column], where))
+            identities.append(_identity(row[identity_column], where, number, identity_lines))
         elif identity_column and identities:
             raise DatasetError(f"{where}: no '{identity_column}' column though earlier lines have one; "
                                "give every line an identity")
     if not files:
         raise DatasetError(f"{metadata}: no rows; add one JSON line per image")
+    if len(files) == 1:
+        raise DatasetError(f"{metadata}: a single row, but every image needs another one as its neighbour (Eq. 8); "
+                           "add images")
     _check_images_exist(root, metadata, missing)
     if identities and len(identities) != len(files):
         raise DatasetError(f"{metadata}: the first lines have no '{identity_column}' but later ones do; "
@@ -191,11 +210,20 @@ def _image_and_caption(row: dict, root: Path, where: str, image_column: str, cap
     return file, caption.strip()
 
 
-def _identity(identity, where: str) -> str:
+def _identity(identity, where: str, number: int, first_seen: dict[str, tuple[object, int]]) -> str:
+    """The identity as a name; a number and a string that read the same (1 and "1") are refused, not merged.
+
+    ``first_seen`` maps each name to the value and line it first appeared as.
+    """
     if isinstance(identity, bool) or not isinstance(identity, (str, int)) or not str(identity).strip():
         raise DatasetError(f"{where}: identity {identity!r} is not a name; "
                            "write a non-empty string (or drop the column from every line)")
-    return str(identity).strip()
+    name = str(identity).strip()
+    first, line = first_seen.setdefault(name, (identity, number))
+    if type(first) is not type(identity):
+        raise DatasetError(f"{where}: identity {identity!r} and {first!r} on line {line} would count as one identity; "
+                           "write every identity as a string (\"1\", not 1)")
+    return name
 
 
 def _check_images_exist(root: Path, metadata: Path, missing: list[tuple[str, int]]) -> None:
@@ -211,7 +239,8 @@ def _read_lines(metadata: Path) -> list[str]:
     """The metadata's lines; UTF-8 with or without a byte-order mark (Windows editors write one)."""
     data = metadata.read_bytes()
     try:
-        return data.decode("utf-8-sig").splitlines()
+        # "\n" only: JSON strings may hold U+2028, U+0085 and other characters that splitlines() breaks at
+        return data.decode("utf-8-sig").split("\n")
     except UnicodeDecodeError as error:
         line = data[:error.start].count(b"\n") + 1
         raise DatasetError(f"{metadata}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); "

@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pogdiff.errors import DatasetError
+
 RGB = tuple[int, int, int]
 
 PRESETS: dict[str, tuple[int, ...]] = {
@@ -561,8 +563,13 @@ def load_identities(synth_json_path: str | Path) -> list[Identity]:
     path = Path(synth_json_path)
     if path.is_dir():
         path = path / "synth.json"
-    description = json.loads(path.read_text(encoding="utf-8"))
-    return [Identity(entry["name"], entry["traits"], entry.get("look_alike_of")) for entry in description["identities"]]
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+        return [Identity(entry["name"], entry["traits"], entry.get("look_alike_of"))
+                for entry in description["identities"]]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DatasetError(f"{path}: not a synth.json written by `pogdiff data synth` ({type(error).__name__}: "
+                           f"{error}); write the dataset again, or delete synth.json to judge by features") from None
 
 
 def refuse_non_empty(out: Path) -> None:

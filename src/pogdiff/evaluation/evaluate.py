@@ -41,14 +41,17 @@ import torch.nn.functional as F
 
 from pogdiff.backbone import load_backbone
 from pogdiff.data.dataset import FEW_MAX_IMAGES, ImageTextDataset, load_dataset
+from pogdiff.data.synth import load_identities
 from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.features import DEFAULT_FEATURES, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge
 from pogdiff.evaluation.report import ReportData, write_report
 from pogdiff.evaluation.results_table import all_few_table, format_value, markdown_table
+from pogdiff.files import file_stems
 from pogdiff.images import save_grid, to_pil
 from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
+from pogdiff.options import check_values
 from pogdiff.run_folder import load_psi, load_psi_summary, read_run_info, run_label
 from pogdiff.sampling import generate
 from pogdiff.shipped import resolve_run_dir
@@ -113,16 +116,32 @@ class Evaluation:
         self.features = features
         self.extractor = load_feature_extractor(features, inception_weights)
         synth = data_dir / "synth.json"
-        if identity_judge == "auto":
-            identity_judge = "synth" if synth.is_file() else "features"
-        if identity_judge == "synth" and not synth.is_file():
-            raise PogdiffError(f"{synth}: not found; the synth judge only scores datasets written by "
-                               "`pogdiff data synth`; use --identity-judge features or faces")
-        self.judge_kind = identity_judge
+        self.judge_kind = self._judge_kind(identity_judge, synth)
         self.face_detector = face_detector
         self._synth_judge = (SynthIdentityJudge.for_dataset(synth, cache_dir, progress=progress)
-                             if identity_judge == "synth" else None)
+                             if self.judge_kind == "synth" else None)
         self._real: dict[int, RealImages] = {}
+
+    def _judge_kind(self, identity_judge: str, synth: Path) -> str:
+        """The judge to use: ``auto`` is synth for a `pogdiff data synth` set whose synth.json describes
+        every identity, else features (with a warning when identities are missing from it)."""
+        if identity_judge not in ("auto", "synth"):
+            return identity_judge
+        if not synth.is_file():
+            if identity_judge == "synth":
+                raise PogdiffError(f"{synth}: not found; the synth judge only scores datasets written by "
+                                   "`pogdiff data synth`; use --identity-judge features or faces")
+            return "features"
+        unknown = sorted(set(self.names) - {identity.name for identity in load_identities(synth)})
+        if not unknown:
+            return "synth"
+        shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        problem = (f"{synth}: {len(unknown)} of the dataset's identities are not in it ({shown}), so the synth "
+                   "judge, which knows only the people it rendered, cannot recognise them")
+        if identity_judge == "synth":
+            raise PogdiffError(f"{problem}; use --identity-judge features or faces")
+        warnings.warn(f"{problem}; id_acc is judged by the features judge instead", PogdiffWarning)
+        return "features"
 
     def real(self, resolution: int) -> RealImages:
         """Real images at the resolution of the generated ones (loaded once per resolution)."""
@@ -257,26 +276,27 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     if not run_dirs:
         raise PogdiffError("no run to evaluate; pass one or more run folders written by `pogdiff train`")
     run_dirs = [resolve_run_dir(run) for run in run_dirs]
-    if not -1.0 <= recall_threshold <= 1.0:
-        raise PogdiffError(f"recall threshold {recall_threshold} is not a cosine similarity; pass a value in [-1, 1]")
+    check_values({"num_images": num_images, "num_images_few": num_images_few, "seed": seed,
+                  "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                  "few_max_images": few_max_images, "recall_threshold": recall_threshold}, command="evaluate")
+    configs = [read_run_info(run_dir)["config"] for run_dir in run_dirs]  # a broken run fails now, before any work
+    labels = run_labels(configs)
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
                             cache_dir, progress)
     if paper_protocol:
         num_images, num_images_few = paper_sample_counts(len(evaluation.dataset))
     num_images_few = num_images_few or num_images
-    if min(num_images, num_images_few) < 1:
-        raise PogdiffError("--num-images must be at least 1")
     samples_for = {n: num_images_few if n in evaluation.few else num_images for n in evaluation.names}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results, generated, generated_features, psi, psi_summaries = {}, {}, {}, {}, {}
-    for run_dir in run_dirs:
-        config = read_run_info(run_dir)["config"]
-        label = _unique(run_label(config), results)
+    label_stems, name_stems = file_stems(labels), file_stems(evaluation.names)
+    for run_dir, config, label in zip(run_dirs, configs, labels):
         warn_if_judge_shares_neighbour_space(label, config, evaluation)
         generated[label] = generate_per_identity(load_backbone(run_dir), samples_for, num_inference_steps,
                                                  guidance_scale, seed, progress)
-        save_samples(generated[label], evaluation.counts, out_dir, label)
+        save_samples(generated[label], evaluation.counts, out_dir / f"samples-{label_stems[label]}.png",
+                     out_dir / "samples" / label_stems[label], name_stems)
         per_identity, generated_features[label] = evaluation.score(generated[label], recall_threshold)
         results[label] = run_result(per_identity, evaluation, run_dir)
         run_psi = load_psi(run_dir)
@@ -330,15 +350,14 @@ def generate_per_identity(backbone, samples_for: dict[str, int], num_inference_s
     return {n: generated[n] for n in samples_for}
 
 
-def save_samples(generated: dict[str, torch.Tensor], counts: dict[str, int], out_dir: Path, label: str) -> None:
-    """Every image as ``samples/<label>/<name>_<i>.png``, and one grid ``samples-<label>.png``."""
-    folder = out_dir / "samples" / label
+def save_samples(generated: dict[str, torch.Tensor], counts: dict[str, int], grid: Path, folder: Path,
+                 stems: dict[str, str]) -> None:
+    """Every image as ``folder/<stem>_<i>.png`` (``stems``: a safe file name per identity), and one grid."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, images in generated.items():
         for i, image in enumerate(images):
-            to_pil(image).save(folder / f"{name}_{i:03d}.png")
-    save_grid([(f"{n} ({counts[n]} train)", images) for n, images in generated.items()],
-              out_dir / f"samples-{label}.png")
+            to_pil(image).save(folder / f"{stems[name]}_{i:03d}.png")
+    save_grid([(f"{n} ({counts[n]} train)", images) for n, images in generated.items()], grid)
 
 
 def run_result(per_identity: dict[str, dict], evaluation: Evaluation, run_dir: str | Path) -> dict:
@@ -359,7 +378,15 @@ def identity_summary(per_identity: dict[str, dict], evaluation: Evaluation) -> d
     return result
 
 
-def _unique(label: str, taken: dict) -> str:
+def run_labels(configs: list[dict]) -> list[str]:
+    """Each run's label (:func:`run_label` of its config), made unique."""
+    labels: list[str] = []
+    for config in configs:
+        labels.append(_unique(run_label(config), labels))
+    return labels
+
+
+def _unique(label: str, taken: list[str]) -> str:
     """``label``, or ``label#2``, ``label#3``... when runs share a method and options."""
     candidate, number = label, 2
     while candidate in taken:
