@@ -29,7 +29,7 @@ from pogdiff.data.synth import BACKGROUNDS, GLASSES, HAIR_COLOURS, draw_portrait
 from pogdiff.evaluation.features import load_feature_extractor
 from pogdiff.evaluation.identity import _SmallCNN
 from pogdiff.evaluation.metrics import frechet_distance
-from pogdiff.pretraining import SHIPPED_NAME
+from pogdiff.shipped import SHIPPED_NAME
 from pogdiff.sampling import generate
 
 TRAITS = {  # trait -> (values, prompt); values index the classifier's head for the trait

@@ -106,7 +106,7 @@ def originals(tmp_path_factory):
 
 
 def train_basics(cache: Path) -> list[str]:
-    return ["--max-train-steps", "1", "--train-batch-size", "2", "--k", "2", "--resolution", "16",
+    return ["--from-scratch", "--max-train-steps", "1", "--train-batch-size", "2", "--k", "2", "--resolution", "16",
             "--cache-dir", str(cache), "--no-progress"]
 
 

@@ -64,10 +64,10 @@ class PixelBackbone:
     def from_run(cls, run_dir: str | Path, name: str | None = None) -> "PixelBackbone":
         """The weights of a run folder (any storage dtype, loaded as float32), ``name``-d in later runs' info."""
         run_dir = Path(run_dir)
-        info = read_run_info(run_dir)
+        text_max_length = read_run_info(run_dir)["text_max_length"]
         unet = UNet2DConditionModel.from_pretrained(run_dir / "unet").float()
         scheduler = DDPMScheduler.from_pretrained(run_dir / "scheduler")
-        return cls(unet, scheduler, TextEncoder.minilm(info["text_max_length"]), name or str(run_dir))
+        return cls(unet, scheduler, TextEncoder.minilm(text_max_length), name or str(run_dir))
 
     @property
     def resolution(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -32,11 +33,11 @@ from pogdiff.errors import PogdiffError
 from pogdiff.run_folder import RUN_FILE, read_run_info
 from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, WEIGHTS_FILE, sha256
 
-# From random weights, EMA on, large batches (a GPU wants hundreds of 32x32 images per step),
-# checkpointed so that a CPU run continues across sessions.
-PRETRAINING = {"method": "vanilla", "use_ema": True, "ema_decay": 0.999, "train_batch_size": 64,
-               "max_train_steps": 6000, "learning_rate": 1e-3, "lr_scheduler": "constant_with_warmup",
-               "lr_warmup_steps": 200, "checkpointing_steps": 200, "checkpoints_total_limit": 2,
+# The recipe of the shipped weights: from random weights, EMA on, large batches (a GPU wants
+# hundreds of 32x32 images per step), checkpointed so that a long CPU run continues across sessions.
+PRETRAINING = {"method": "vanilla", "use_ema": True, "ema_decay": 0.999, "train_batch_size": 256,
+               "max_train_steps": 6500, "learning_rate": 1e-3, "lr_scheduler": "constant_with_warmup",
+               "lr_warmup_steps": 200, "checkpointing_steps": 500, "checkpoints_total_limit": 2,
                "text_max_length": 56, "from_scratch": True}
 
 
@@ -76,7 +77,7 @@ def write_release(run_dir: str | Path, release_dir: str | Path, command: list[st
         "corpus_command": corpus and (f"pogdiff data synth {Path(config['data_dir']).name} --preset pretrain "
                                       f"--seed {corpus['seed']} --people {corpus['people']} "
                                       f"--images-per-person {corpus['images_per_person']} --resolution {corpus['size']}"),
-        "command": " ".join(command or ["pogdiff", *sys.argv[1:]]),
+        "command": shlex.join(command or ["pogdiff", *sys.argv[1:]]),
         "corpus": corpus or str(config["data_dir"]),
         "rows": len(load_dataset(config["data_dir"])),
         "steps": info["steps"],
