@@ -99,7 +99,7 @@ def main() -> None:
 
     out = Path(args.out)
     if not args.report:
-        data = out / "tuning-data"
+        data = out.parent / f"{out.name}-data"  # beside OUT: a benchmark folder holds only what the benchmark wrote
         if not (data / "synth.json").is_file():
             with atomic_path(data) as tmp:
                 write_dataset(tmp, preset=TUNING_PRESET, seed=TUNING_GENERATOR_SEED)
