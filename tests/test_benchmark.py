@@ -34,7 +34,7 @@ def test_aggregate_takes_every_numeric_metric_of_all_and_few():
 def test_paired_difference_is_per_seed():
     method = {s: {"few": {"id_acc": v}} for s, v in enumerate([0.5, 0.75, 0.25])}
     vanilla = {s: {"few": {"id_acc": v}} for s, v in enumerate([0.25, 0.5, 0.25])}
-    paired = paired_difference(method, vanilla)
+    paired = paired_difference(method, vanilla, ("few", "id_acc"))
     assert paired["per_seed"] == {0: 0.25, 1: 0.25, 2: 0.0}
     assert paired["mean"] == pytest.approx(1 / 6)
     assert paired["half_width"] == pytest.approx(T_975_2DF * math.sqrt(1 / 48) / math.sqrt(3))
@@ -80,7 +80,11 @@ def test_benchmark_writes_tables_and_resumes_without_training(toy_data, tmp_path
     cells = [json.loads((out / "eval" / "pogdiff-no-psi-txt" / f"seed-{s}" / "cell.json").read_text()) for s in (0, 1)]
     assert ablation["all"]["id_acc"]["mean"] == pytest.approx(sum(c["all"]["id_acc"] for c in cells) / 2)
     assert ablation["few"]["id_acc"]["n"] == 2
-    assert metrics["paired_vs_vanilla"]["pogdiff-no-psi-txt"]["metric"] == "few.id_acc"
+    paired = metrics["paired_vs_vanilla"]["pogdiff-no-psi-txt"]
+    assert [p["metric"] for p in paired.values()] == ["few.id_acc", "few.sim"]
+    sims = {s: c["few"]["sim"] - json.loads((out / "eval" / "vanilla" / f"seed-{s}" / "cell.json").read_text())["few"]["sim"]
+            for s, c in enumerate(cells)}
+    assert paired["few.sim"]["per_seed"] == pytest.approx(sims)
     table = (out / "benchmark.md").read_text()
     assert "| pogdiff-no-psi-txt |" in table and "id_acc All" in table and " ± " in table
     assert "| real (look-alike) |" in table  # toy_data has no DATA/heldout, so no held-out row

@@ -1,13 +1,14 @@
 """``pogdiff benchmark``: every method compared, as in the paper's tables, on the same data, budget and seeds.
 
-(The scripts in ``benchmarks/`` measure costs, time and memory; this module compares methods.)
+(The scripts in ``benchmarks/`` measure costs, time and memory, or run studies on top of
+this module; this module compares methods.)
 
 Each (method, seed) cell trains one run and evaluates it with :func:`evaluate_runs`
 (sampling seeded by the same seed, so methods see the same noise); the cells are then
 aggregated per method into a mean and a 95% Student-t interval over seeds, for every
 numeric metric under All and Few, and each method is compared with vanilla seed by
-seed on Few identity accuracy. A finished cell is never run again, so re-running the
-same command continues an interrupted benchmark.
+seed on Few identity accuracy and Few similarity (paired 95% intervals). A finished
+cell is never run again, so re-running the same command continues an interrupted benchmark.
 
 Methods are named ``METHOD[+SAMPLER][:option=value,...]``: a loss of
 :data:`pogdiff.losses.METHODS`, optionally a row sampler of :mod:`pogdiff.row_sampler`
@@ -56,7 +57,7 @@ ABLATIONS = {  # Table 5: PoGDiff without one factor of psi (without y' altogeth
     "pogdiff-no-psi-txt": "pogdiff:use_psi_txt=false",
 }
 BASELINE = "vanilla"
-PAIRED_METRIC = ("few", "id_acc")
+PAIRED_METRICS = (("few", "id_acc"), ("few", "sim"))  # what each method is compared with vanilla on, seed by seed
 CONFIDENCE = 0.95
 
 
@@ -264,7 +265,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     return summary
 
 
-def paired_difference(per_seed: dict[int, dict], baseline: dict[int, dict], metric=PAIRED_METRIC) -> dict | None:
+def paired_difference(per_seed: dict[int, dict], baseline: dict[int, dict], metric: tuple[str, str]) -> dict | None:
     """Per seed ``method - baseline`` on one metric, with its mean and interval over the seeds both have."""
     split, key = metric
     diffs = {seed: cell[split][key] - baseline[seed][split][key] for seed, cell in per_seed.items()
@@ -285,8 +286,10 @@ def summarise(specs: list[MethodSpec], seeds: list[int], results: dict[str, dict
                               "seeds": {seed: {"all": c["all"], "few": c["few"], "seconds": c["seconds"]}
                                         for seed, c in cells.items()}}
     baseline = next((results[s.name] for s in specs if s.name == BASELINE), None)
-    paired = {} if baseline is None else {s.name: paired_difference(results[s.name], baseline)
-                                          for s in specs if s.name != BASELINE}
+    paired = {} if baseline is None else {
+        s.name: {f"{split}.{key}": paired_difference(results[s.name], baseline, (split, key))
+                 for split, key in PAIRED_METRICS}
+        for s in specs if s.name != BASELINE}
     any_cell = next(iter(results[specs[0].name].values()))
     # Real images scored as if generated: the same in every cell (no training, no sampling), so one value each.
     calibration = {label: aggregate({0: row}) for label, row in any_cell.get("calibration", {}).items()}
@@ -304,10 +307,19 @@ def format_interval(summary: dict | None, digits: int = 3) -> str:
 
 
 def paired_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method", f"Δ vs {BASELINE} (mean ± half-width)", "per seed"]
-    rows = [[name, format_interval(p), "–" if p is None else ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())]
-            for name, p in metrics["paired_vs_vanilla"].items()]
+    header = ["method"]
+    for split, key in PAIRED_METRICS:
+        header += [f"Δ {key} {split.capitalize()} (mean ± half-width)", "per seed"]
+    rows = []
+    for name, by_metric in metrics["paired_vs_vanilla"].items():
+        row = [name]
+        for p in by_metric.values():
+            row += [format_interval(p), "–" if p is None else ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())]
+        rows.append(row)
     return header, rows
+
+
+PAIRED_TITLE = f"Paired comparison with {BASELINE} on " + " and ".join(f"{k} {s.capitalize()}" for s, k in PAIRED_METRICS)
 
 
 def describe(metrics: dict) -> str:
@@ -338,8 +350,8 @@ def markdown_report(metrics: dict) -> str:
     parts = ["# pogdiff benchmark", "", describe(metrics), "",
              markdown_table(*all_few_table(results_rows(metrics), format_interval)), "", CALIBRATION_NOTE]
     if metrics["paired_vs_vanilla"]:
-        parts += ["", f"Paired comparison with {BASELINE} on Few id_acc, seed by seed (a seed fixes the initial "
-                  "weights, the batch order except under the balanced sampler, and the sampling noise):", "",
+        parts += ["", f"{PAIRED_TITLE}, seed by seed (a seed fixes the initial weights, the batch order except "
+                  "under the balanced sampler, and the sampling noise):", "",
                   markdown_table(*paired_rows(metrics))]
     return "\n".join(parts) + "\n"
 
@@ -347,7 +359,7 @@ def markdown_report(metrics: dict) -> str:
 def html_report(metrics: dict) -> str:
     paired = ""
     if metrics["paired_vs_vanilla"]:
-        paired = f"<h2>Paired comparison with {BASELINE}, Few id_acc</h2>" + html_table(*paired_rows(metrics))
+        paired = f"<h2>{html.escape(PAIRED_TITLE)}</h2>" + html_table(*paired_rows(metrics))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
              "th,td{border:1px solid #999;padding:4px 10px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}th{background:#eee}")
