@@ -5,9 +5,9 @@ The tuning stage trains every combination of
     k in {1, 3, 10} (Eq. 8) x a2 in {1, 4, 10} (Eq. 9) x psi_txt_max_ratio in {2, 10} (Eq. 11)
     x neighbour_features in {efficientnet-lite0, unet}
 
-plus vanilla, seeds 0 1 2, on ONE tuning dataset (default: the medium preset at generator
-seed 1; the README's tables use generator seed 0, and the pretraining corpus excludes
-seeds 0-9), with the default benchmark budget on the shipped pretrained backbone. It is
+plus vanilla, seeds 0 1 2, on ONE tuning dataset (the medium preset at generator seed 1,
+written beside OUT as OUT-data; the README's tables use generator seed 0, and the
+pretraining corpus excludes seeds 0-9), with the default benchmark budget on the shipped pretrained backbone. It is
 ``pogdiff benchmark`` with these rows, so it runs one cell at a time and an interrupted
 study continues where it stopped. Defaults are chosen from this table only, and confirmed
 afterwards on data not used here.
