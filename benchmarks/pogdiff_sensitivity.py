@@ -7,8 +7,8 @@ The tuning stage trains every combination of
 
 plus vanilla, seeds 0 1 2, on ONE tuning dataset (the medium preset at generator seed 1,
 written beside OUT as OUT-data; the README's tables use generator seed 0, and the
-pretraining corpus excludes seeds 0-9), with the default benchmark budget on the shipped pretrained backbone. It is
-``pogdiff benchmark`` with these rows, so it runs one cell at a time and an interrupted
+pretraining corpus excludes seeds 0-9), with the default benchmark budget on the shipped
+pretrained backbone. It is ``pogdiff benchmark`` with these rows, so it runs one cell at a time and an interrupted
 study continues where it stopped. Defaults are chosen from this table only, and confirmed
 afterwards on data not used here.
 
@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from statistics import fmean
 from pathlib import Path
+from statistics import fmean
 
-from pogdiff.comparison import BASELINE, format_interval, paired_difference, parse_method, run_benchmark, summarise
+from pogdiff.comparison import BASELINE, format_interval, parse_method, run_benchmark, summarise
 from pogdiff.data.synth import write_dataset
 from pogdiff.files import atomic_path
 
@@ -43,13 +43,10 @@ def grid() -> list[str]:
             for space, k, a2, r in itertools.product(SPACES, K, A2, PSI_TXT_MAX_RATIO)]
 
 
-def paired(cells: dict, baseline: dict, split: str, key: str) -> str:
-    return format_interval(paired_difference(cells, baseline, (split, key)))
-
-
-def diagnostics(out: Path, name: str) -> str:
+def diagnostics(out: Path, name: str, seeds) -> str:
     """Minority rows' share of other-identity y', their mean psi, and the space's separation (psi_summary.json)."""
-    summaries = [json.loads(f.read_text()) for f in (out / "runs" / parse_method(name).folder).glob("seed-*/psi_summary.json")]
+    run = out / "runs" / parse_method(name).folder
+    summaries = [json.loads(f.read_text()) for seed in seeds if (f := run / f"seed-{seed}" / "psi_summary.json").is_file()]
     if not summaries:
         return " | | "
     return (f"{fmean([s['minority']['other_identity_share']['mean'] for s in summaries]):.2f} | "
@@ -58,21 +55,20 @@ def diagnostics(out: Path, name: str) -> str:
 
 
 def ranking(metrics: dict, out: Path) -> str:
-    methods = metrics["methods"]
-    baseline = methods[BASELINE]["seeds"]
+    methods, paired = metrics["methods"], metrics["paired_vs_vanilla"]
     rows = sorted(methods.items(), key=lambda item: (-item[1]["few"]["id_acc"]["mean"],
                                                       -item[1]["few"]["sim"]["mean"]))
     lines = ["| row | seeds | id_acc Few | sim Few | id_acc All | fd Few | Δ id_acc Few vs vanilla | "
              "Δ sim Few vs vanilla | y' other (minority rows) | psi (minority rows) | separation |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows:
-        cells = m["seeds"]
-        lines.append(f"| {name} | {len(cells)} | {format_interval(m['few']['id_acc'])} | "
+        differences = paired.get(name, {})
+        lines.append(f"| {name} | {len(m['seeds'])} | {format_interval(m['few']['id_acc'])} | "
                      f"{format_interval(m['few']['sim'])} | {format_interval(m['all']['id_acc'])} | "
                      f"{format_interval(m['few']['fd'], 1)} | "
-                     f"{paired(cells, baseline, 'few', 'id_acc') if name != BASELINE else ''} | "
-                     f"{paired(cells, baseline, 'few', 'sim') if name != BASELINE else ''} | "
-                     f"{diagnostics(out, name)} |")
+                     f"{format_interval(differences['few.id_acc']) if differences else ''} | "
+                     f"{format_interval(differences['few.sim']) if differences else ''} | "
+                     f"{diagnostics(out, name, m['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -98,14 +94,16 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    if not args.report:
+    if args.report:
+        metrics = finished_cells(out, args.seeds)
+    else:
         data = out.parent / f"{out.name}-data"  # beside OUT: a benchmark folder holds only what the benchmark wrote
         if not (data / "synth.json").is_file():
             with atomic_path(data) as tmp:
                 write_dataset(tmp, preset=TUNING_PRESET, seed=TUNING_GENERATOR_SEED)
-        run_benchmark(out, methods=[BASELINE, *grid()], seeds=args.seeds, data=data, cache_dir=args.cache_dir,
-                      progress=not args.no_progress)
-    table = ranking(finished_cells(out, args.seeds), out)
+        metrics = run_benchmark(out, methods=[BASELINE, *grid()], seeds=args.seeds, data=data,
+                                cache_dir=args.cache_dir, progress=not args.no_progress)
+    table = ranking(metrics, out)
     (out / "sensitivity.md").write_text(
         f"Tuning data: {TUNING_PRESET} preset, generator seed {TUNING_GENERATOR_SEED}; seeds {args.seeds}; "
         "rows ranked by Few id_acc, then Few sim (mean ± half-width of the 95% interval over seeds; "

@@ -58,6 +58,7 @@ ABLATIONS = {  # Table 5: PoGDiff without one factor of psi (without y' altogeth
 }
 BASELINE = "vanilla"
 PAIRED_METRICS = (("few", "id_acc"), ("few", "sim"))  # what each method is compared with vanilla on, seed by seed
+PAIRED_TITLE = f"Paired comparison with {BASELINE} on " + " and ".join(f"{k} {s.capitalize()}" for s, k in PAIRED_METRICS)
 CONFIDENCE = 0.95
 
 
@@ -317,9 +318,6 @@ def paired_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
             row += [format_interval(p), "–" if p is None else ", ".join(f"{s}: {d:+.3f}" for s, d in p["per_seed"].items())]
         rows.append(row)
     return header, rows
-
-
-PAIRED_TITLE = f"Paired comparison with {BASELINE} on " + " and ".join(f"{k} {s.capitalize()}" for s, k in PAIRED_METRICS)
 
 
 def describe(metrics: dict) -> str:
