@@ -1,0 +1,43 @@
+"""The sensitivity study's selection rule (benchmarks/pogdiff_sensitivity.py), on hand-built summaries."""
+
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location(
+    "pogdiff_sensitivity", Path(__file__).parents[1] / "benchmarks" / "pogdiff_sensitivity.py")
+study = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(study)
+
+SEEDS = [0, 1, 2]
+
+
+def summary(rows: dict[str, tuple[float, float, int]]) -> dict:
+    """rows: name -> (mean paired Few id_acc difference, mean paired Few sim difference, seeds done)."""
+    def few(sim):
+        return {"few": {"sim": {"mean": sim, "half_width": None, "n": 1}}}
+    return {"calibration": {"real (held-out)": few(0.90), "real (look-alike)": few(0.80)},  # gap 0.1 -> bound -0.02
+            "methods": {name: {"seeds": dict.fromkeys(range(n))} for name, (_, _, n) in rows.items()},
+            "paired_vs_vanilla": {name: {"few.id_acc": {"mean": acc, "half_width": 0.1, "n": n},
+                                         "few.sim": {"mean": sim, "half_width": 0.01, "n": n}}
+                                  for name, (acc, sim, n) in rows.items()}}
+
+
+def test_the_largest_id_acc_gain_within_the_sim_bound_is_chosen():
+    grid = study.grid()
+    rows = {name: (0.0, -0.05, 3) for name in grid}
+    rows[grid[0]] = (0.30, -0.021, 3)  # best id_acc, but its images drift further than the bound
+    rows[grid[1]] = (0.10, -0.019, 3)
+    rows[grid[2]] = (0.10, 0.010, 3)   # same id_acc gain, better sim: wins the tie
+    text = study.choose(summary(rows), SEEDS)
+    assert f"Chosen: `{grid[2]}`" in text and "2 of them pass" in text
+    assert "-0.020" in text and "least harmful" not in text
+
+
+def test_incomplete_rows_are_left_out_and_a_choice_that_does_not_beat_vanilla_says_so():
+    grid = study.grid()
+    rows = {name: (-0.1, 0.0, 3) for name in grid}
+    rows[grid[0]] = (0.5, 0.0, 1)      # one seed only: not ranked yet
+    rows[grid[1]] = (-0.05, 0.0, 3)
+    text = study.choose(summary(rows), SEEDS)
+    assert "Provisional" in text and f"`{grid[1]}`" in text and "least harmful" in text
+    assert "35 of 36 configurations" in text
