@@ -112,6 +112,14 @@ def test_benchmark_writes_tables_and_resumes_without_training(toy_data, tmp_path
     code = main(other)
     assert code == 2 and "other settings (max_train_steps)" in capsys.readouterr().err
 
+    settings = json.loads((out / "benchmark.json").read_text())
+    del settings["budget"]["max_identities"]  # a folder written before the option existed ran with all identities
+    (out / "benchmark.json").write_text(json.dumps(settings))
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert calls == {"train": 4, "evaluate": 5}
+    assert main([str(a) for a in argv] + ["--max-identities", "2"]) == 2
+    assert "other settings (max_identities)" in capsys.readouterr().err
+
 
 def test_benchmark_refuses_bad_input_before_writing(toy_data, tmp_path, capsys):
     code = main(["benchmark", "--out", str(tmp_path / "a"), "--methods", "vanilla", "pogdiff-no-psi", "--quick"])

@@ -10,7 +10,8 @@ import torch
 from conftest import write_toy_dataset
 from PIL import Image
 
-from pogdiff.evaluation.evaluate import evaluate_runs, format_table
+from pogdiff.data.synth import PRESETS
+from pogdiff.evaluation.evaluate import evaluate_runs, format_table, identity_sample
 from pogdiff.train import TrainConfig, train
 
 
@@ -126,3 +127,33 @@ def test_report_is_self_contained_with_the_table_and_decodable_pngs(evaluated):
         assert picture.format == "PNG" and min(picture.size) > 20
     settings = (out / "report.html").read_text(encoding="utf-8")
     assert "avg-pooled pixels 8x8" in settings and "cosine similarity &gt;= 0.8" in settings
+
+
+def test_an_identity_sample_keeps_every_training_count_in_its_share_and_is_the_same_every_time():
+    counts = {f"p{i}": c for i, c in enumerate(sorted(PRESETS["large"]))}  # 220 people: 130 x 2, 60 x 4, 20 x 10, 10 x 30
+    names = list(counts)
+    sample = identity_sample(names, counts, 60)
+    assert len(sample) == 60 and sample == [n for n in names if n in set(sample)]
+    assert sample == identity_sample(names, counts, 60)
+    for count in (2, 4, 10, 30):
+        group = [n for n in names if counts[n] == count]
+        taken = sum(counts[n] == count for n in sample)
+        assert abs(taken - 60 * len(group) / len(names)) < 1 and taken >= 1
+    assert identity_sample(names, counts, 3) == identity_sample(names, counts, 3) and len(identity_sample(names, counts, 3)) == 3
+    assert identity_sample(names, counts, 500) == names
+
+
+def test_max_identities_scores_a_sample_but_the_judge_and_look_alikes_see_everyone(evaluated, tmp_path):
+    metrics, _ = evaluated
+    runs = [result["run"] for result in metrics["methods"].values()]
+    sampled = evaluate_runs(runs[:1], metrics["data"], tmp_path, num_images=2, num_inference_steps=2, progress=False,
+                            features=PixelFeatures(), max_identities=2, report=False)
+    (result,) = sampled["methods"].values()
+    scored = set(result["per_identity"])
+    assert len(scored) == 2 and sampled["num_identities"] == {"all": 2, "few": int("Chen" in scored)}
+    assert sampled["identity_sample"]["of"] == 3 and sampled["identity_sample"]["few_of"] == 1
+    assert {p.name.split("_")[0] for p in (tmp_path / "samples").rglob("*.png")} == scored
+    look_alike = sampled["calibration"]["real (look-alike)"]["look_alike_of"]
+    assert set(look_alike) == scored
+    # the full evaluation's look-alikes, whether or not the look-alike itself is scored
+    assert look_alike == {n: metrics["calibration"]["real (look-alike)"]["look_alike_of"][n] for n in scored}

@@ -89,7 +89,8 @@ def _evaluate(args) -> None:
                             progress=not args.no_progress, features=args.features,
                             inception_weights=args.inception_weights, recall_threshold=args.recall_threshold,
                             identity_judge=args.identity_judge, face_detector=args.face_detector,
-                            num_images_few=args.num_images_few, paper_protocol=args.paper_protocol)
+                            num_images_few=args.num_images_few, paper_protocol=args.paper_protocol,
+                            max_identities=args.max_identities)
     print(f"fd, sim, recall in {metrics['feature_space']} features; id_acc by {metrics['identity_judge']}")
     print(format_table(metrics))
     print(f"metrics written to {Path(args.out) / 'metrics.json'}, report to {Path(args.out) / 'report.html'}")
@@ -109,7 +110,8 @@ def _benchmark(args) -> None:
     budget = budget_from(args.quick, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
                          learning_rate=args.learning_rate, num_images=args.num_images,
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                         few_max_images=args.few_max_images, from_scratch=args.from_scratch or None)
+                         few_max_images=args.few_max_images, max_identities=args.max_identities,
+                         from_scratch=args.from_scratch or None)
     seeds = args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS
     run_benchmark(args.out, args.methods or DEFAULT_METHODS, seeds, budget, data=args.data, preset=args.preset,
                   cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -285,7 +287,7 @@ def add_sample_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.data.dataset import FEW_MAX_IMAGES
-    from pogdiff.evaluation.evaluate import JUDGES
+    from pogdiff.evaluation.evaluate import JUDGES, MAX_IDENTITIES_HELP
     from pogdiff.evaluation.features import DEFAULT_FEATURES
 
     e = sub.add_parser("evaluate", parents=parents, help="score runs per identity, All and Few")
@@ -301,6 +303,7 @@ def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     e.add_argument("--guidance-scale", type=float)
     e.add_argument("--few-max-images", type=int, default=FEW_MAX_IMAGES,
                    help=f"Few = identities with at most this many training images (default: {FEW_MAX_IMAGES})")
+    e.add_argument("--max-identities", type=int, metavar="N", help=MAX_IDENTITIES_HELP)
     e.add_argument("--features", default=DEFAULT_FEATURES, metavar="SPACE",
                    help=f"feature space of fd, sim and recall: {DEFAULT_FEATURES} (default, offline), inception "
                    "(with --inception-weights), or a Hugging Face image model id or folder, e.g. facebook/dinov2-base")
@@ -319,6 +322,7 @@ def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.comparison import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
     from pogdiff.data.synth import PRESETS
+    from pogdiff.evaluation.evaluate import MAX_IDENTITIES_HELP
     from pogdiff.losses import METHODS
 
     full = Budget()
@@ -348,6 +352,7 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the backbone's)")
     b.add_argument("--few-max-images", type=int, help=f"Few = identities with at most this many training images "
                    f"(default: {full.few_max_images})")
+    b.add_argument("--max-identities", type=int, metavar="N", help=MAX_IDENTITIES_HELP)
     b.set_defaults(func=_benchmark)
 
 

@@ -74,6 +74,7 @@ class Budget:
     num_inference_steps: int = 50
     guidance_scale: float | None = None
     few_max_images: int = FEW_MAX_IMAGES
+    max_identities: int | None = None  # score a fixed stratified sample of the identities (None: all)
 
 
 QUICK = Budget(max_train_steps=20, train_batch_size=8, num_images=2, num_inference_steps=10)
@@ -179,6 +180,8 @@ def check_settings(out: Path, settings: dict) -> None:
     path = out / "benchmark.json"
     if path.is_file():
         stored = json.loads(path.read_text())
+        # a budget key newer than the folder was absent then: the folder ran with its default
+        stored["budget"] = {**asdict(Budget()), **stored.get("budget", {})}
         if stored != settings:
             changed = [k for k in settings["budget"] if stored.get("budget", {}).get(k) != settings["budget"][k]]
             what = ", ".join(changed) or "data"
@@ -224,13 +227,15 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
     began = time.time()
     metrics = evaluate_runs([run], data_dir, evaluation, num_images=budget.num_images,
                             num_inference_steps=budget.num_inference_steps, guidance_scale=budget.guidance_scale,
-                            seed=seed, few_max_images=budget.few_max_images, cache_dir=cache_dir, progress=progress)
+                            seed=seed, few_max_images=budget.few_max_images, max_identities=budget.max_identities,
+                            cache_dir=cache_dir, progress=progress)
     seconds["evaluate"] = round(time.time() - began, 1)
     (result,) = metrics["methods"].values()
     cell = {"method": spec.method, "options": spec.options, "sampler": spec.sampler,
             "sampler_options": spec.sampler_options, "seed": seed, "label": next(iter(metrics["methods"])),
             "all": result["all"], "few": result["few"], "per_identity": result["per_identity"], "seconds": seconds,
             "identity_judge": metrics["identity_judge"], "num_identities": metrics["num_identities"],
+            "identity_sample": metrics["identity_sample"],
             "calibration": {label: {"all": row["all"], "few": row["few"]} for label, row in metrics["calibration"].items()}}
     write_text_atomic(cell_file, json.dumps(cell, indent=2))
     return cell, True
@@ -296,6 +301,7 @@ def summarise(specs: list[MethodSpec], seeds: list[int], results: dict[str, dict
     calibration = {label: aggregate({0: row}) for label, row in any_cell.get("calibration", {}).items()}
     return {"settings": settings, "seeds": seeds, "confidence": CONFIDENCE,
             "identity_judge": any_cell["identity_judge"], "num_identities": any_cell["num_identities"],
+            "identity_sample": any_cell.get("identity_sample"),
             "methods": methods, "calibration": calibration, "paired_vs_vanilla": paired}
 
 
@@ -326,7 +332,10 @@ def describe(metrics: dict) -> str:
     guidance = b["guidance_scale"] if b["guidance_scale"] is not None else "backbone default"
     backbone = "small, from scratch" if b.get("from_scratch") else "small, shipped pretrained"
     lr = b["learning_rate"] if b["learning_rate"] is not None else "backbone default"
-    return (f"Data: {s['data']} ({ids['all']} identities, Few = {ids['few']} with <= {b['few_max_images']} training "
+    sample = metrics.get("identity_sample")
+    scored = (f"a fixed sample of {ids['all']} of its {sample['of']} identities, stratified by training images, "
+              f"Few = {ids['few']} of {sample['few_of']}" if sample else f"{ids['all']} identities, Few = {ids['few']}")
+    return (f"Data: {s['data']} ({scored} with <= {b['few_max_images']} training "
             f"images). Same budget for every method: {backbone} backbone, {b['max_train_steps']} steps, batch "
             f"{b['train_batch_size']}, lr {lr}. Evaluation: {b['num_images']} images per identity, DDIM "
             f"{b['num_inference_steps']} steps, guidance {guidance}, judge {metrics['identity_judge']}. "

@@ -98,6 +98,7 @@ RULES: dict[str, Rule] = {
     "psi_txt_max_ratio": number(1), "tau": number(0), "density_max_ratio": number(1),
     # sampling and evaluation
     "num_images": integer(1), "num_images_few": integer(1), "few_max_images": integer(1),
+    "max_identities": integer(1),
     "num_inference_steps": integer(1, TRAIN_TIMESTEPS, why="DDIM steps, at most the training timesteps"),
     "guidance_scale": number(0), "recall_threshold": number(-1, 1, why="a cosine similarity"),
 }

@@ -15,7 +15,9 @@ paper's protocol, App. B and E):
 - ``id_acc``: fraction of the generated images a judge assigns to the intended identity.
 
 fd, sim and recall are measured in one feature space (``features``); metrics.json and
-report.html name it, and the judge. Averages skip the identities whose value is None;
+report.html name it, and the judge. On a dataset with many identities ``max_identities``
+scores a fixed sample of them (:func:`identity_sample`); the judge and the look-alikes
+still choose among every identity. Averages skip the identities whose value is None;
 metrics.json lists them under ``skipped``.
 
 Calibration rows (``calibration`` in metrics.json) say what the numbers mean on this
@@ -32,6 +34,7 @@ dataset, feature space and judge: real images scored as if generated, with the s
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +64,8 @@ METRIC_KEYS = ("fd", "sim", "recall", "id_acc")
 JUDGES = ("auto", "synth", "faces", "features")
 HELDOUT_DIR = "heldout"
 HELD_OUT, LOOK_ALIKE = "real (held-out)", "real (look-alike)"  # calibration rows
+MAX_IDENTITIES_HELP = ("score a fixed sample of at most N identities, stratified by training images, instead of "
+                       "all (sampling time is per identity); the judge still chooses among every identity")
 
 
 def paper_sample_counts(num_training_images: int) -> tuple[int, int]:
@@ -76,6 +81,33 @@ def identity_order(dataset: ImageTextDataset) -> list[str]:
     """Identities, minority first (fewest training images), ties in dataset order."""
     counts = dataset.identity_counts()
     return sorted(counts, key=lambda name: counts[name])
+
+
+def identity_sample(names: list[str], counts: dict[str, int], max_identities: int) -> list[str]:
+    """At most ``max_identities`` of ``names``, stratified by training-image count, in ``names``' order.
+
+    Each count keeps its share of the identities (largest remainder; one at least while there is
+    room), drawn with a fixed seed: every run, method and seed is scored on the same people.
+    """
+    if max_identities >= len(names):
+        return names
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(counts[name], []).append(name)
+    share = {c: max_identities * len(g) / len(names) for c, g in groups.items()}
+    quota = {c: min(len(groups[c]), max(int(share[c]), 1 if max_identities >= len(groups) else 0)) for c in groups}
+    by_remainder = sorted(groups, key=lambda c: quota[c] - share[c])
+    while sum(quota.values()) > max_identities:  # the "one at least" pushed the total over
+        c = max((c for c in quota if quota[c] > 1), key=lambda c: quota[c] - share[c])
+        quota[c] -= 1
+    for c in by_remainder:
+        if sum(quota.values()) == max_identities:
+            break
+        if quota[c] < len(groups[c]):
+            quota[c] += 1
+    rng = random.Random(0)
+    chosen = {name for c, g in groups.items() for name in rng.sample(g, quota[c])}
+    return [name for name in names if name in chosen]
 
 
 def by_identity(images: torch.Tensor, identity_names: list[str]) -> dict[str, torch.Tensor]:
@@ -100,7 +132,8 @@ class Evaluation:
     """One dataset, one feature space, one judge: scores any number of runs."""
 
     def __init__(self, data_dir: Path, features, inception_weights, identity_judge: str, face_detector: str,
-                 few_max_images: int, cache_dir: str | Path | None, progress: bool):
+                 few_max_images: int, cache_dir: str | Path | None, progress: bool,
+                 max_identities: int | None = None):
         if identity_judge not in JUDGES:
             raise PogdiffError(f"unknown identity judge {identity_judge!r}; choose one of {', '.join(JUDGES)}")
         self.data_dir = data_dir
@@ -110,8 +143,9 @@ class Evaluation:
         for split in (self.dataset, self.heldout):  # decode every image now: a broken one fails before sampling
             if split is not None:
                 split.load_images(8)
-        self.names = identity_order(self.dataset)
         self.counts = self.dataset.identity_counts()
+        every = identity_order(self.dataset)
+        self.names = every if max_identities is None else identity_sample(every, self.counts, max_identities)
         self.few = self.dataset.few_identities(few_max_images)
         self.features = features
         self.extractor = load_feature_extractor(features, inception_weights)
@@ -132,7 +166,7 @@ class Evaluation:
                 raise PogdiffError(f"{synth}: not found; the synth judge only scores datasets written by "
                                    "`pogdiff data synth`; use --identity-judge features or faces")
             return "features"
-        unknown = sorted(set(self.names) - {identity.name for identity in load_identities(synth)})
+        unknown = sorted(set(self.counts) - {identity.name for identity in load_identities(synth)})
         if not unknown:
             return "synth"
         shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
@@ -216,12 +250,14 @@ class Evaluation:
         return rows
 
     def look_alikes(self, real: RealImages) -> dict[str, str | None]:
-        """For each identity, the other identity whose training-image centroid is nearest (cosine)."""
-        if len(self.names) < 2:
+        """For each scored identity, the other identity (of all) whose training-image centroid is nearest (cosine)."""
+        every = list(self.counts)
+        if len(every) < 2:
             return {name: None for name in self.names}
-        centroids = torch.stack([F.normalize(real.training_features[n].double(), dim=1).mean(0) for n in self.names])
+        centroids = torch.stack([F.normalize(real.training_features[n].double(), dim=1).mean(0) for n in every])
         similarity = m.cosine_similarities(centroids, centroids).fill_diagonal_(-float("inf"))
-        return {name: self.names[j] for name, j in zip(self.names, similarity.argmax(1).tolist())}
+        nearest = dict(zip(every, similarity.argmax(1).tolist()))
+        return {name: every[nearest[name]] for name in self.names}
 
     def _reference_features(self, name: str, real: RealImages) -> tuple[torch.Tensor, torch.Tensor]:
         """The real features an identity's images are compared with: (fd's, sim's); see the module docstring."""
@@ -261,14 +297,15 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
                   progress: bool = True, *, features=DEFAULT_FEATURES,
                   inception_weights: str | Path | None = None, recall_threshold: float = 0.9,
                   identity_judge: str = "auto", face_detector: str = "hog", num_images_few: int | None = None,
-                  paper_protocol: bool = False, report: bool = True) -> dict:
+                  paper_protocol: bool = False, max_identities: int | None = None, report: bool = True) -> dict:
     """Generate and score every run on ``data_dir``'s identities.
 
     Writes ``metrics.json``, ``report.html`` (unless ``report=False``), the samples
     (``samples/<method>/``) and one grid per method (``samples-<method>.png``) into
     ``out_dir``. ``num_images`` images are generated per identity, ``num_images_few``
     (default: the same) per Few identity; ``paper_protocol`` uses App. B's counts instead
-    (:func:`paper_sample_counts`). ``features`` names the feature space of fd, sim and
+    (:func:`paper_sample_counts`). ``max_identities`` scores a fixed, stratified sample of the
+    identities (:func:`identity_sample`) instead of all. ``features`` names the feature space of fd, sim and
     recall (:func:`pogdiff.evaluation.features.load_feature_extractor`) or is an extractor
     object; ``identity_judge`` is one of :data:`JUDGES`.
     """
@@ -278,11 +315,12 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     run_dirs = [resolve_run_dir(run) for run in run_dirs]
     check_values({"num_images": num_images, "num_images_few": num_images_few, "seed": seed,
                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                  "few_max_images": few_max_images, "recall_threshold": recall_threshold}, command="evaluate")
+                  "few_max_images": few_max_images, "recall_threshold": recall_threshold,
+                  "max_identities": max_identities}, command="evaluate")
     configs = [read_run_info(run_dir)["config"] for run_dir in run_dirs]  # a broken run fails now, before any work
     labels = run_labels(configs)
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
-                            cache_dir, progress)
+                            cache_dir, progress, max_identities)
     if paper_protocol:
         num_images, num_images_few = paper_sample_counts(len(evaluation.dataset))
     num_images_few = num_images_few or num_images
@@ -314,7 +352,10 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
                "num_images_per_few_identity": num_images_few, "paper_protocol": paper_protocol,
                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                "few_max_images": few_max_images,
-               "num_identities": {"all": len(evaluation.names), "few": len(evaluation.few)}}
+               "num_identities": {"all": len(evaluation.names), "few": len(set(evaluation.names) & evaluation.few)},
+               "identity_sample": None if len(evaluation.names) == len(evaluation.counts) else {
+                   "of": len(evaluation.counts), "few_of": len(evaluation.few),
+                   "how": "stratified by training images, fixed seed (the same for every run)"}}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if report:
         write_report(out_dir / "report.html", metrics,

@@ -86,12 +86,19 @@ def _settings(metrics: dict) -> str:
         "fd reference": metrics["references"]["fd"],
         "sim reference": metrics["references"]["sim"],
         "recall": f"training image covered when cosine similarity >= {metrics['recall_threshold']}",
-        "identities": f"{counts['all']} (Few: {counts['few']}, at most {metrics['few_max_images']} training images)",
+        "identities": f"{counts['all']} (Few: {counts['few']}, at most {metrics['few_max_images']} training images)"
+                      + _sample_note(metrics.get("identity_sample")),
         "samples per identity": f"{metrics['num_images_per_identity']} (Few: {metrics['num_images_per_few_identity']}), "
                                 f"DDIM {metrics['num_inference_steps']} steps",
     }
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
     return f"<dl>{rows}</dl>"
+
+
+def _sample_note(sample: dict | None) -> str:
+    if sample is None:
+        return ""
+    return f", a sample of the dataset's {sample['of']} (Few: {sample['few_of']}), {sample['how']}"
 
 
 def _pogdiff_section(data: ReportData) -> str:
@@ -199,7 +206,7 @@ def _image(picture: Image.Image | Figure, alt: str) -> str:
 
 def identity_histogram(data: ReportData) -> Figure:
     """Training images per identity, most first, Few identities in orange (the paper's Fig. 4)."""
-    order = sorted(data.names, key=lambda n: -data.counts[n])
+    order = sorted(data.counts, key=lambda n: -data.counts[n])  # the whole dataset, scored or not
     figure = Figure(figsize=(min(12, 2 + 0.35 * len(order)), 3))
     ax = figure.subplots()
     ax.bar(range(len(order)), [data.counts[n] for n in order],
