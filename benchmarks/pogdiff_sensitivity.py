@@ -37,7 +37,7 @@ import json
 from pathlib import Path
 from statistics import fmean
 
-from pogdiff.comparison import BASELINE, format_interval, parse_method, run_benchmark, summarise
+from pogdiff.comparison import BASELINE, format_interval, parse_method, run_benchmark, summarise_finished
 from pogdiff.data.synth import write_dataset
 from pogdiff.files import atomic_path
 
@@ -105,18 +105,6 @@ def choose(metrics: dict, seeds: list[int]) -> str:
             f"Δ Few sim {format_interval(eligible[best]['few.sim'])}).{caveat}")
 
 
-def finished_cells(out: Path, seeds: list[int]) -> dict:
-    """The study's metrics over the cells finished so far (the same summary ``pogdiff benchmark`` writes)."""
-    specs = [parse_method(name) for name in [BASELINE, *grid()]]
-    results = {spec.name: {seed: json.loads(f.read_text()) for seed in seeds
-                           if (f := out / "eval" / spec.folder / f"seed-{seed}" / "cell.json").is_file()}
-               for spec in specs}
-    done = [spec for spec in specs if results[spec.name]]
-    if not any(spec.name == BASELINE for spec in done):
-        raise SystemExit(f"no finished vanilla cell in {out}/eval yet")
-    return summarise(done, seeds, {spec.name: results[spec.name] for spec in done}, settings={})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="study-tune", help="study folder (a pogdiff benchmark folder)")
@@ -128,7 +116,7 @@ def main() -> None:
 
     out = Path(args.out)
     if args.report:
-        metrics = finished_cells(out, args.seeds)
+        metrics = summarise_finished(out, [BASELINE, *grid()], args.seeds)
     else:
         data = out.parent / f"{out.name}-data"  # beside OUT: a benchmark folder holds only what the benchmark wrote
         if not (data / "synth.json").is_file():

@@ -91,6 +91,8 @@ def test_benchmark_writes_tables_and_resumes_without_training(toy_data, tmp_path
     assert list(metrics["calibration"]) == ["real (look-alike)"]
     assert metrics["calibration"]["real (look-alike)"]["few"]["id_acc"]["n"] == 1
     assert "<td>pogdiff-no-psi-txt</td>" in (out / "benchmark.html").read_text()
+    assert json.loads(json.dumps(benchmark.summarise_finished(out, ["vanilla", "pogdiff-no-psi-txt"], [0, 1]))) == \
+        json.loads(json.dumps(metrics))
 
     runs = sorted((out / "runs").rglob("*"))
     stamps = [p.stat().st_mtime_ns for p in runs]

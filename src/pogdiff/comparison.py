@@ -175,6 +175,20 @@ def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: 
     return metrics
 
 
+def summarise_finished(out: str | Path, methods: list[str], seeds: list[int]) -> dict:
+    """The summary ``run_benchmark`` would write, over the cells of ``out`` finished so far (nothing runs)."""
+    out = Path(out)
+    specs = list({spec.name: spec for spec in map(parse_method, methods)}.values())
+    results = {spec.name: {seed: json.loads(f.read_text()) for seed in seeds
+                           if (f := out / "eval" / spec.folder / f"seed-{seed}" / "cell.json").is_file()}
+               for spec in specs}
+    done = [spec for spec in specs if results[spec.name]]
+    if not any(spec.name == BASELINE for spec in done):
+        raise PogdiffError(f"{out}: no finished {BASELINE} cell yet")
+    settings = json.loads((out / "benchmark.json").read_text())
+    return summarise(done, seeds, {spec.name: results[spec.name] for spec in done}, settings)
+
+
 def check_settings(out: Path, settings: dict) -> None:
     """Refuse to mix cells of different budgets or data in one folder."""
     path = out / "benchmark.json"

@@ -1,12 +1,18 @@
-"""The sensitivity study's selection rule (benchmarks/pogdiff_sensitivity.py), on hand-built summaries."""
+"""The decisions of issue #13's scripts, on hand-built summaries: the sensitivity study's selection rule
+(benchmarks/pogdiff_sensitivity.py) and the confirmation's verdicts (benchmarks/pogdiff_confirmation.py)."""
 
 import importlib.util
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location(
-    "pogdiff_sensitivity", Path(__file__).parents[1] / "benchmarks" / "pogdiff_sensitivity.py")
-study = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(study)
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study, confirmation = load_script("pogdiff_sensitivity"), load_script("pogdiff_confirmation")
 
 SEEDS = [0, 1, 2]
 
@@ -41,3 +47,23 @@ def test_incomplete_rows_are_left_out_and_a_choice_that_does_not_beat_vanilla_sa
     text = study.choose(summary(rows), SEEDS)
     assert "Provisional" in text and f"`{grid[1]}`" in text and "least harmful" in text
     assert "35 of 36 configurations" in text
+
+
+def test_a_confirmation_verdict_is_a_win_or_loss_only_when_the_interval_excludes_zero():
+    def difference(mean, half_width):
+        return {"mean": mean, "half_width": half_width, "n": 3}
+    assert confirmation.verdict(difference(0.10, 0.08)) == "win"
+    assert confirmation.verdict(difference(-0.10, 0.08)) == "loss"
+    assert confirmation.verdict(difference(0.10, 0.12)) == "tie"
+    assert confirmation.verdict(difference(0.10, None)) == "–"  # one seed: no interval
+    assert confirmation.verdict(None) == "–"
+
+
+def test_the_confirmation_knows_whether_the_defaults_are_still_the_old_ones(monkeypatch):
+    from pogdiff.losses import method_parameters
+
+    k = method_parameters("pogdiff")["k"].default
+    monkeypatch.setattr(confirmation, "OLD_DEFAULTS", f"pogdiff:k={k},use_psi_img=true")
+    assert not confirmation.defaults_were_changed()
+    monkeypatch.setattr(confirmation, "OLD_DEFAULTS", f"pogdiff:k={k + 1},use_psi_img=true")
+    assert confirmation.defaults_were_changed()

@@ -1,0 +1,115 @@
+"""Confirm PoGDiff's defaults on data the sensitivity study did not see (issue #13, second stage).
+
+The study (benchmarks/pogdiff_sensitivity.py) chose the defaults on the medium preset at
+generator seed 1 with seeds 0 1 2. This script runs the same rows on other data, seeds 3 4 5:
+
+    medium      the medium preset, generator seed 0 (the README's medium table)
+    small       the small preset, generator seed 0 (the README's small table)
+    large       the large preset, generator seed 0, scored on a fixed sample of 40 of its 220
+                identities (--max-identities: sampling all of them costs ~30 min a cell)
+    medium-g2   the medium preset, generator seed 2
+
+Rows: vanilla, cbdm, t2h, resample, and PoGDiff with today's defaults, uniform and balanced
+batches, beside PoGDiff with the defaults it had before the study (OLD_DEFAULTS). Each dataset
+is a ``pogdiff benchmark`` folder, OUT/<dataset>, so cells run one at a time and a stopped
+confirmation continues where it stopped. OUT/confirmation.md gives, per dataset and row, the
+paired difference from vanilla on Few id_acc and Few sim with its 95% interval, and the
+verdict: win (interval above 0), loss (below 0) or tie.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src nohup python benchmarks/pogdiff_confirmation.py --out confirm &
+
+``--report`` only summarises the cells finished so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from pogdiff.comparison import (BASELINE, PAIRED_METRICS, Budget, format_interval, parse_method, run_benchmark,
+                                summarise_finished)
+from pogdiff.data.synth import write_dataset
+from pogdiff.evaluation.results_table import markdown_table
+from pogdiff.files import atomic_path
+from pogdiff.losses import method_parameters
+
+OLD_DEFAULTS = "pogdiff:k=10,a2=1,psi_txt_max_ratio=10,neighbour_features=efficientnet-lite0"
+ROWS = (BASELINE, "cbdm", "t2h", "resample", "pogdiff", "pogdiff+balanced", OLD_DEFAULTS)
+SEEDS = (3, 4, 5)
+DATASETS = {  # name: (preset, generator seed, identities scored; None = all)
+    "medium": ("medium", 0, None),
+    "small": ("small", 0, None),
+    "large": ("large", 0, 40),
+    "medium-g2": ("medium", 2, None),
+}
+
+
+def defaults_were_changed() -> bool:
+    """Whether PoGDiff's defaults differ from OLD_DEFAULTS (else the rows pogdiff and OLD_DEFAULTS are one)."""
+    parameters = method_parameters("pogdiff")
+    return any(parameters[key].default != value for key, value in parse_method(OLD_DEFAULTS).options.items())
+
+
+def verdict(difference: dict | None) -> str:
+    if difference is None or difference["half_width"] is None:
+        return "–"
+    low, high = difference["mean"] - difference["half_width"], difference["mean"] + difference["half_width"]
+    return "win" if low > 0 else "loss" if high < 0 else "tie"
+
+
+def dataset_folder(out: Path, name: str) -> Path:
+    """The dataset, written once beside the benchmark folders (OUT/data/<name>)."""
+    preset, generator_seed, _ = DATASETS[name]
+    data = out / "data" / name
+    if not (data / "synth.json").is_file():
+        with atomic_path(data) as tmp:
+            write_dataset(tmp, preset=preset, seed=generator_seed)
+    return data
+
+
+def summary(out: Path, names: list[str], seeds: list[int]) -> str:
+    header = ["row"]
+    for name in names:
+        header += [f"{name}: Δ {key} {split.capitalize()}" for split, key in PAIRED_METRICS]
+    rows = {row: [row] for row in ROWS if row != BASELINE}
+    for name in names:
+        folder = out / name
+        paired = summarise_finished(folder, list(ROWS), seeds)["paired_vs_vanilla"] if (
+            folder / "eval" / BASELINE).is_dir() else {}
+        for row, cells in rows.items():
+            for split, key in PAIRED_METRICS:
+                difference = paired.get(row, {}).get(f"{split}.{key}")
+                cells.append(f"{format_interval(difference)} ({verdict(difference)})" if difference else "not run")
+    return (f"Paired differences from {BASELINE} (mean ± half-width of the 95% interval over seeds "
+            f"{', '.join(map(str, seeds))}; win / loss = the interval lies above / below 0, else tie).\n\n"
+            + markdown_table(header, list(rows.values())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="confirm", help="confirmation folder (one benchmark folder per dataset)")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS),
+                        help="in this order (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only summarise the cells finished so far")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    if not args.report and not defaults_were_changed():
+        raise SystemExit("PoGDiff's defaults are still the ones before the study (OLD_DEFAULTS): set the "
+                         "configuration benchmarks/pogdiff_sensitivity.py --report chose, then confirm it")
+    if not args.report:
+        for name in args.datasets:
+            budget = replace(Budget(), max_identities=DATASETS[name][2])
+            run_benchmark(out / name, methods=list(ROWS), seeds=args.seeds, budget=budget,
+                          data=dataset_folder(out, name), cache_dir=args.cache_dir, progress=not args.no_progress)
+    text = summary(out, args.datasets, args.seeds)
+    (out / "confirmation.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
