@@ -15,7 +15,8 @@ afterwards on data not used here.
     OMP_NUM_THREADS=2 PYTHONPATH=src nohup python benchmarks/pogdiff_sensitivity.py --out study-tune &
 
 Prints the configurations ranked by Few id_acc, then Few sim (mean over the seeds done so
-far, with each one's paired difference from vanilla), and writes OUT/sensitivity.md;
+far, with each one's paired difference from vanilla), and writes OUT/sensitivity.md and
+OUT/sensitivity.png (the paired differences as k x a2 heat maps, one per clip and space);
 ``--report`` does only that, from the cells finished so far (while the study runs, too).
 
 The defaults are the configuration this rule picks (fixed on 2026-11-27, after seed 0 and
@@ -36,6 +37,8 @@ import itertools
 import json
 from pathlib import Path
 from statistics import fmean
+
+from matplotlib.figure import Figure
 
 from pogdiff.comparison import BASELINE, format_interval, parse_method, run_benchmark, summarise_finished
 from pogdiff.data.synth import write_dataset
@@ -105,6 +108,32 @@ def choose(metrics: dict, seeds: list[int]) -> str:
             f"Δ Few sim {format_interval(eligible[best]['few.sim'])}).{caveat}")
 
 
+def heat_maps(metrics: dict) -> Figure:
+    """Mean paired difference from vanilla on Few id_acc and Few sim over k x a2, one panel per (space, clip)."""
+    paired = metrics["paired_vs_vanilla"]
+    panels = list(itertools.product(SPACES, PSI_TXT_MAX_RATIO))
+    figure = Figure(figsize=(3.2 * len(panels), 6), layout="constrained")
+    axes = figure.subplots(2, len(panels), squeeze=False)
+    for row, (metric, limit) in enumerate((("few.id_acc", 0.3), ("few.sim", 0.15))):
+        for column, (space, ratio) in enumerate(panels):
+            ax = axes[row][column]
+            values = [[paired.get(f"pogdiff:k={k},a2={a2},psi_txt_max_ratio={ratio},neighbour_features={space}",
+                                  {}).get(metric) for a2 in A2] for k in K]
+            grid_values = [[float("nan") if v is None else v["mean"] for v in line] for line in values]
+            image = ax.imshow(grid_values, cmap="RdBu", vmin=-limit, vmax=limit)
+            for i, line in enumerate(values):
+                for j, v in enumerate(line):
+                    dark = v is not None and abs(v["mean"]) > 0.6 * limit
+                    ax.text(j, i, "–" if v is None else f"{v['mean']:+.3f}\n{v['n']} seed{'s' * (v['n'] > 1)}",
+                            ha="center", va="center", fontsize=8, color="white" if dark else "black")
+            ax.set_xticks(range(len(A2)), [f"a2={a2}" for a2 in A2])
+            ax.set_yticks(range(len(K)), [f"k={k}" for k in K])
+            ax.set_title(f"{space}, clip {ratio}", fontsize=9)
+        figure.colorbar(image, ax=axes[row].tolist(), label=f"Δ {metric} vs vanilla")
+    figure.suptitle("PoGDiff's sensitivity on the tuning data: paired difference from vanilla (blue = better)")
+    return figure
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="study-tune", help="study folder (a pogdiff benchmark folder)")
@@ -129,6 +158,7 @@ def main() -> None:
         f"Tuning data: {TUNING_PRESET} preset, generator seed {TUNING_GENERATOR_SEED}; seeds {args.seeds}; "
         "rows ranked by Few id_acc, then Few sim (mean ± half-width of the 95% interval over seeds; "
         "Δ = paired difference from vanilla, seed by seed).\n\n" + table + "\n")
+    heat_maps(metrics).savefig(out / "sensitivity.png", dpi=100)
     print(table)
 
 
