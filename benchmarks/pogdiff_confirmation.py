@@ -14,7 +14,7 @@ batches, beside PoGDiff with the defaults it had before the study (OLD_DEFAULTS)
 is a ``pogdiff benchmark`` folder, OUT/<dataset>, so cells run one at a time and a stopped
 confirmation continues where it stopped. OUT/confirmation.md gives, per dataset and row, the
 paired difference from vanilla on Few id_acc and Few sim with its 95% interval, and the
-verdict: win (interval above 0), loss (below 0) or tie.
+verdict: win (interval above 0), loss (below 0) or tie; OUT/confirmation.png draws them.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src nohup python benchmarks/pogdiff_confirmation.py --out confirm &
 
@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+
+from matplotlib.figure import Figure
 
 from pogdiff.comparison import (BASELINE, PAIRED_METRICS, Budget, format_interval, parse_method, run_benchmark,
                                 summarise_finished)
@@ -43,6 +45,12 @@ DATASETS = {  # name: (preset, generator seed, identities scored; None = all)
     "large": ("large", 0, 40),
     "medium-g2": ("medium", 2, None),
 }
+
+
+def label(row: str, short: bool = False) -> str:
+    if row != OLD_DEFAULTS:
+        return row
+    return "pogdiff, pre-study defaults" + ("" if short else f" ({OLD_DEFAULTS.partition(':')[2]})")
 
 
 def defaults_were_changed() -> bool:
@@ -68,22 +76,47 @@ def dataset_folder(out: Path, name: str) -> Path:
     return data
 
 
-def summary(out: Path, names: list[str], seeds: list[int]) -> str:
+def paired_by_dataset(out: Path, names: list[str], seeds: list[int]) -> dict[str, dict]:
+    """{dataset: the benchmark's paired differences from vanilla} over the cells finished so far."""
+    return {name: summarise_finished(out / name, list(ROWS), seeds)["paired_vs_vanilla"]
+            if (out / name / "eval" / BASELINE).is_dir() else {} for name in names}
+
+
+def summary(paired: dict[str, dict], seeds: list[int]) -> str:
     header = ["row"]
-    for name in names:
+    for name in paired:
         header += [f"{name}: Δ {key} {split.capitalize()}" for split, key in PAIRED_METRICS]
-    rows = {row: [row] for row in ROWS if row != BASELINE}
-    for name in names:
-        folder = out / name
-        paired = summarise_finished(folder, list(ROWS), seeds)["paired_vs_vanilla"] if (
-            folder / "eval" / BASELINE).is_dir() else {}
+    rows = {row: [label(row)] for row in ROWS if row != BASELINE}
+    for differences in paired.values():
         for row, cells in rows.items():
             for split, key in PAIRED_METRICS:
-                difference = paired.get(row, {}).get(f"{split}.{key}")
+                difference = differences.get(row, {}).get(f"{split}.{key}")
                 cells.append(f"{format_interval(difference)} ({verdict(difference)})" if difference else "not run")
     return (f"Paired differences from {BASELINE} (mean ± half-width of the 95% interval over seeds "
             f"{', '.join(map(str, seeds))}; win / loss = the interval lies above / below 0, else tie).\n\n"
             + markdown_table(header, list(rows.values())))
+
+
+def forest_plot(paired: dict[str, dict]) -> Figure:
+    """Each row's paired difference from vanilla with its 95% interval, per dataset, one panel per metric."""
+    rows = [row for row in ROWS if row != BASELINE]
+    figure = Figure(figsize=(6 * len(PAIRED_METRICS), 0.3 * len(rows) * len(paired) + 1.5), layout="constrained")
+    for ax, (split, key) in zip(figure.subplots(1, len(PAIRED_METRICS), squeeze=False)[0], PAIRED_METRICS):
+        labels, y = [], 0
+        for name, differences in paired.items():
+            for row in rows:
+                difference = differences.get(row, {}).get(f"{split}.{key}")
+                if difference is not None:
+                    ax.errorbar(difference["mean"], y, xerr=difference["half_width"] or 0, fmt="o",
+                                color={"win": "tab:blue", "loss": "tab:red"}.get(verdict(difference), "tab:gray"))
+                labels.append(f"{name}: {label(row, short=True)}")
+                y += 1
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"Δ {key} {split.capitalize()} vs {BASELINE} (95% interval over seeds)")
+    figure.suptitle("Confirmation on data the study did not see: blue = win, red = loss, grey = tie")
+    return figure
 
 
 def main() -> None:
@@ -106,8 +139,10 @@ def main() -> None:
             budget = replace(Budget(), max_identities=DATASETS[name][2])
             run_benchmark(out / name, methods=list(ROWS), seeds=args.seeds, budget=budget,
                           data=dataset_folder(out, name), cache_dir=args.cache_dir, progress=not args.no_progress)
-    text = summary(out, args.datasets, args.seeds)
+    paired = paired_by_dataset(out, args.datasets, args.seeds)
+    text = summary(paired, args.seeds)
     (out / "confirmation.md").write_text(text + "\n")
+    forest_plot(paired).savefig(out / "confirmation.png", dpi=100)
     print(text)
 
 
