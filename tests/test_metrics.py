@@ -169,6 +169,24 @@ def test_a_synth_judge_that_cannot_tell_the_identities_apart_is_warned_about(sma
     assert min(judge.heldout_accuracy.values()) < 0.9
 
 
+def test_the_synth_judge_trains_longer_for_more_identities(small_synth, tmp_path, monkeypatch):
+    import pogdiff.evaluation.identity as identity
+
+    steps = []
+
+    def record(identities, size, renders, step_count, *rest):
+        steps.append(step_count)
+        return identity._SmallCNN(len(identities)), torch.ones(len(identities))
+
+    monkeypatch.setattr(identity, "_train_judge", record)
+    monkeypatch.setattr(SynthIdentityJudge, "MIN_STEPS", 5)
+    monkeypatch.setattr(SynthIdentityJudge, "STEPS_PER_IDENTITY", 30)
+    SynthIdentityJudge.for_dataset(small_synth[0] / "synth.json", tmp_path / "a", progress=False)  # 2 identities
+    monkeypatch.setattr(SynthIdentityJudge, "STEPS_PER_IDENTITY", 1)
+    SynthIdentityJudge.for_dataset(small_synth[0] / "synth.json", tmp_path / "b", progress=False)
+    assert steps == [2 * 30, 5]  # 30 steps per identity, then the floor
+
+
 def load_heldout(root: Path, name: str) -> torch.Tensor:
     heldout = load_dataset(root / "heldout")
     return by_identity(heldout.load_images(32), heldout.identity_names)[name]
