@@ -67,3 +67,9 @@ def test_the_confirmation_knows_whether_the_defaults_are_still_the_old_ones(monk
     assert not confirmation.defaults_were_changed()
     monkeypatch.setattr(confirmation, "OLD_DEFAULTS", f"pogdiff:k={k + 1},use_psi_img=true")
     assert confirmation.defaults_were_changed()
+
+
+def test_fewer_seeds_than_the_study_never_choose():
+    rows = {name: (0.1, 0.0, 1) for name in study.grid()}
+    text = study.choose(summary(rows), [0])
+    assert "Provisional (seeds 0, not the study's 0, 1, 2)" in text and "Chosen" not in text
