@@ -29,8 +29,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from pogdiff.comparison import (BASELINE, PAIRED_METRICS, Budget, format_interval, parse_method, run_benchmark,
-                                summarise_finished)
+from pogdiff.comparison import (BASELINE, PAIRED_METRICS, Budget, cell_path, format_interval, parse_method,
+                                run_benchmark, summarise_finished)
 from pogdiff.data.synth import write_dataset
 from pogdiff.evaluation.results_table import markdown_table
 from pogdiff.files import atomic_path
@@ -78,8 +78,9 @@ def dataset_folder(out: Path, name: str) -> Path:
 
 def paired_by_dataset(out: Path, names: list[str], seeds: list[int]) -> dict[str, dict]:
     """{dataset: the benchmark's paired differences from vanilla} over the cells finished so far."""
+    baseline = parse_method(BASELINE)
     return {name: summarise_finished(out / name, list(ROWS), seeds)["paired_vs_vanilla"]
-            if (out / name / "eval" / BASELINE).is_dir() else {} for name in names}
+            if any(cell_path(out / name, baseline, seed).is_file() for seed in seeds) else {} for name in names}
 
 
 def summary(paired: dict[str, dict], seeds: list[int]) -> str:
@@ -131,10 +132,10 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
-    if not args.report and not defaults_were_changed():
-        raise SystemExit("PoGDiff's defaults are still the ones before the study (OLD_DEFAULTS): set the "
-                         "configuration benchmarks/pogdiff_sensitivity.py --report chose, then confirm it")
     if not args.report:
+        if not defaults_were_changed():
+            raise SystemExit("PoGDiff's defaults are still the ones before the study (OLD_DEFAULTS): set the "
+                             "configuration benchmarks/pogdiff_sensitivity.py --report chose, then confirm it")
         for name in args.datasets:
             budget = replace(Budget(), max_identities=DATASETS[name][2])
             run_benchmark(out / name, methods=list(ROWS), seeds=args.seeds, budget=budget,

@@ -140,12 +140,22 @@ def _parse_value(text: str, key: str, value: str, default):
         raise PogdiffError(f"{text!r}: {key} takes {kind}, got {value!r}") from None
 
 
+def parse_methods(methods: list[str]) -> list[MethodSpec]:
+    """Each row once (the first of equal names), in order."""
+    return list({spec.name: spec for spec in map(parse_method, methods)}.values())
+
+
+def cell_path(out: Path, spec: MethodSpec, seed: int) -> Path:
+    """Where a finished (method, seed) cell's results are: written last, so its presence means done."""
+    return out / "eval" / spec.folder / f"seed-{seed}" / "cell.json"
+
+
 def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: list[int] = DEFAULT_SEEDS,
                   budget: Budget = Budget(), data: str | Path | None = None, preset: str = "small",
                   cache_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train and evaluate every (method, seed) cell not yet done; write metrics.json, benchmark.md and .html."""
     out = Path(out)
-    specs = list({spec.name: spec for spec in map(parse_method, methods)}.values())
+    specs = parse_methods(methods)
     seeds = list(dict.fromkeys(seeds))
     if not specs or not seeds:
         raise PogdiffError("nothing to run: give at least one of --methods and one of --seeds")
@@ -178,9 +188,8 @@ def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: 
 def summarise_finished(out: str | Path, methods: list[str], seeds: list[int]) -> dict:
     """The summary ``run_benchmark`` would write, over the cells of ``out`` finished so far (nothing runs)."""
     out = Path(out)
-    specs = list({spec.name: spec for spec in map(parse_method, methods)}.values())
-    results = {spec.name: {seed: json.loads(f.read_text()) for seed in seeds
-                           if (f := out / "eval" / spec.folder / f"seed-{seed}" / "cell.json").is_file()}
+    specs = parse_methods(methods)
+    results = {spec.name: {seed: json.loads(f.read_text()) for seed in seeds if (f := cell_path(out, spec, seed)).is_file()}
                for spec in specs}
     done = [spec for spec in specs if results[spec.name]]
     if not any(spec.name == BASELINE for spec in done):
@@ -224,8 +233,8 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
     Returns the cell's results and whether anything ran now.
     """
     run = out / "runs" / spec.folder / f"seed-{seed}"
-    evaluation = out / "eval" / spec.folder / f"seed-{seed}"
-    cell_file = evaluation / "cell.json"
+    cell_file = cell_path(out, spec, seed)
+    evaluation = cell_file.parent
     if cell_file.is_file():
         return json.loads(cell_file.read_text()), False
     seconds = {}

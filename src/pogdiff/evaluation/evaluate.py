@@ -95,7 +95,8 @@ def identity_sample(names: list[str], counts: dict[str, int], max_identities: in
     for name in names:
         groups.setdefault(counts[name], []).append(name)
     share = {c: max_identities * len(g) / len(names) for c, g in groups.items()}
-    quota = {c: min(len(groups[c]), max(int(share[c]), 1 if max_identities >= len(groups) else 0)) for c in groups}
+    floor = 1 if max_identities >= len(groups) else 0
+    quota = {c: max(int(share[c]), floor) for c in groups}  # <= the group's size: share < size, and size >= 1
     by_remainder = sorted(groups, key=lambda c: quota[c] - share[c])
     while sum(quota.values()) > max_identities:  # the "one at least" pushed the total over
         c = max((c for c in quota if quota[c] > 1), key=lambda c: quota[c] - share[c])

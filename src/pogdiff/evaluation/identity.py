@@ -50,8 +50,9 @@ class SynthIdentityJudge:
     Trained for ``STEPS_PER_IDENTITY`` steps per identity, and never fewer than ``MIN_STEPS`` (a
     fixed number of epochs left a 2-identity set with 24 steps and a judge that called every
     image the majority person; a fixed 300 steps left the large preset's 220 people with a
-    judge that recognised 69% of held-out renders, and none of one person's), with Gaussian noise of random strength added to the renders so that
-    a sample's leftover sampling noise does not decide its identity. It is then scored on
+    judge that recognised 69% of held-out renders, and none of one person's), with Gaussian
+    noise of random strength added to the renders so that a sample's leftover sampling noise
+    does not decide its identity. It is then scored on
     renders it has not seen; ``name`` carries that score and a weak judge is warned about.
     """
 
