@@ -88,3 +88,21 @@ def test_a_release_never_replaces_a_folder_of_the_users(corpus, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "--release-dir exists and is not an earlier release" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists() and [p.name for p in mine.iterdir()] == ["manifest.json"]
+
+
+def test_from_shipped_continues_the_shipped_weights_and_its_manifest_says_so(corpus, tmp_path):
+    from pogdiff.backbone import PixelBackbone, load_backbone
+    from pogdiff.pretraining import MANIFEST_FILE
+    from pogdiff.shipped import SHIPPED_DIR, SHIPPED_NAME
+
+    run, release = tmp_path / "run", tmp_path / "release"
+    assert main(["pretrain", str(corpus), "--output-dir", str(run), "--from-shipped", "--max-train-steps", "1",
+                 "--train-batch-size", "8", "--learning-rate", "1e-6", "--no-progress",
+                 "--release-dir", str(release)]) == 0
+    shipped = load_backbone(SHIPPED_NAME, "cpu").unet.state_dict()
+    continued = load_backbone(run, "cpu").unet.state_dict()
+    scratch = PixelBackbone.create(32, 56).unet.state_dict()
+    name = "conv_in.weight"
+    assert (continued[name] - shipped[name]).abs().max() < 1e-3 < (scratch[name] - shipped[name]).abs().max()
+    manifest = json.loads((release / MANIFEST_FILE).read_text())
+    assert manifest["continued_from"] == json.loads((SHIPPED_DIR / MANIFEST_FILE).read_text())

@@ -171,6 +171,9 @@ def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                              ("--text-max-length", int, "caption tokens the UNet attends to")):
         p.add_argument(flag, type=kind, help=f"{what} (default: {PRETRAINING[flag[2:].replace('-', '_')]})")
     p.add_argument("--resume-from-checkpoint", help="'latest' or a checkpoint folder")
+    p.add_argument("--from-shipped", dest="from_scratch", action="store_false",
+                   help=f"continue from the shipped {SHIPPED_DIR.name} weights instead of random ones (a new "
+                   "optimizer and EMA; a release's manifest keeps the earlier one under continued_from)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="on a GPU")
     p.add_argument("--validation-prompts", nargs="+", metavar="PROMPT",
                    help="sample these prompts every --validation-steps into OUTPUT_DIR/validation")
