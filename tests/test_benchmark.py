@@ -9,6 +9,7 @@ import pogdiff.comparison as benchmark
 from pogdiff.comparison import Budget, MethodSpec, aggregate, mean_interval, paired_difference, parse_method
 from pogdiff.cli import main
 from pogdiff.errors import PogdiffError
+from pogdiff.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
 
 T_975_2DF = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
 
@@ -121,6 +122,18 @@ def test_benchmark_writes_tables_and_resumes_without_training(toy_data, tmp_path
     assert calls == {"train": 4, "evaluate": 5}
     assert main([str(a) for a in argv] + ["--max-identities", "2"]) == 2
     assert "other settings (max_identities)" in capsys.readouterr().err
+
+    settings = json.loads((out / "benchmark.json").read_text())
+    assert settings["backbone"] == {"name": SHIPPED_NAME, "sha256": shipped_manifest()["sha256"][WEIGHTS_FILE]}
+    assert f"sha256 {settings['backbone']['sha256'][:12]}" in (out / "benchmark.md").read_text()
+    del settings["backbone"]  # a folder written before the weights were recorded continues
+    (out / "benchmark.json").write_text(json.dumps(settings))
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    settings["backbone"] = {"name": SHIPPED_NAME, "sha256": "0" * 64}  # begun on another release of the weights
+    (out / "benchmark.json").write_text(json.dumps(settings))
+    assert main([str(a) for a in argv]) == 2
+    assert f"backbone weights: {SHIPPED_NAME} {'0' * 64} then" in capsys.readouterr().err
+    assert calls == {"train": 4, "evaluate": 5}
 
 
 def test_benchmark_refuses_bad_input_before_writing(toy_data, tmp_path, capsys):

@@ -47,6 +47,7 @@ from pogdiff.losses import METHODS, method_parameters
 from pogdiff.options import check_values
 from pogdiff.row_sampler import SAMPLERS
 from pogdiff.run_folder import is_finished
+from pogdiff.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
 from pogdiff.train import TrainConfig, train
 
 DEFAULT_METHODS = ("vanilla", "cbdm", "t2h", "resample", "pogdiff")
@@ -162,7 +163,7 @@ def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: 
     if data:
         load_dataset(data)  # a bad dataset fails here, before the folder is committed to these settings
     settings = {"data": str(Path(data).resolve()) if data else f"embedded synthetic '{preset}' preset, seed 0",
-                "budget": asdict(budget)}
+                "budget": asdict(budget), "backbone": backbone_weights(budget)}
     check_settings(out, settings)
     data_dir = Path(data) if data else embedded_dataset(out, preset)
 
@@ -198,15 +199,27 @@ def summarise_finished(out: str | Path, methods: list[str], seeds: list[int]) ->
     return summarise(done, seeds, {spec.name: results[spec.name] for spec in done}, settings)
 
 
+def backbone_weights(budget: Budget) -> dict:
+    """The weights every cell starts from, as benchmark.json records them: a new release of the shipped
+    backbone (another sha256) must not continue a benchmark begun on the old one."""
+    if budget.from_scratch:
+        return {"name": "random weights"}
+    return {"name": SHIPPED_NAME, "sha256": shipped_manifest()["sha256"][WEIGHTS_FILE]}
+
+
 def check_settings(out: Path, settings: dict) -> None:
-    """Refuse to mix cells of different budgets or data in one folder."""
+    """Refuse to mix cells of different budgets, data or backbone weights in one folder."""
     path = out / "benchmark.json"
     if path.is_file():
         stored = json.loads(path.read_text())
         # a budget key newer than the folder was absent then: the folder ran with its default
         stored["budget"] = {**asdict(Budget()), **stored.get("budget", {})}
+        stored.setdefault("backbone", settings["backbone"])  # a folder from before the weights were recorded
         if stored != settings:
-            changed = [k for k in settings["budget"] if stored.get("budget", {}).get(k) != settings["budget"][k]]
+            changed = [k for k in settings["budget"] if stored["budget"].get(k) != settings["budget"][k]]
+            if stored["backbone"] != settings["backbone"]:
+                then, now = (" ".join(b.values()) for b in (stored["backbone"], settings["backbone"]))
+                changed.append(f"backbone weights: {then} then, {now} now")
             what = ", ".join(changed) or "data"
             raise PogdiffError(f"{out}: holds a benchmark run with other settings ({what}); use the same settings "
                                "to continue it, or another --out")
@@ -354,6 +367,8 @@ def describe(metrics: dict) -> str:
     ids = metrics["num_identities"]
     guidance = b["guidance_scale"] if b["guidance_scale"] is not None else "backbone default"
     backbone = "small, from scratch" if b.get("from_scratch") else "small, shipped pretrained"
+    if "sha256" in s.get("backbone", {}):  # not recorded in folders older than the record
+        backbone += f" (sha256 {s['backbone']['sha256'][:12]})"
     lr = b["learning_rate"] if b["learning_rate"] is not None else "backbone default"
     sample = metrics.get("identity_sample")
     scored = (f"a fixed sample of {ids['all']} of its {sample['of']} identities, stratified by training images, "

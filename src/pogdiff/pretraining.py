@@ -31,7 +31,7 @@ from pogdiff.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.run_folder import RUN_FILE, read_run_info
-from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, WEIGHTS_FILE, sha256, shipped_backbone_dir
+from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, WEIGHTS_FILE, sha256, shipped_manifest
 
 # The recipe of the shipped weights: from random weights, EMA on, large batches (a GPU wants
 # hundreds of 32x32 images per step), checkpointed so that a long CPU run continues across sessions.
@@ -94,7 +94,7 @@ def write_release(run_dir: str | Path, release_dir: str | Path, command: list[st
         "sha256": {WEIGHTS_FILE: sha256(tmp / WEIGHTS_FILE)},
     }
     if not config["from_scratch"]:  # --from-shipped: the weights it started from, and how those were made
-        manifest["continued_from"] = json.loads((shipped_backbone_dir() / MANIFEST_FILE).read_text())
+        manifest["continued_from"] = shipped_manifest()
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if release.exists():
         shutil.rmtree(release)

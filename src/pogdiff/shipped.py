@@ -50,6 +50,11 @@ def shipped_backbone_dir(folder: Path = SHIPPED_DIR) -> Path:
     return folder
 
 
+def shipped_manifest() -> dict:
+    """How the shipped weights were made (:mod:`pogdiff.pretraining`), once they match its sha256."""
+    return json.loads((shipped_backbone_dir() / MANIFEST_FILE).read_text())
+
+
 def resolve_run_dir(run: str | Path) -> Path:
     """A run folder as given, or the shipped backbone's for :data:`SHIPPED_NAME` (unless a folder has that name)."""
     if str(run) == SHIPPED_NAME and not Path(run).exists():
