@@ -241,17 +241,24 @@ def test_a_pogdiff_run_whose_neighbours_share_the_judges_space_is_warned_about()
     from types import SimpleNamespace
 
     from pogdiff.evaluation.evaluate import warn_if_judge_shares_neighbour_space
+    from pogdiff.losses import options_in_effect
+
+    def run(method: str, space: str | None = None, recorded: bool = True) -> dict:
+        options = {"neighbour_features": space} if space else {}
+        info = {"config": {"method": method, "method_options": options}}
+        return {**info, "loss_options": options_in_effect(method, options)} if recorded else info
 
     by_features = SimpleNamespace(judge_kind="features", features="efficientnet-lite0")
     with pytest.warns(PogdiffWarning, match="found its neighbours in efficientnet-lite0, the space the identity judge"):
-        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff"}, by_features)
+        warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", "efficientnet-lite0"), by_features)
+    with pytest.warns(PogdiffWarning, match="found its neighbours in efficientnet-lite0"):  # the default back then
+        warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", recorded=False), by_features)
     with pytest.warns(PogdiffWarning, match="found its neighbours in faces"):
-        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff", "method_options": {
-            "neighbour_features": "faces"}}, SimpleNamespace(judge_kind="faces", features="efficientnet-lite0"))
+        warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", "faces"),
+                                             SimpleNamespace(judge_kind="faces", features="efficientnet-lite0"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        warn_if_judge_shares_neighbour_space("vanilla", {"method": "vanilla"}, by_features)
-        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff", "method_options": {
-            "neighbour_features": "unet"}}, by_features)
-        warn_if_judge_shares_neighbour_space("pogdiff", {"method": "pogdiff"},
+        warn_if_judge_shares_neighbour_space("vanilla", run("vanilla"), by_features)
+        warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", "unet"), by_features)
+        warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", "efficientnet-lite0"),
                                              SimpleNamespace(judge_kind="synth", features="efficientnet-lite0"))

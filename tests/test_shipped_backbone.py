@@ -73,7 +73,8 @@ def test_train_starts_from_the_shipped_weights_unless_from_scratch(toy_data, tmp
     fine_tuned = train(TrainConfig(str(toy_data), str(tmp_path / "tuned"), **common))
     scratch = train(TrainConfig(str(toy_data), str(tmp_path / "scratch"), from_scratch=True, **common))
     assert read_run_info(fine_tuned)["pretrained"] == SHIPPED_NAME
-    assert read_run_info(scratch)["pretrained"] is None
+    assert read_run_info(fine_tuned)["pretrained_sha256"] == sha256(SHIPPED_DIR / WEIGHTS_FILE)
+    assert read_run_info(scratch)["pretrained"] is None and read_run_info(scratch)["pretrained_sha256"] is None
     reference = shipped.unet.state_dict()
     for run, same in ((fine_tuned, True), (scratch, False)):
         weights = load_backbone(run, "cpu").unet.state_dict()

@@ -4,7 +4,8 @@ import torch
 
 from pogdiff.backbone import PixelBackbone, load_backbone
 from pogdiff.data.dataset import load_dataset
-from pogdiff.losses import TrainBatch, VanillaLoss
+from pogdiff.losses import DEFAULT_K, TrainBatch, VanillaLoss, method_parameters
+from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
 from pogdiff.sampling import generate
 from pogdiff.encoded_dataset import encode_dataset
 from pogdiff.row_sampler import batch_rows
@@ -59,7 +60,10 @@ def test_pogdiff_run_writes_a_readable_psi_summary(toy_data, tmp_path, cache_dir
     from safetensors.torch import load_file
 
     run = train(TrainConfig(str(toy_data), str(tmp_path / "run"), method="pogdiff", max_train_steps=1,
-                            train_batch_size=4, cache_dir=str(cache_dir), progress=False))
+                            train_batch_size=4, method_options={"a2": 4.0}, cache_dir=str(cache_dir), progress=False))
+    recorded = json.loads((run / "pogdiff_run.json").read_text())["loss_options"]  # defaults written out too
+    assert recorded.keys() == method_parameters("pogdiff").keys() and recorded["a2"] == 4.0
+    assert recorded["k"] == DEFAULT_K and recorded["neighbour_features"] == DEFAULT_NEIGHBOUR_FEATURES
     summary = json.loads((run / "psi_summary.json").read_text())
     assert summary["minority"]["rows"] == 2 and summary["majority"]["rows"] == 18  # toy: 12 + 6 vs 2
     for group in (summary["majority"], summary["minority"]):

@@ -26,7 +26,7 @@ from pogdiff.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, first_line
 from pogdiff.pretrained import PIPELINE_FILE, check_pipeline_files
 from pogdiff.run_folder import DAMAGED_RUN_FIX, PIPELINE_BACKBONE, RUN_FILE, read_run_info
-from pogdiff.shipped import resolve_run_dir
+from pogdiff.shipped import WEIGHTS_FILE, resolve_run_dir, sha256
 
 
 class PixelBackbone:
@@ -39,11 +39,12 @@ class PixelBackbone:
     image_cache_name = None  # pixels need no encoding, hence no cache on disk
 
     def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: TextEncoder,
-                 pretrained: str | None = None):
+                 pretrained: str | None = None, pretrained_sha256: str | None = None):
         self.unet = unet
         self.scheduler = scheduler
         self.text_encoder = text_encoder
         self.pretrained = pretrained  # the run its weights were loaded from; None for random weights
+        self.pretrained_sha256 = pretrained_sha256  # of that run's weights file
 
     @classmethod
     def create(cls, resolution: int = 32, text_max_length: int = 24,
@@ -67,7 +68,8 @@ class PixelBackbone:
         text_max_length = read_run_info(run_dir)["text_max_length"]
         unet = UNet2DConditionModel.from_pretrained(run_dir / "unet").float()
         scheduler = DDPMScheduler.from_pretrained(run_dir / "scheduler")
-        return cls(unet, scheduler, TextEncoder.minilm(text_max_length), name or str(run_dir))
+        return cls(unet, scheduler, TextEncoder.minilm(text_max_length), name or str(run_dir),
+                   sha256(run_dir / WEIGHTS_FILE))
 
     @property
     def resolution(self) -> int:
@@ -87,7 +89,8 @@ class PixelBackbone:
         return self
 
     def run_info(self) -> dict:
-        return {"backbone": self.kind, "pretrained": self.pretrained, "text_encoder": self.text_encoder.name,
+        return {"backbone": self.kind, "pretrained": self.pretrained, "pretrained_sha256": self.pretrained_sha256,
+                "text_encoder": self.text_encoder.name,
                 "text_max_length": self.text_encoder.max_length, "resolution": self.resolution}
 
     def save(self, run_dir: Path, unet: UNet2DConditionModel) -> None:

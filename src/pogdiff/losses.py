@@ -351,3 +351,9 @@ def method_parameters(method: str) -> dict[str, inspect.Parameter]:
     """The options a method's constructor takes beyond the shared (scheduler, encoded, snr_gamma)."""
     shared = {"self", "scheduler", "encoded", "snr_gamma"}
     return {name: p for name, p in inspect.signature(METHODS[method].__init__).parameters.items() if name not in shared}
+
+
+def options_in_effect(method: str, options: dict) -> dict:
+    """Every option of the method's loss with the value it takes: the given ones, the defaults for the rest
+    (what a run folder records, so that it stays readable after a default changes)."""
+    return {name: options.get(name, p.default) for name, p in method_parameters(method).items()}

@@ -36,18 +36,19 @@ import torch
 from pogdiff.encoders import HuggingFaceImageFeatures, ImageEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, PogdiffWarning
 
-DEFAULT_NEIGHBOUR_FEATURES = "efficientnet-lite0"
-BUILT_IN_SPACES = (DEFAULT_NEIGHBOUR_FEATURES, "faces", "unet")
+EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE = "efficientnet-lite0", "faces", "unet"
+BUILT_IN_SPACES = (EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE)
+DEFAULT_NEIGHBOUR_FEATURES = EFFICIENTNET_SPACE
 UNET_TIMESTEP = 50
 
 
 def neighbour_feature_space(space: str, backbone=None):
     """The feature space ``space`` names (see the module docstring); ``unet`` needs the backbone."""
-    if space == DEFAULT_NEIGHBOUR_FEATURES:
+    if space == EFFICIENTNET_SPACE:
         return EfficientNetSpace()
-    if space == "faces":
+    if space == FACE_SPACE:
         return FaceSpace()
-    if space == "unet":
+    if space == UNET_SPACE:
         if backbone is None:
             raise PogdiffError("--neighbour-features unet needs the backbone being trained")
         return UNetSpace(backbone)

@@ -40,7 +40,7 @@ from pogdiff.encoded_dataset import EncodedDataset, encode_dataset, training_ima
 from pogdiff.errors import DatasetError, Interrupted, PogdiffError, first_line
 from pogdiff.files import incomplete, remove_quietly, write_errors_as_os_errors
 from pogdiff.images import save_grid
-from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch
+from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch, options_in_effect
 from pogdiff.neighbour_features import neighbour_feature_space
 from pogdiff.options import check_values
 from pogdiff.ownership import claimed, entries, is_marked, refuse_if_in_use
@@ -256,7 +256,9 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
         final = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trained)
-        info = {**backbone.run_info(), "config": asdict(config), "num_processes": accelerator.num_processes,
+        info = {**backbone.run_info(), "config": asdict(config),
+                "loss_options": options_in_effect(config.method, config.method_options),
+                "num_processes": accelerator.num_processes,
                 "steps": global_step, "train_seconds": round(clock.seconds(), 1),
                 "train_sessions": clock.sessions()}
         with reported_write_errors(out, out):  # a run folder without RUN_FILE is unfinished

@@ -53,7 +53,7 @@ from pogdiff.evaluation.report import ReportData, write_report
 from pogdiff.evaluation.results_table import all_few_table, format_value, markdown_table
 from pogdiff.files import file_stems
 from pogdiff.images import save_grid, to_pil
-from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
+from pogdiff.neighbour_features import EFFICIENTNET_SPACE
 from pogdiff.options import check_values
 from pogdiff.run_folder import load_psi, load_psi_summary, read_run_info, run_label
 from pogdiff.sampling import generate
@@ -318,8 +318,8 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                   "few_max_images": few_max_images, "recall_threshold": recall_threshold,
                   "max_identities": max_identities}, command="evaluate")
-    configs = [read_run_info(run_dir)["config"] for run_dir in run_dirs]  # a broken run fails now, before any work
-    labels = run_labels(configs)
+    infos = [read_run_info(run_dir) for run_dir in run_dirs]  # a broken run fails now, before any work
+    labels = run_labels([info["config"] for info in infos])
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
                             cache_dir, progress, max_identities)
     if paper_protocol:
@@ -330,8 +330,8 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     results, generated, generated_features, psi, psi_summaries = {}, {}, {}, {}, {}
     label_stems, name_stems = file_stems(labels), file_stems(evaluation.names)
-    for run_dir, config, label in zip(run_dirs, configs, labels):
-        warn_if_judge_shares_neighbour_space(label, config, evaluation)
+    for run_dir, info, label in zip(run_dirs, infos, labels):
+        warn_if_judge_shares_neighbour_space(label, info, evaluation)
         generated[label] = generate_per_identity(load_backbone(run_dir), samples_for, num_inference_steps,
                                                  guidance_scale, seed, progress)
         save_samples(generated[label], evaluation.counts, out_dir / f"samples-{label_stems[label]}.png",
@@ -365,11 +365,14 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     return metrics
 
 
-def warn_if_judge_shares_neighbour_space(label: str, config: dict, evaluation: Evaluation) -> None:
+def warn_if_judge_shares_neighbour_space(label: str, info: dict, evaluation: Evaluation) -> None:
     """A PoGDiff run whose neighbours (Eq. 8) were found in the judge's own space has seen the test a little."""
+    config = info["config"]
     if config.get("method") != "pogdiff":
         return
-    space = config.get("method_options", {}).get("neighbour_features", DEFAULT_NEIGHBOUR_FEATURES)
+    # runs from before loss_options was recorded ran with the default of their time, the first one
+    space = {"neighbour_features": EFFICIENTNET_SPACE, **config.get("method_options", {}),
+             **info.get("loss_options", {})}["neighbour_features"]
     shared = ((evaluation.judge_kind == "faces" and space == "faces")
               or (evaluation.judge_kind == "features" and space == evaluation.features))
     if shared:
