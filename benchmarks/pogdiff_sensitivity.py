@@ -9,8 +9,8 @@ plus vanilla, seeds 0 1 2, on ONE tuning dataset (the medium preset at generator
 written beside OUT as OUT-data; the README's tables use generator seed 0, and the
 pretraining corpus excludes seeds 0-9), with the default benchmark budget on the shipped
 pretrained backbone. It is ``pogdiff benchmark`` with these rows, so it runs one cell at a
-time and an interrupted study continues where it stopped. Defaults are chosen from this table only, and confirmed
-afterwards on data not used here.
+time and an interrupted study continues where it stopped. Defaults are chosen from this
+table only, and confirmed afterwards on data not used here.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src nohup python benchmarks/pogdiff_sensitivity.py --out study-tune &
 
@@ -22,8 +22,8 @@ OUT/sensitivity.png (the paired differences as k x a2 heat maps, one per clip an
 The defaults are the configuration this rule picks (fixed on 2026-11-27, after seed 0 and
 before seeds 1 and 2 had run; see ``choose``): among the configurations whose mean paired
 Few sim difference from vanilla is at least -SIM_TOLERANCE x (Few sim of real held-out
-images - Few sim of the look-alike), the one with the largest mean paired Few id_acc difference; ties go to the
-larger Few sim difference. A configuration may not buy identity accuracy with images that
+images - Few sim of the look-alike), the one with the largest mean paired Few id_acc
+difference; ties go to the larger Few sim difference. A configuration may not buy identity accuracy with images that
 drift towards another person's look; the tolerance is a fraction of what the calibration
 rows say separates the right person from a look-alike on this data. If even that one does
 not beat vanilla's Few id_acc, the report says so: the default is then the least harmful

@@ -63,7 +63,8 @@ class PixelBackbone:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, name: str | None = None) -> "PixelBackbone":
-        """The weights of a run folder (any storage dtype, loaded as float32), ``name``-d in later runs' info."""
+        """The weights of a run folder (any storage dtype, loaded as float32), ``name``-d in later runs'
+        info beside their sha256."""
         run_dir = Path(run_dir)
         text_max_length = read_run_info(run_dir)["text_max_length"]
         unet = UNet2DConditionModel.from_pretrained(run_dir / "unet").float()

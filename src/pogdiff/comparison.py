@@ -190,8 +190,8 @@ def summarise_finished(out: str | Path, methods: list[str], seeds: list[int]) ->
     """The summary ``run_benchmark`` would write, over the cells of ``out`` finished so far (nothing runs)."""
     out = Path(out)
     specs = parse_methods(methods)
-    results = {spec.name: {seed: json.loads(f.read_text()) for seed in seeds if (f := cell_path(out, spec, seed)).is_file()}
-               for spec in specs}
+    results = {spec.name: {seed: json.loads(f.read_text()) for seed in seeds
+                           if (f := cell_path(out, spec, seed)).is_file()} for spec in specs}
     done = [spec for spec in specs if results[spec.name]]
     if not any(spec.name == BASELINE for spec in done):
         raise PogdiffError(f"{out}: no finished {BASELINE} cell yet")
