@@ -70,7 +70,7 @@ def test_pogdiff_run_writes_a_readable_psi_summary(toy_data, tmp_path, cache_dir
         assert group["psi"]["min"] <= group["psi"]["median"] <= group["psi"]["max"]
         assert 0 <= group["other_identity_share"]["mean"] <= 1
     space = summary["neighbour_features"]
-    assert space["space"] == "efficientnet-lite0-imagenet" and space["k"] == 10
+    assert space["space"].startswith("unet-") and space["k"] == DEFAULT_K
     assert space["same_identity"]["pairs"] == 66 + 15 + 1 and space["other_identity"]["pairs"] == 190 - 82
     weights = load_file(run / "psi.safetensors")
     assert torch.allclose(weights["psi"], weights["psi_img"] * weights["psi_txt"], atol=1e-6)

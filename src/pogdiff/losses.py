@@ -136,6 +136,10 @@ class PoGDiffLoss(DiffusionLoss):
     forward); ``target_grad=True`` lets the gradient flow through both branches. Examples
     whose caption was dropped for classifier-free guidance have no caption to borrow for,
     so their psi is 0.
+
+    The defaults (k = 10 in the ``unet`` space, a2 = 10, psi_txt clipped to [1/2, 2] x the
+    median) are the sensitivity study's choice (benchmarks/pogdiff_sensitivity.py, README);
+    the paper's footnote example has a1 = a2 = 1.
     """
 
     OPTION_TITLE = "PoGDiff (Sec. 3.2)"
@@ -155,7 +159,7 @@ class PoGDiffLoss(DiffusionLoss):
 
     def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None,
                  k: int = DEFAULT_K, neighbour_features: str = DEFAULT_NEIGHBOUR_FEATURES,
-                 a1: float = 1.0, a2: float = 1.0, a3: float = 1.0, psi_txt_max_ratio: float = 10.0,
+                 a1: float = 1.0, a2: float = 10.0, a3: float = 1.0, psi_txt_max_ratio: float = 2.0,
                  use_psi_img: bool = True, use_psi_txt: bool = True, target_grad: bool = False):
         super().__init__(scheduler, encoded, snr_gamma)
         check_image_exponents(a1, a2)

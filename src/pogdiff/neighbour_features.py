@@ -3,20 +3,21 @@
 Eq. 8 needs "a pretrained image encoder"; which one decides who counts as a look-alike,
 so it is an option of the method:
 
-- ``efficientnet-lite0`` (default): ImageNet features of EfficientNet-Lite0, global
+- ``efficientnet-lite0``: ImageNet features of EfficientNet-Lite0, global
   average pool, 1280-d (:class:`pogdiff.encoders.ImageEncoder`; offline).
 - ``faces``: dlib's 128-d face descriptor (:mod:`pogdiff.face_descriptor`), for photos
   of real people, the paper's domain (``pip install 'pogdiff[faces]'``). An image where
   no face is found gets the zero vector: cosine 0 to every image, so its own neighbours
   are drawn uniformly (Eq. 8's fallback) with psi_img = 0, and it is nobody's likely
   neighbour; a warning counts them.
-- ``unet``: the backbone's own denoiser, no extra weights. The feature of an image is
-  the output of the UNet's mid block (the lowest resolution), averaged over its spatial
-  positions, for x_t = sqrt(abar_t) x0 with t = :data:`UNET_TIMESTEP` (no noise added;
-  abar_50 = 0.99 under the small backbone's cosine schedule) under the empty caption
-  phi(""), with the weights the run starts from (the pretrained backbone, or the fresh
-  initialisation of ``config.seed``). x0 is what training regresses on: the pixels for
-  the small backbone (64-d), one draw of the VAE posterior for Stable Diffusion (1280-d).
+- ``unet`` (default, the sensitivity study's choice): the backbone's own denoiser, no extra
+  weights. The feature of an image is the output of the UNet's mid block (the lowest
+  resolution), averaged over its spatial positions, for x_t = sqrt(abar_t) x0 with
+  t = :data:`UNET_TIMESTEP` (no noise added; abar_50 = 0.99 under the small backbone's cosine
+  schedule) under the empty caption phi(""), with the weights the run starts from (the
+  pretrained backbone, or the fresh initialisation of ``config.seed``, where it tells people
+  apart poorly). x0 is what training regresses on: the pixels for the small backbone (64-d),
+  one draw of the VAE posterior for Stable Diffusion (1280-d).
 - anything else: a Hugging Face image model id or folder the user has, e.g.
   ``facebook/dinov2-base`` (:class:`pogdiff.encoders.HuggingFaceImageFeatures`).
 
@@ -38,7 +39,7 @@ from pogdiff.errors import PogdiffError, PogdiffWarning
 
 EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE = "efficientnet-lite0", "faces", "unet"
 BUILT_IN_SPACES = (EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE)
-DEFAULT_NEIGHBOUR_FEATURES = EFFICIENTNET_SPACE
+DEFAULT_NEIGHBOUR_FEATURES = UNET_SPACE
 UNET_TIMESTEP = 50
 
 
