@@ -120,9 +120,9 @@ def test_ablations_switch_factors_off():
     scheduler = DDPMScheduler(num_train_timesteps=100)
     tables = make_tables()
     rows, nbrs, sims = torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([0.4, 0.4])
-    full = PoGDiffLoss(scheduler, tables, psi_txt_max_ratio=100.0)
-    no_img = PoGDiffLoss(scheduler, tables, use_psi_img=False, psi_txt_max_ratio=100.0)
-    no_txt = PoGDiffLoss(scheduler, tables, use_psi_txt=False)
+    full = PoGDiffLoss(scheduler, tables, a2=1.0, psi_txt_max_ratio=100.0)  # the paper's footnote: a1 = a2 = 1
+    no_img = PoGDiffLoss(scheduler, tables, a2=1.0, use_psi_img=False, psi_txt_max_ratio=100.0)
+    no_txt = PoGDiffLoss(scheduler, tables, a2=1.0, use_psi_txt=False)
     txt = torch.exp(torch.tensor(1.0))  # elbo -1 against the (lower) median 0
     assert torch.allclose(full.psi(rows, nbrs, sims), torch.stack([0.4 * txt, 0.16 * txt]))
     assert torch.allclose(no_img.psi(rows, nbrs, sims), torch.stack([txt, txt]))

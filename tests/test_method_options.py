@@ -40,14 +40,16 @@ def target_branch_has_gradient(loss):
 # (method, flags, benchmark options, what the loss shows, its value with the default, with the option)
 KNOBS = [
     ("pogdiff", ["--k", "1"], "k=1", lambda loss: loss.encoded.image_features.asked[-1][1], 10, 1),
-    ("pogdiff", ["--neighbour-features", "unet"], "neighbour_features=unet",
-     lambda loss: loss.encoded.image_features.asked[-1][0], "efficientnet-lite0", "unet"),
+    ("pogdiff", ["--neighbour-features", "efficientnet-lite0"], "neighbour_features=efficientnet-lite0",
+     lambda loss: loss.encoded.image_features.asked[-1][0], "unet", "efficientnet-lite0"),
     ("pogdiff", ["--a1", "2"], "a1=2", lambda loss: loss.psi(*SAME).div(psi_txt_of_row_0(loss)).item(), 0.4, 0.16),
-    ("pogdiff", ["--a2", "2"], "a2=2", lambda loss: loss.psi(*OTHER).div(psi_txt_of_row_0(loss)).item(), 0.16, 0.064),
-    ("pogdiff", ["--a3", "2"], "a3=2", psi_txt_of_row_0, torch.e, torch.e / 2),
-    ("pogdiff", ["--psi-txt-max-ratio", "2"], "psi_txt_max_ratio=2", psi_txt_of_row_0, torch.e, 2.0),
-    ("pogdiff", ["--no-psi-img"], "use_psi_img=false", lambda loss: loss.psi(*OTHER).item(), 0.16 * torch.e, torch.e),
-    ("pogdiff", ["--no-psi-txt"], "use_psi_txt=false", lambda loss: loss.psi(*OTHER).item(), 0.16 * torch.e, 0.16),
+    ("pogdiff", ["--a2", "2"], "a2=2", lambda loss: loss.psi(*OTHER).div(psi_txt_of_row_0(loss)).item(), 0.4 ** 11,
+     0.064),
+    ("pogdiff", ["--a3", "2"], "a3=2", psi_txt_of_row_0, 2.0, 1.0),  # e, clipped to the default ratio 2
+    ("pogdiff", ["--psi-txt-max-ratio", "10"], "psi_txt_max_ratio=10", psi_txt_of_row_0, 2.0, torch.e),
+    ("pogdiff", ["--no-psi-img"], "use_psi_img=false", lambda loss: loss.psi(*OTHER).item(), 0.4 ** 11 * 2, 2.0),
+    ("pogdiff", ["--no-psi-txt"], "use_psi_txt=false", lambda loss: loss.psi(*OTHER).item(), 0.4 ** 11 * 2,
+     0.4 ** 11),
     ("pogdiff", ["--target-grad"], "target_grad=true", target_branch_has_gradient, False, True),
     ("cbdm", ["--cbdm-tau", "0.5"], "tau=0.5", lambda loss: loss.tau, 1.0, 0.5),
     ("cbdm", ["--cbdm-balance", "rows"], "balance=rows", lambda loss: loss.balance, "identities", "rows"),

@@ -11,7 +11,7 @@ from test_losses import GivenNeighbours, make_tables
 from pogdiff.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.encoded_dataset import encode_dataset
-from pogdiff.neighbour_features import UNetSpace, neighbour_feature_space
+from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES, UNetSpace, neighbour_feature_space
 from pogdiff.neighbours import NeighbourTable, other_identity_share, similarity_by_identity
 from pogdiff.psi import summarise, summarise_similarity
 from pogdiff.run_folder import save_psi
@@ -110,5 +110,5 @@ def test_pogdiff_writes_the_diagnostics_into_psi_summary(tmp_path):
     assert summary["minority"]["other_identity_share"]["mean"] == pytest.approx((0.1 + 0.4) / 2, abs=1e-4)
     assert set(summary["minority"]) >= {"rows", "psi", "psi_img", "psi_txt", "other_identity_share"}
     space = summary["neighbour_features"]
-    assert space["space"] == "given:efficientnet-lite0" and space["k"] == 2
+    assert space["space"] == f"given:{DEFAULT_NEIGHBOUR_FEATURES}" and space["k"] == 2
     assert space["same_identity"]["pairs"] == 2 and space["other_identity"]["pairs"] == 4

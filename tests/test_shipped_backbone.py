@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -10,12 +11,12 @@ import torch
 from pogdiff.backbone import PixelBackbone, load_backbone
 from pogdiff.cli import main
 from pogdiff.data.synth import BACKGROUNDS
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.run_folder import read_run_info
 from pogdiff.sampling import generate
 from pogdiff.shipped import (MANIFEST_FILE, SHIPPED_DIR, SHIPPED_NAME, WEIGHTS_FILE, resolve_run_dir, sha256,
                              shipped_backbone_dir)
-from pogdiff.train import TrainConfig, train
+from pogdiff.train import TrainConfig, check_options, train
 
 
 def test_shipped_weights_match_their_manifest_and_are_small():
@@ -89,6 +90,20 @@ def test_cli_refuses_from_scratch_with_pretrained_and_another_resolution(toy_dat
     err = capsys.readouterr().err
     assert "pass one of them" in err and "add --from-scratch" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_from_scratch_warns_that_the_default_unet_neighbour_space_is_random(toy_data, tmp_path):
+    def warned(method: str, from_scratch: bool, **options) -> bool:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_options(TrainConfig(str(toy_data), str(tmp_path), method=method, from_scratch=from_scratch,
+                                      method_options=options))
+        return any(issubclass(w.category, PogdiffWarning) and "unet" in str(w.message) for w in caught)
+
+    assert warned("pogdiff", True) and warned("pogdiff", True, use_psi_txt=False)
+    assert not warned("pogdiff", False)  # the shipped weights' UNet space is the study's choice
+    assert not warned("pogdiff", True, neighbour_features="efficientnet-lite0")
+    assert not warned("vanilla", True)
 
 
 def test_the_shipped_backbone_samples_and_evaluates_under_its_name(small_synth, tmp_path):

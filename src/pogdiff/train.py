@@ -19,6 +19,7 @@ import pickle
 import platform
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -37,11 +38,11 @@ from pogdiff.backbone import PixelBackbone, StableDiffusionBackbone
 from pogdiff.cache import default_cache_dir
 from pogdiff.data.dataset import ImageTextDataset, load_dataset
 from pogdiff.encoded_dataset import EncodedDataset, encode_dataset, training_images
-from pogdiff.errors import DatasetError, Interrupted, PogdiffError, first_line
+from pogdiff.errors import DatasetError, Interrupted, PogdiffError, PogdiffWarning, first_line
 from pogdiff.files import incomplete, remove_quietly, write_errors_as_os_errors
 from pogdiff.images import save_grid
 from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch, options_in_effect
-from pogdiff.neighbour_features import neighbour_feature_space
+from pogdiff.neighbour_features import UNET_SPACE, neighbour_feature_space
 from pogdiff.options import check_values
 from pogdiff.ownership import claimed, entries, is_marked, refuse_if_in_use
 from pogdiff.row_log import RowLog
@@ -289,6 +290,10 @@ def check_options(config: TrainConfig) -> None:
     if config.density_max_ratio != TrainConfig.density_max_ratio and sampler_of(config) != "balanced":
         raise PogdiffError("--density-max-ratio applies to the balanced sampler; drop it or pass --sampler balanced")
     check_values({**asdict(config), **config.method_options})
+    if config.from_scratch and options_in_effect(config.method, config.method_options).get("neighbour_features") == UNET_SPACE:
+        warnings.warn("--from-scratch with neighbours in the unet space: a randomly initialised UNet tells people apart "
+                      "poorly (README, PoGDiff's options); pass --neighbour-features efficientnet-lite0", PogdiffWarning,
+                      stacklevel=2)
 
 
 def sampler_of(config: TrainConfig) -> str:
