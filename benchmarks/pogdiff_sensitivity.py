@@ -23,11 +23,11 @@ The defaults are the configuration this rule picks (fixed on 2026-11-27, after s
 before seeds 1 and 2 had run; see ``choose``): among the configurations whose mean paired
 Few sim difference from vanilla is at least -SIM_TOLERANCE x (Few sim of real held-out
 images - Few sim of the look-alike), the one with the largest mean paired Few id_acc
-difference; ties go to the larger Few sim difference. A configuration may not buy identity accuracy with images that
-drift towards another person's look; the tolerance is a fraction of what the calibration
-rows say separates the right person from a look-alike on this data. If even that one does
-not beat vanilla's Few id_acc, the report says so: the default is then the least harmful
-setting, not a recommendation over vanilla.
+difference; ties go to the larger Few sim difference. A configuration may not buy identity
+accuracy with images that drift towards another person's look; the tolerance is a fraction
+of what the calibration rows say separates the right person from a look-alike on this data.
+If even that one does not beat vanilla's Few id_acc, the report says so: the default is then
+the least harmful setting, not a recommendation over vanilla.
 """
 
 from __future__ import annotations

@@ -137,9 +137,9 @@ class PoGDiffLoss(DiffusionLoss):
     whose caption was dropped for classifier-free guidance have no caption to borrow for,
     so their psi is 0.
 
-    The defaults (k = 10 in the ``unet`` space, a2 = 10, psi_txt clipped to [1/2, 2] x the
-    median) are the sensitivity study's choice (benchmarks/pogdiff_sensitivity.py, README);
-    the paper's footnote example has a1 = a2 = 1.
+    The defaults of k, neighbour_features, a2 and psi_txt_max_ratio are the sensitivity
+    study's choice (benchmarks/pogdiff_sensitivity.py, README); the paper's footnote example
+    has a1 = a2 = 1.
     """
 
     OPTION_TITLE = "PoGDiff (Sec. 3.2)"

@@ -290,8 +290,8 @@ def check_options(config: TrainConfig) -> None:
     if config.density_max_ratio != TrainConfig.density_max_ratio and sampler_of(config) != "balanced":
         raise PogdiffError("--density-max-ratio applies to the balanced sampler; drop it or pass --sampler balanced")
     check_values({**asdict(config), **config.method_options})
-    space = options_in_effect(config.method, config.method_options).get("neighbour_features")
-    if config.from_scratch and space == UNET_SPACE:
+    if config.from_scratch and (
+            options_in_effect(config.method, config.method_options).get("neighbour_features") == UNET_SPACE):
         warnings.warn("--from-scratch with neighbours in the unet space: a randomly initialised UNet tells people "
                       "apart poorly (README, PoGDiff's options); pass --neighbour-features efficientnet-lite0",
                       PogdiffWarning, stacklevel=2)
