@@ -358,12 +358,12 @@ def test_psi_options_that_would_make_psi_infinite(option, value, expected, toy_d
 def test_psi_functions_refuse_values_that_give_nan_or_inf():
     elbo = torch.tensor([-3.0, -1.0, 0.0])
     with pytest.raises(PogdiffError):
-        inverse_text_density_weight(elbo, a3=0.0)
+        inverse_text_density_weight(elbo, a3=0.0, max_ratio=2.0)
     with pytest.raises(PogdiffError):
-        inverse_text_density_weight(elbo, a3=float("nan"))
+        inverse_text_density_weight(elbo, a3=float("nan"), max_ratio=2.0)
     with pytest.raises(PogdiffError):
         image_similarity_weight(torch.tensor([0.0]), torch.tensor([False]), a1=1.0, a2=-2.0)
-    assert torch.isfinite(inverse_text_density_weight(elbo, a3=1e-3)).all()
+    assert torch.isfinite(inverse_text_density_weight(elbo, a3=1e-3, max_ratio=2.0)).all()
     assert math.isclose(image_similarity_weight(torch.tensor([0.0]), torch.tensor([True]), 0.0, 0.0).item(), 1.0)
 
 

@@ -11,6 +11,7 @@ from test_losses import GivenNeighbours, make_tables
 from pogdiff.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.encoded_dataset import encode_dataset
+from pogdiff.errors import PogdiffError
 from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES, UNetSpace, neighbour_feature_space
 from pogdiff.neighbours import NeighbourTable, other_identity_share, similarity_by_identity
 from pogdiff.psi import summarise, summarise_similarity
@@ -112,3 +113,8 @@ def test_pogdiff_writes_the_diagnostics_into_psi_summary(tmp_path):
     space = summary["neighbour_features"]
     assert space["space"] == f"given:{DEFAULT_NEIGHBOUR_FEATURES}" and space["k"] == 2
     assert space["same_identity"]["pairs"] == 2 and space["other_identity"]["pairs"] == 4
+
+
+def test_unknown_neighbour_space_names_the_built_in_ones(tmp_path):
+    with pytest.raises(PogdiffError, match="not a built-in space \\(efficientnet-lite0, faces, unet\\)"):
+        neighbour_feature_space(str(tmp_path / "effnet"))

@@ -80,6 +80,6 @@ def test_text_density_vae_ranks_rare_embeddings_below_frequent_ones_on_384d():
     elbo = fit_text_density(data, steps=600, seed=0)
     assert torch.isfinite(elbo).all()
     assert elbo[60:].max() < elbo[:60].median()
-    psi = inverse_text_density_weight(elbo)
+    psi = inverse_text_density_weight(elbo, a3=1.0, max_ratio=10.0)
     assert torch.isfinite(psi).all()
     assert psi[60:].min() > psi[:60].median()

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--seed", type=int, default=0)
     runtime = argparse.ArgumentParser(add_help=False)
     runtime.add_argument("--cache-dir",
-                         help="where encoded datasets, latents and identity judges are cached (default ~/.cache/pogdiff)")
+                         help="where encoded datasets, latents and identity judges are cached (default "
+                         "$POGDIFF_CACHE, else $XDG_CACHE_HOME/pogdiff, else ~/.cache/pogdiff)")
     runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_data_parser(sub, seed)
     add_pretrain_parser(sub, [seed, runtime])
@@ -240,7 +241,7 @@ def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     option("--num-validation-images", "images per validation prompt", type=int)
     option("--overwrite", "replace a run already in --output-dir", action="store_true")
     option("--report-to", "log to this tracker under OUTPUT_DIR/logs", choices=["tensorboard"])
-    option("--log-rows", "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per step and "
+    option("--log-rows", "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per micro-step and "
            "digests of its tables and weights (checks multi-process runs)", action="store_true")
     sampler = t.add_argument_group("row sampler (every method)")
     option("--sampler", "which rows a batch holds: uniform (an epoch shuffle) or balanced (every identity equally "

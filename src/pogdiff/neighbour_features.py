@@ -24,8 +24,9 @@ so it is an option of the method:
 Never the evaluation's identity judge (its CNN, or its faces/features judge paired with
 the same space): the method would then see the test. Every space here has a ``name``
 that names its weights (it keys the cached features) and is called on images
-(N, 3, H, W) in [-1, 1] at training resolution, returning (N, D); models load on the
-first call, so a cached space costs nothing.
+(N, 3, H, W) in [-1, 1] at training resolution, returning (N, D); the built-in models load
+on the first call, so a cached space costs nothing (a Hugging Face model loads at once: its
+weights' fingerprint is part of its name).
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ def neighbour_feature_space(space: str, backbone=None):
         if backbone is None:
             raise PogdiffError("--neighbour-features unet needs the backbone being trained")
         return UNetSpace(backbone)
-    return HuggingFaceSpace(space)
+    try:
+        return HuggingFaceSpace(space)
+    except PogdiffError as error:
+        raise PogdiffError(f"--neighbour-features {space}: not a built-in space ({', '.join(BUILT_IN_SPACES)}); "
+                           f"{error}") from None
 
 
 class EfficientNetSpace:

@@ -22,17 +22,18 @@ def check_image_exponents(a1: float, a2: float) -> None:
 
 
 def image_similarity_weight(similarity: torch.Tensor, same_identity: torch.Tensor,
-                            a1: float = 1.0, a2: float = 1.0) -> torch.Tensor:
+                            a1: float, a2: float) -> torch.Tensor:
     """Eq. 9: psi_img = max(0, s) ** (a1 + a2 * 1[I(x) != I(x')]).
 
     The paper's footnote: s = 0.4, a1 = a2 = 1 gives 0.4 for the same person, 0.16 otherwise.
+    No defaults here: PoGDiff's are :class:`pogdiff.losses.PoGDiffLoss`'s arguments.
     """
     check_image_exponents(a1, a2)
     exponent = a1 + a2 * (~same_identity.bool()).to(similarity.dtype)
     return similarity.clamp(min=0).pow(exponent)
 
 
-def inverse_text_density_weight(elbo: torch.Tensor, a3: float = 1.0, max_ratio: float = 10.0) -> torch.Tensor:
+def inverse_text_density_weight(elbo: torch.Tensor, a3: float, max_ratio: float) -> torch.Tensor:
     """Eq. 11: psi_txt = 1 / (a3 * exp(ELBO(y))), computed in log space so it cannot overflow.
 
     exp(ELBO) of a high-dimensional embedding is far outside float range, so densities

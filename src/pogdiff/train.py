@@ -83,7 +83,7 @@ class TrainConfig:
     train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 500
-    learning_rate: float | None = None  # 1e-3 small (from scratch), 1e-5 full SD (Sec. 4.1), 1e-4 LoRA
+    learning_rate: float | None = None  # 1e-3 small, 1e-5 full SD (Sec. 4.1), 1e-4 LoRA
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     adam_weight_decay: float = 1e-2

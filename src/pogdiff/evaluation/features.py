@@ -2,8 +2,8 @@
 
 The paper measures FID in Inception features and similarity and recall in DINOv2
 features (App. B, E). Neither network's weights ship with a Python package, so the
-default is the offline EfficientNet-Lite0 space that also finds the neighbours of
-Eq. 8 by default; the others load when the user has their weights:
+default is the offline EfficientNet-Lite0 space (also one of the neighbour spaces of
+Eq. 8); the others load when the user has their weights:
 
 - ``"efficientnet-lite0"`` (default): :class:`pogdiff.encoders.ImageEncoder`, 1280-d.
 - ``"inception"``: the standard FID network (2048-d pool features of the 2015 TF
