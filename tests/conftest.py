@@ -22,6 +22,21 @@ def write_toy_dataset(root, counts=(12, 6, 2), size=32, seed=0):
     (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return root
 
+def training_loss(backbone, images, tables):
+    """Vanilla loss of a backbone on every training image, 8 fixed noise draws each (the global RNG is left alone)."""
+    import torch
+
+    from pogdiff.losses import TrainBatch, VanillaLoss
+
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        rows = torch.arange(len(images)).repeat(8)
+        batch = TrainBatch(images[rows], tables.text_states[rows], rows, torch.zeros(len(rows), dtype=torch.bool))
+        loss = VanillaLoss(backbone.scheduler, tables)(
+            lambda x, t, c: backbone.unet(x, t, encoder_hidden_states=c).sample, batch)
+    return loss.mean().item()
+
+
 @pytest.fixture
 def toy_data(tmp_path):
     return write_toy_dataset(tmp_path / "data")

@@ -362,6 +362,8 @@ def test_psi_functions_refuse_values_that_give_nan_or_inf():
     with pytest.raises(PogdiffError):
         inverse_text_density_weight(elbo, a3=float("nan"), max_ratio=2.0)
     with pytest.raises(PogdiffError):
+        inverse_text_density_weight(elbo, a3=1.0, max_ratio=0.5)  # a clip below 1 would invert [1/r, r]
+    with pytest.raises(PogdiffError):
         image_similarity_weight(torch.tensor([0.0]), torch.tensor([False]), a1=1.0, a2=-2.0)
     assert torch.isfinite(inverse_text_density_weight(elbo, a3=1e-3, max_ratio=2.0)).all()
     assert math.isclose(image_similarity_weight(torch.tensor([0.0]), torch.tensor([True]), 0.0, 0.0).item(), 1.0)
@@ -384,7 +386,9 @@ OPTION_CASES = [  # (command and option, allowed range in the error)
     ("train --checkpoints-total-limit -1", "an integer >= 1"), ("train --checkpointing-steps 0", "an integer >= 1"),
     ("train --caption-dropout 5", "a finite number in [0, 1]"), ("train --vae-latent-dim 0", "an integer >= 1"),
     ("train --k 0", "an integer >= 1"), ("train --ema-decay 1.5", "a finite number in [0, 1]"),
-    ("train --cbdm-tau -1", "a finite number >= 0"), ("train --train-batch-size two", "an integer >= 1"),
+    ("train --cbdm-tau -1", "a finite number >= 0"), ("train --a2 -1", "a finite number >= 0"),
+    ("train --psi-txt-max-ratio 0.5", "a finite number >= 1"), ("train --density-max-ratio 0.5", "a finite number >= 1"),
+    ("train --train-batch-size two", "an integer >= 1"),
     pytest.param("train --mixed-precision fp16", "bf16 or no",
                  marks=pytest.mark.skipif(not CPU_ONLY, reason="a GPU is visible: fp16 is allowed"),
                  id="train --mixed-precision fp16"),

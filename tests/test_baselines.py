@@ -7,11 +7,13 @@ import torch
 from diffusers import DDPMScheduler
 from test_losses import TinyDenoiser, make_batch, make_tables
 
+from pogdiff.backbone import load_backbone
 from pogdiff.cli import build_parser, main
 from pogdiff.encoded_dataset import EncodedDataset
 from pogdiff.errors import PogdiffError
 from pogdiff.losses import METHODS, CBDMLoss, T2HLoss, TrainBatch, method_parameters
 from pogdiff.run_folder import run_label
+from pogdiff.shipped import SHIPPED_NAME
 from pogdiff.train import TrainConfig, train
 
 
@@ -158,6 +160,8 @@ def test_every_method_trains_a_few_steps(method, toy_data, tmp_path, shared_cach
                             train_batch_size=4, cache_dir=str(shared_cache), progress=False))
     info = json.loads((run / "pogdiff_run.json").read_text())
     assert info["steps"] == 2 and info["config"]["method"] == method
+    start, trained = load_backbone(SHIPPED_NAME).unet.state_dict(), load_backbone(run).unet.state_dict()
+    assert any(not torch.equal(start[name], trained[name]) for name in start)  # the loss carried a gradient
 
 
 def test_every_method_option_of_the_cli_reaches_a_loss():

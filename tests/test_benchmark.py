@@ -12,6 +12,7 @@ from pogdiff.errors import PogdiffError
 from pogdiff.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
 
 T_975_2DF = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
+T_975_1DF = 12.706204736174698  # the same, 1 degree of freedom (printed tables: 12.706)
 
 
 def test_mean_interval_is_student_t_over_seeds():
@@ -27,7 +28,7 @@ def test_aggregate_takes_every_numeric_metric_of_all_and_few():
     summary = aggregate(per_seed)
     assert summary["all"]["id_acc"]["mean"] == pytest.approx(0.75)
     assert summary["all"]["fd"]["mean"] == pytest.approx(12.0)
-    assert summary["all"]["fd"]["half_width"] == pytest.approx(12.706204736174698 * math.sqrt(8) / math.sqrt(2))
+    assert summary["all"]["fd"]["half_width"] == pytest.approx(T_975_1DF * math.sqrt(8) / math.sqrt(2))
     assert "judge" not in summary["all"]
     assert summary["few"] == {"id_acc": None, "fd": None}  # no Few identities
 

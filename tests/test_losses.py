@@ -1,5 +1,6 @@
 """Eq. 13 against a hand computation, and where gradient flows."""
 
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -39,6 +40,9 @@ class GivenNeighbours:
         return f"given:{space}"
 
 
+SEED_DRAWING_ANOTHER_IDENTITY = 2  # of seeds 0-9 only 2 and 5 draw one (asserted below)
+
+
 def make_tables():
     g = torch.Generator().manual_seed(1)
     return EncodedDataset(
@@ -57,33 +61,65 @@ def make_batch(tables):
                       torch.tensor([False, False, True]))
 
 
-def test_pogdiff_loss_matches_hand_computation():
-    scheduler = DDPMScheduler(num_train_timesteps=100)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_pogdiff_loss_matches_hand_computation(prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
     tables = make_tables()
     batch = make_batch(tables)
     model = TinyDenoiser()
-    loss_fn = PoGDiffLoss(scheduler, tables, a1=1.0, a2=1.0, a3=1.0, psi_txt_max_ratio=100.0)
-    torch.manual_seed(7)
+    loss_fn = PoGDiffLoss(scheduler, tables, a1=1.0, a2=2.0, a3=1.0, psi_txt_max_ratio=100.0)
+    torch.manual_seed(SEED_DRAWING_ANOTHER_IDENTITY)
     loss = loss_fn(model, batch)
 
-    torch.manual_seed(7)  # replay the same draws: eps, t, then the neighbour (Eq. 8)
+    torch.manual_seed(SEED_DRAWING_ANOTHER_IDENTITY)  # replay the same draws: eps, t, then the neighbour (Eq. 8)
     eps = torch.randn_like(batch.x0)
     t = torch.randint(0, 100, (3,))
     abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * batch.x0 + (1 - abar).sqrt() * eps
+    target = eps if prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * batch.x0
     table = tables.image_features.table
     weights = table.similarity[batch.index] / table.similarity[batch.index].sum(1, keepdim=True)
     choice = torch.multinomial(weights, 1).squeeze(1)
     j = table.index[batch.index, choice]
     s = table.similarity[batch.index, choice]
     same = tables.identity[batch.index] == tables.identity[j]
-    psi_img = s ** torch.where(same, 1.0, 2.0)                           # Eq. 9
+    assert not same[:2].all()  # the seed draws another identity's caption for a row that keeps its own
+    psi_img = s ** torch.where(same, 1.0, 3.0)                           # Eq. 9: a1, a1 + a2
     psi_txt = torch.exp(-(tables.elbo[batch.index] - tables.elbo.median()))  # Eq. 11, median-normalised
     psi = psi_img * psi_txt * torch.tensor([1.0, 1.0, 0.0])              # third caption was dropped
     pred = 0.5 * x_t + (batch.cond.mean(1) @ model.v.detach())[:, None, None, None]
     pred_nb = 0.5 * x_t + (tables.text_states[j].mean(1) @ model.v.detach())[:, None, None, None]
-    expected = ((pred - eps) ** 2).mean((1, 2, 3)) + psi * ((pred - pred_nb) ** 2).mean((1, 2, 3))
+    expected = ((pred - target) ** 2).mean((1, 2, 3)) + psi * ((pred - pred_nb) ** 2).mean((1, 2, 3))
     assert torch.allclose(loss.detach(), expected, atol=1e-5)
+
+
+def test_expected_psi_per_row_matches_hand_computation():
+    """Eq. 12 in expectation over Eq. 8's draw, with the defaults (a1 = 1, a2 = 10, a3 = 1, clip 2)."""
+    tables = make_tables()
+    psi = PoGDiffLoss(DDPMScheduler(num_train_timesteps=100), tables).psi_per_row()
+    # make_tables: ELBO -1, 0, 1, 2 around the median 0 -> exp(1), 1, exp(-1), exp(-2), clipped to [1/2, 2]
+    psi_txt = torch.tensor([2.0, 1.0, 0.5, 0.5])
+    # each row: (weight, similarity) of its same-identity neighbour, then of its other-identity one
+    draws = [(0.8, 0.2), (0.5, 0.5), (0.9, 0.1), (0.6, 0.4)]
+    psi_img = torch.tensor([same * same + other * other ** 11 for same, other in draws])
+    assert torch.allclose(psi["psi_txt"], psi_txt)
+    assert torch.allclose(psi["psi_img"], psi_img)
+    assert torch.allclose(psi["psi"], psi_txt * psi_img)
+    assert torch.allclose(psi["other_identity_share"], torch.tensor([0.2, 0.5, 0.1, 0.4]))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_gamma_weights(prediction_type):
+    """Hang et al. 2023 as in diffusers' scripts: min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction."""
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    t = torch.tensor([0, 10, 50, 99])
+    abar = scheduler.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    expected = snr.clamp(max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
+    weights = VanillaLoss(scheduler, make_tables(), snr_gamma=5.0).example_weights(t)
+    assert torch.allclose(weights, expected.float(), rtol=1e-5)
+    assert weights[0] < 0.01 and weights.max() <= 1  # clean timesteps are down-weighted
+    assert torch.equal(VanillaLoss(scheduler, make_tables()).example_weights(t), torch.ones(4))
 
 
 def test_target_branch_has_no_gradient_by_default():

@@ -33,7 +33,7 @@ def test_balanced_sampler_without_identities_follows_inverse_text_density():
                           torch.tensor([10.0, 1.0, 1.0, 1.0]) / 13)
 
 
-def test_resample_is_vanilla_on_balanced_rows_and_any_method_takes_a_sampler():
+def test_resample_implies_the_balanced_sampler_and_any_method_takes_one():
     assert sampler_of(TrainConfig("", "", method="resample")) == "balanced"
     assert sampler_of(TrainConfig("", "", method="pogdiff")) == "uniform"
     assert sampler_of(TrainConfig("", "", method="cbdm", sampler="balanced")) == "balanced"
@@ -45,14 +45,16 @@ def test_resample_is_vanilla_on_balanced_rows_and_any_method_takes_a_sampler():
     check_options(TrainConfig("", "", method="cbdm", sampler="balanced", density_max_ratio=5.0))
 
 
-def test_pogdiff_on_balanced_rows_trains_on_the_minority_as_often(toy_data, tmp_path, cache_dir, capsys):
+@pytest.mark.parametrize("method, argv", [("pogdiff", ["--sampler", "balanced"]), ("resample", [])])
+def test_balanced_rows_train_on_the_minority_as_often(method, argv, toy_data, tmp_path, cache_dir, capsys):
     run = tmp_path / "run"
-    code = main(["train", str(toy_data), "--output-dir", str(run), "--method", "pogdiff", "--sampler", "balanced",
+    code = main(["train", str(toy_data), "--output-dir", str(run), "--method", method, *argv,
                  "--max-train-steps", "6", "--train-batch-size", "4", "--log-rows", "--cache-dir", str(cache_dir),
                  "--no-progress"])
     assert code == 0, capsys.readouterr().err
     config = json.loads((run / "pogdiff_run.json").read_text())["config"]
-    assert config["sampler"] == "balanced" and config["method"] == "pogdiff"
+    assert config["method"] == method  # resample records no --sampler: its method implies the balanced one
+    assert sampler_of(TrainConfig("", "", method=method, sampler=config["sampler"])) == "balanced"
     lines = [json.loads(line) for line in (run / "rows-rank0.jsonl").read_text().splitlines()]
     rows = torch.tensor([r for line in lines if "rows" in line for r in line["rows"]])
     # toy_data: 12 + 6 + 2 images; the two of the third identity are rows 18 and 19
