@@ -22,6 +22,7 @@ def write_toy_dataset(root, counts=(12, 6, 2), size=32, seed=0):
     (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return root
 
+
 def training_loss(backbone, images, tables):
     """Vanilla loss of a backbone on every training image, 8 fixed noise draws each (the global RNG is left alone)."""
     import torch
@@ -40,6 +41,7 @@ def training_loss(backbone, images, tables):
 @pytest.fixture
 def toy_data(tmp_path):
     return write_toy_dataset(tmp_path / "data")
+
 
 @pytest.fixture
 def cache_dir(tmp_path):

@@ -83,7 +83,7 @@ def test_pogdiff_loss_matches_hand_computation(prediction_type):
     j = table.index[batch.index, choice]
     s = table.similarity[batch.index, choice]
     same = tables.identity[batch.index] == tables.identity[j]
-    assert not same[:2].all()  # the seed draws another identity's caption for a row that keeps its own
+    assert not same[:2].all()  # another identity's caption is drawn for a row whose caption was not dropped
     psi_img = s ** torch.where(same, 1.0, 3.0)                           # Eq. 9: a1, a1 + a2
     psi_txt = torch.exp(-(tables.elbo[batch.index] - tables.elbo.median()))  # Eq. 11, median-normalised
     psi = psi_img * psi_txt * torch.tensor([1.0, 1.0, 0.0])              # third caption was dropped
