@@ -14,7 +14,8 @@ batches, beside PoGDiff with the defaults it had before the study (OLD_DEFAULTS)
 is a ``pogdiff benchmark`` folder, OUT/<dataset>, so cells run one at a time and a stopped
 confirmation continues where it stopped. OUT/confirmation.md gives, per dataset and row, the
 paired difference from vanilla on Few id_acc and Few sim with its 95% interval, and the
-verdict: win (interval above 0), loss (below 0) or tie; OUT/confirmation.png draws them.
+verdict: win (interval above 0), loss (below 0) or tie; OUT/confirmation.png draws them. A second
+table pairs pogdiff+balanced with resample: the same balanced rows, so it isolates PoGDiff's term.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src nohup python benchmarks/pogdiff_confirmation.py --out confirm &
 
@@ -29,8 +30,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from pogdiff.comparison import (BASELINE, PAIRED_METRICS, Budget, cell_path, format_interval, parse_method,
-                                run_benchmark, summarise_finished)
+from pogdiff.comparison import (BASELINE, PAIRED_METRICS, Budget, cell_path, format_interval, paired_difference,
+                                parse_method, run_benchmark, summarise_finished)
 from pogdiff.data.synth import write_dataset
 from pogdiff.evaluation.results_table import markdown_table
 from pogdiff.files import atomic_path
@@ -39,6 +40,7 @@ from pogdiff.losses import method_parameters
 OLD_DEFAULTS = "pogdiff:k=10,a2=1,psi_txt_max_ratio=10,neighbour_features=efficientnet-lite0"
 ROWS = (BASELINE, "cbdm", "t2h", "resample", "pogdiff", "pogdiff+balanced", OLD_DEFAULTS)
 SEEDS = (3, 4, 5)
+SAME_ROWS = ("pogdiff+balanced", "resample")  # the same balanced rows with and without PoGDiff's second term
 DATASETS = {  # name: (preset, generator seed, identities scored; None = all)
     "medium": ("medium", 0, None),
     "small": ("small", 0, None),
@@ -76,26 +78,46 @@ def dataset_folder(out: Path, name: str) -> Path:
     return data
 
 
-def paired_by_dataset(out: Path, names: list[str], seeds: list[int]) -> dict[str, dict]:
-    """{dataset: the benchmark's paired differences from vanilla} over the cells finished so far."""
+def summaries_by_dataset(out: Path, names: list[str], seeds: list[int]) -> dict[str, dict]:
+    """{dataset: the benchmark's summary} over the cells finished so far ({} before vanilla's first cell)."""
     baseline = parse_method(BASELINE)
-    return {name: summarise_finished(out / name, list(ROWS), seeds)["paired_vs_vanilla"]
+    return {name: summarise_finished(out / name, list(ROWS), seeds)
             if any(cell_path(out / name, baseline, seed).is_file() for seed in seeds) else {} for name in names}
 
 
-def summary(paired: dict[str, dict], seeds: list[int]) -> str:
+def same_rows_difference(methods: dict) -> dict:
+    """pogdiff+balanced minus resample, seed by seed, on each paired metric ({} until both have cells)."""
+    row, baseline = (methods.get(name) for name in SAME_ROWS)
+    if row is None or baseline is None:
+        return {}
+    return {f"{split}.{key}": paired_difference(row["seeds"], baseline["seeds"], (split, key), SAME_ROWS[1])
+            for split, key in PAIRED_METRICS}
+
+
+def with_verdict(difference: dict | None) -> str:
+    return f"{format_interval(difference)} ({verdict(difference)})" if difference else "not run"
+
+
+def summary(summaries: dict[str, dict], seeds: list[int]) -> str:
     header = ["row"]
-    for name in paired:
+    for name in summaries:
         header += [f"{name}: Δ {key} {split.capitalize()}" for split, key in PAIRED_METRICS]
     rows = {row: [label(row)] for row in ROWS if row != BASELINE}
-    for differences in paired.values():
+    for s in summaries.values():
         for row, cells in rows.items():
-            for split, key in PAIRED_METRICS:
-                difference = differences.get(row, {}).get(f"{split}.{key}")
-                cells.append(f"{format_interval(difference)} ({verdict(difference)})" if difference else "not run")
+            cells += [with_verdict(s.get("paired_vs_vanilla", {}).get(row, {}).get(f"{split}.{key}"))
+                      for split, key in PAIRED_METRICS]
+    same_rows = []
+    for name, s in summaries.items():
+        if differences := same_rows_difference(s.get("methods", {})):
+            same_rows.append([name] + [with_verdict(differences[f"{split}.{key}"]) for split, key in PAIRED_METRICS])
     return (f"Paired differences from {BASELINE} (mean ± half-width of the 95% interval over seeds "
             f"{', '.join(map(str, seeds))}; win / loss = the interval lies above / below 0, else tie).\n\n"
-            + markdown_table(header, list(rows.values())))
+            + markdown_table(header, list(rows.values()))
+            + f"\n\nPoGDiff's term alone: {SAME_ROWS[0]} minus {SAME_ROWS[1]} (the same balanced rows), "
+              "paired by seed.\n\n"
+            + markdown_table(["dataset"] + [f"Δ {key} {split.capitalize()}" for split, key in PAIRED_METRICS],
+                             same_rows))
 
 
 def forest_plot(paired: dict[str, dict]) -> Figure:
@@ -140,10 +162,11 @@ def main() -> None:
             budget = replace(Budget(), max_identities=DATASETS[name][2])
             run_benchmark(out / name, methods=list(ROWS), seeds=args.seeds, budget=budget,
                           data=dataset_folder(out, name), cache_dir=args.cache_dir, progress=not args.no_progress)
-    paired = paired_by_dataset(out, args.datasets, args.seeds)
-    text = summary(paired, args.seeds)
+    summaries = summaries_by_dataset(out, args.datasets, args.seeds)
+    text = summary(summaries, args.seeds)
     (out / "confirmation.md").write_text(text + "\n")
-    forest_plot(paired).savefig(out / "confirmation.png", dpi=100)
+    forest_plot({name: s.get("paired_vs_vanilla", {}) for name, s in summaries.items()}).savefig(
+        out / "confirmation.png", dpi=100)
     print(text)
 
 

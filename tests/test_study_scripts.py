@@ -4,6 +4,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
@@ -73,3 +75,14 @@ def test_fewer_seeds_than_the_study_never_choose():
     rows = {name: (0.1, 0.0, 1) for name in study.grid()}
     text = study.choose(summary(rows), [0])
     assert "Provisional (seeds 0, not the study's 0, 1, 2)" in text and "Chosen" not in text
+
+
+def test_the_confirmation_pairs_pogdiff_on_balanced_rows_with_resample_seed_by_seed():
+    def cells(*few_id_acc):
+        return {"seeds": {seed: {"all": {}, "few": {"id_acc": v, "sim": 0.5}} for seed, v in enumerate(few_id_acc)}}
+    difference = confirmation.same_rows_difference({"pogdiff+balanced": cells(0.6, 0.7, 0.5),
+                                                    "resample": cells(0.7, 0.7, 0.9), "vanilla": cells(0, 0, 0)})
+    few = difference["few.id_acc"]
+    assert few["baseline"] == "resample" and few["per_seed"] == pytest.approx({0: -0.1, 1: 0.0, 2: -0.4})
+    assert few["mean"] == pytest.approx(-0.5 / 3) and difference["few.sim"]["mean"] == 0
+    assert confirmation.same_rows_difference({"resample": cells(0.7)}) == {}  # not run yet

@@ -307,14 +307,16 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     return summary
 
 
-def paired_difference(per_seed: dict[int, dict], baseline: dict[int, dict], metric: tuple[str, str]) -> dict | None:
+def paired_difference(per_seed: dict[int, dict], baseline: dict[int, dict], metric: tuple[str, str],
+                      baseline_name: str = BASELINE) -> dict | None:
     """Per seed ``method - baseline`` on one metric, with its mean and interval over the seeds both have."""
     split, key = metric
     diffs = {seed: cell[split][key] - baseline[seed][split][key] for seed, cell in per_seed.items()
              if seed in baseline and _numeric(cell[split].get(key)) and _numeric(baseline[seed][split].get(key))}
     if not diffs:
         return None
-    return {"metric": f"{split}.{key}", "baseline": BASELINE, "per_seed": diffs, **mean_interval(list(diffs.values()))}
+    return {"metric": f"{split}.{key}", "baseline": baseline_name, "per_seed": diffs,
+            **mean_interval(list(diffs.values()))}
 
 
 def summarise(specs: list[MethodSpec], seeds: list[int], results: dict[str, dict[int, dict]], settings: dict) -> dict:
