@@ -120,9 +120,10 @@ def summary(summaries: dict[str, dict], seeds: list[int]) -> str:
                              same_rows))
 
 
-def forest_plot(paired: dict[str, dict]) -> Figure:
+def forest_plot(summaries: dict[str, dict]) -> Figure:
     """Each row's paired difference from vanilla with its 95% interval, per dataset, one panel per metric."""
     rows = [row for row in ROWS if row != BASELINE]
+    paired = {name: s.get("paired_vs_vanilla", {}) for name, s in summaries.items()}
     figure = Figure(figsize=(6 * len(PAIRED_METRICS), 0.3 * len(rows) * len(paired) + 1.5), layout="constrained")
     for ax, (split, key) in zip(figure.subplots(1, len(PAIRED_METRICS), squeeze=False)[0], PAIRED_METRICS):
         labels, y = [], 0
@@ -165,8 +166,7 @@ def main() -> None:
     summaries = summaries_by_dataset(out, args.datasets, args.seeds)
     text = summary(summaries, args.seeds)
     (out / "confirmation.md").write_text(text + "\n")
-    forest_plot({name: s.get("paired_vs_vanilla", {}) for name, s in summaries.items()}).savefig(
-        out / "confirmation.png", dpi=100)
+    forest_plot(summaries).savefig(out / "confirmation.png", dpi=100)
     print(text)
 
 
