@@ -17,7 +17,11 @@ paired difference from vanilla on Few id_acc and Few sim with its 95% interval, 
 verdict: win (interval above 0), loss (below 0) or tie; OUT/confirmation.png draws them. A second
 table pairs pogdiff+balanced with resample: the same balanced rows, so it isolates PoGDiff's term.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=src nohup python benchmarks/pogdiff_confirmation.py --out confirm &
+OUT defaults to benchmarks/results/confirmation, where git keeps the settings, each finished cell's
+cell.json and the reports (see .gitignore): the README's tables are re-derived from them with
+--report, and a confirmation stopped by the end of a session continues in a fresh checkout.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src nohup python benchmarks/pogdiff_confirmation.py &
 
 ``--report`` only summarises the cells finished so far.
 """
@@ -41,6 +45,7 @@ OLD_DEFAULTS = "pogdiff:k=10,a2=1,psi_txt_max_ratio=10,neighbour_features=effici
 ROWS = (BASELINE, "cbdm", "t2h", "resample", "pogdiff", "pogdiff+balanced", OLD_DEFAULTS)
 SEEDS = (3, 4, 5)
 SAME_ROWS = ("pogdiff+balanced", "resample")  # the same balanced rows with and without PoGDiff's second term
+RESULTS = Path(__file__).parent / "results" / "confirmation"
 DATASETS = {  # name: (preset, generator seed, identities scored; None = all)
     "medium": ("medium", 0, None),
     "small": ("small", 0, None),
@@ -145,7 +150,7 @@ def forest_plot(summaries: dict[str, dict]) -> Figure:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="confirm", help="confirmation folder (one benchmark folder per dataset)")
+    parser.add_argument("--out", default=str(RESULTS), help="confirmation folder (one benchmark folder per dataset)")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS),
                         help="in this order (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
