@@ -19,7 +19,8 @@ table pairs pogdiff+balanced with resample: the same balanced rows, so it isolat
 
 OUT defaults to benchmarks/results/confirmation, where git keeps the settings, each finished cell's
 cell.json and the reports (see .gitignore): the README's tables are re-derived from them with
---report, and a confirmation stopped by the end of a session continues in a fresh checkout.
+--report, and a confirmation stopped by the end of a session continues in a fresh checkout at the
+same path (each benchmark.json records its dataset's absolute path, and a folder refuses other settings).
 
     OMP_NUM_THREADS=2 PYTHONPATH=src nohup python benchmarks/pogdiff_confirmation.py &
 
