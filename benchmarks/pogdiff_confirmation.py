@@ -3,8 +3,8 @@
 The study (benchmarks/pogdiff_sensitivity.py) chose the defaults on the medium preset at
 generator seed 1 with seeds 0 1 2. This script runs the same rows on other data, seeds 3 4 5:
 
-    medium      the medium preset, generator seed 0 (the README's medium table)
-    small       the small preset, generator seed 0 (the README's small table)
+    medium      the medium preset, generator seed 0 (docs/results.md, medium table)
+    small       the small preset, generator seed 0 (docs/results.md, small table)
     large       the large preset, generator seed 0, scored on a fixed sample of 40 of its 220
                 identities (--max-identities: sampling all of them costs ~30 min a cell)
     medium-g2   the medium preset, generator seed 2
@@ -18,7 +18,7 @@ verdict: win (interval above 0), loss (below 0) or tie; OUT/confirmation.png dra
 table pairs pogdiff+balanced with resample: the same balanced rows, so it isolates PoGDiff's term.
 
 OUT defaults to benchmarks/results/confirmation, where git keeps the settings, each finished cell's
-cell.json and the reports (see .gitignore): the README's tables are re-derived from them with
+cell.json and the reports (see .gitignore): docs/results.md's tables are re-derived from them with
 --report, and a confirmation stopped by the end of a session continues in a fresh checkout at the
 same path (each benchmark.json records its dataset's absolute path, and a folder refuses other settings).
 

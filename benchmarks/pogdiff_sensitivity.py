@@ -6,7 +6,7 @@ The tuning stage trains every combination of
     x neighbour_features in {efficientnet-lite0, unet}
 
 plus vanilla, seeds 0 1 2, on ONE tuning dataset (the medium preset at generator seed 1,
-written beside OUT as OUT-data; the README's tables use generator seed 0, and the
+written beside OUT as OUT-data; docs/results.md's tables use generator seed 0, and the
 pretraining corpus excludes seeds 0-9), with the default benchmark budget on the shipped
 pretrained backbone. It is ``pogdiff benchmark`` with these rows, so it runs one cell at a
 time and an interrupted study continues where it stopped. Defaults are chosen from this

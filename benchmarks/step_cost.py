@@ -69,7 +69,7 @@ class Bench:
         self.unet = make_unet().to(device).train()
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-5)
         scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        tables = EncodedDataset(torch.randn(ROWS, tokens, dim), torch.randn(tokens, dim), torch.arange(ROWS) // 4,
+        tables = EncodedDataset.of_rows(torch.randn(ROWS, tokens, dim), torch.randn(tokens, dim), torch.arange(ROWS) // 4,
                                 torch.randn(ROWS), RandomNeighbours()).to(device)
         self.loss_fn = METHODS[method](scheduler, tables)
         self.tables, self.device, self.batch, self.size = tables, device, batch, size
@@ -82,8 +82,8 @@ class Bench:
     def step(self) -> None:
         rows = torch.randint(ROWS, (self.batch,), device=self.device)
         x0 = torch.randn(self.batch, 4, self.size, self.size, device=self.device)
-        batch = TrainBatch(x0, self.tables.text_states[rows], rows, torch.zeros(self.batch, dtype=torch.bool,
-                                                                              device=self.device))
+        batch = TrainBatch(x0, self.tables.caption_states(rows), rows,
+                           torch.zeros(self.batch, dtype=torch.bool, device=self.device))
         with torch.autocast(self.device, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = self.loss_fn(self.denoiser, batch).mean()
         if self.scaler:

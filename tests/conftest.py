@@ -32,7 +32,7 @@ def training_loss(backbone, images, tables):
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
         rows = torch.arange(len(images)).repeat(8)
-        batch = TrainBatch(images[rows], tables.text_states[rows], rows, torch.zeros(len(rows), dtype=torch.bool))
+        batch = TrainBatch(images[rows], tables.caption_states(rows), rows, torch.zeros(len(rows), dtype=torch.bool))
         loss = VanillaLoss(backbone.scheduler, tables)(
             lambda x, t, c: backbone.unet(x, t, encoder_hidden_states=c).sample, batch)
     return loss.mean().item()

@@ -33,7 +33,7 @@ def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
     abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * batch.x0 + (1 - abar).sqrt() * eps
     w, v = 0.5, model.v.detach()
-    c, cb = batch.cond.mean(1), tables.text_states[balanced].mean(1)
+    c, cb = batch.cond.mean(1), tables.caption_states(balanced).mean(1)
     h = w * x_t + (c @ v)[:, None, None, None]
     # eps(x_t, y) - eps(x_t, y_b) = (c - cb) . v: the same for every pixel
     d = (c - cb) @ v
@@ -52,7 +52,7 @@ def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
 
 def t2h_tables(elbo, identity=None):
     n = len(elbo)
-    return EncodedDataset(torch.zeros(n, 2, 3), torch.zeros(2, 3),
+    return EncodedDataset.of_rows(torch.zeros(n, 2, 3), torch.zeros(2, 3),
                           torch.arange(n) if identity is None else torch.tensor(identity), torch.tensor(elbo))
 
 
@@ -95,7 +95,7 @@ def test_t2h_target_is_the_noise_that_makes_x_t_from_the_source(prediction_type)
     tables = t2h_tables([-1.0, 0.0, 1.0, 2.0])
     g = torch.Generator().manual_seed(4)
     x0 = 0.1 * torch.randn(4, 1, 2, 2, generator=g)  # close together: transfers are likely
-    batch = TrainBatch(x0, tables.text_states, torch.arange(4), torch.zeros(4, dtype=torch.bool))
+    batch = TrainBatch(x0, tables.caption_states(torch.arange(4)), torch.arange(4), torch.zeros(4, dtype=torch.bool))
     model = TinyDenoiser()
     torch.manual_seed(11)
     loss = T2HLoss(scheduler, tables)(model, batch)

@@ -17,10 +17,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pogdiff import cache as cache_module
 from pogdiff import encoded_dataset as encoded_dataset_module
+from pogdiff import shards as shards_module
+from pogdiff.data.image_files import ImageFiles
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.encoders import TextEmbeddings
@@ -47,6 +50,7 @@ class FakeTextEncoder:
     """Deterministic per-caption vectors; counts how often it encodes the dataset."""
 
     name = "fake-text"
+    cache_dtype = torch.float32
 
     def __init__(self, nan_for: str | None = None):
         self.calls = 0
@@ -81,19 +85,30 @@ def counted(monkeypatch):
         counts["neighbours"] += 1
         return find(*args, **kwargs)
 
-    def fit_counted(pooled, **kwargs):
+    def fit_counted(*args, **kwargs):
         counts["density"] += 1
-        return fit(pooled, steps=20, **kwargs)
+        return fit(*args, steps=20, **kwargs)
 
     monkeypatch.setattr(encoded_dataset_module, "find_neighbours", find_counted)
     monkeypatch.setattr(encoded_dataset_module, "fit_text_density", fit_counted)
     return counts
 
 
+def states(encoded):
+    """The caption states of every row."""
+    return encoded.caption_states(torch.arange(len(encoded)))
+
+
+def written(cache):
+    """The files in the cache folder but the image hashes it remembers."""
+    return [p for p in cache.rglob("*") if p.is_file() and not p.name.startswith("file-digests-")]
+
+
 def build(root, text, image, cache, k=3):
     """The encoded dataset and its neighbour table in the space of ``image``."""
     dataset = load_dataset(root)
-    encoded = encode_dataset(dataset, dataset.load_images(32), text, cache_dir=cache, feature_spaces=lambda _: image)
+    encoded = encode_dataset(dataset, text, ImageFiles(dataset, 32, cache_dir=cache), cache_dir=cache,
+                             feature_spaces=lambda _: image)
     return encoded, encoded.image_features.neighbours("fake", k)
 
 
@@ -112,7 +127,7 @@ def test_caches_follow_content_and_parameters_not_location(toy_data, tmp_path, c
     for root in (toy_data, copy):
         again, again_table = build(root, text, image, cache)
         assert computed() == {"text": 1, "image": 1, "neighbours": 1, "density": 1}
-        assert torch.equal(again.text_states, first.text_states) and torch.equal(again.elbo, first.elbo)
+        assert torch.equal(states(again), states(first)) and torch.equal(again.elbo, first.elbo)
         assert torch.equal(again_table.index, first_table.index)
 
     lines = (copy / "metadata.jsonl").read_text().splitlines()
@@ -148,19 +163,31 @@ def test_building_tables_leaves_the_global_rng_alone(toy_data, tmp_path, counted
 def test_damaged_cache_files_are_computed_again(toy_data, tmp_path, counted):
     text, image, cache = FakeTextEncoder(), FakeImageEncoder(), tmp_path / "cache"
     good, _ = build(toy_data, text, image, cache)
-    text_file = next(cache.glob("text-*.safetensors"))
+    text_file = next(cache.glob("text-*/shard-*.safetensors"))
+    with safe_open(text_file, "pt") as file:
+        metadata = file.metadata()
     tensors = load_file(text_file)
     tensors["states"][2, 0, 0] = float("inf")
-    save_file(tensors, text_file)
-    with pytest.warns(PogdiffWarning, match="NaN or inf in this cache file; computing it again"):
+    save_file(tensors, text_file, metadata=metadata)  # a valid file of the right table, with a bad value
+    with pytest.warns(PogdiffWarning, match="NaN or inf in this cache shard; computing it again"):
         again, _ = build(toy_data, text, image, cache)
-    assert text.calls == 2 and torch.equal(again.text_states, good.text_states)
+    assert text.calls == 2 and torch.equal(states(again), states(good))
 
     density_file = next(cache.glob("text-density-*.safetensors"))
     density_file.write_bytes(density_file.read_bytes()[:40])  # truncated
     with pytest.warns(PogdiffWarning, match="unreadable cache file"):
         build(toy_data, text, image, cache)
     assert counted["density"] == 2 and torch.isfinite(load_file(density_file)["elbo"]).all()
+
+
+def test_a_cache_file_of_another_table_is_computed_again(toy_data, tmp_path, counted):
+    cache = tmp_path / "cache"
+    _, good = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
+    neighbours_file = next(cache.glob("neighbours-*.safetensors"))
+    neighbours_file.write_bytes(next(cache.glob("text-density-*.safetensors")).read_bytes())
+    with pytest.warns(PogdiffWarning, match="holds another table \\(copied or renamed\\?\\); computing it again"):
+        _, again = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)  # it raised KeyError: 'index'
+    assert counted["neighbours"] == 2 and torch.equal(again.index, good.index)
 
 
 def test_nan_from_an_encoder_names_the_row_and_caches_nothing(toy_data, tmp_path):
@@ -177,19 +204,24 @@ def test_a_cache_write_that_fails_leaves_no_file_and_the_run_goes_on(toy_data, t
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cache_module, "save_file", disk_full)
+    monkeypatch.setattr(shards_module, "save_file", disk_full)
     cache = tmp_path / "cache"
-    with pytest.warns(PogdiffWarning, match="cannot write this cache file \\(No space left on device\\)"):
-        tables, _ = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
-    assert len(tables) == 20 and list(cache.iterdir()) == []
+    with pytest.warns(PogdiffWarning, match="cannot write this cache shard \\(No space left on device\\); keeping it "
+                      "in memory") as caught:
+        tables, table = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
+    assert any("cannot write this cache file (No space left on device)" in str(w.message) for w in caught)
+    assert len(tables) == 20 and states(tables).shape == (20, 4, 8) and table.index.shape == (20, 3)
+    assert written(cache) == []
 
     def interrupted(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cache_module, "save_file", interrupted)
+    monkeypatch.setattr(shards_module, "save_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
-    assert list(cache.iterdir()) == []
+    assert written(cache) == []
 
 
 def test_cache_files_are_named_by_kind_and_key(tmp_path):
@@ -537,8 +569,8 @@ def test_a_really_full_cache_disk_is_a_warning_and_the_run_goes_on(toy_data, tmp
     cache = small_disk("64k")
     code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", cache, "--max-train-steps", 1))
     assert code == 0, err
-    assert "pogdiff: warning: " in err and "cannot write this cache file (No space left on device)" in err
-    assert "Traceback" not in err and not any(p.name.endswith(".tmp") for p in cache.iterdir())
+    assert "pogdiff: warning: " in err and "cannot write this cache shard (No space left on device)" in err
+    assert "Traceback" not in err and not any(p.name.endswith(".tmp") for p in cache.rglob("*"))
 
 
 def test_a_read_only_cache_disk_is_a_warning_and_the_run_goes_on(toy_data, tmp_path, small_disk, capsys):

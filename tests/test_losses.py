@@ -45,7 +45,7 @@ SEED_DRAWING_ANOTHER_IDENTITY = 2  # of seeds 0-9 only 2 and 5 draw one (asserte
 
 def make_tables():
     g = torch.Generator().manual_seed(1)
-    return EncodedDataset(
+    return EncodedDataset.of_rows(
         text_states=torch.randn(4, 2, 3, generator=g),
         uncond_states=torch.zeros(2, 3),
         identity=torch.tensor([0, 0, 1, 1]),
@@ -57,7 +57,7 @@ def make_tables():
 def make_batch(tables):
     g = torch.Generator().manual_seed(2)
     index = torch.tensor([0, 2, 3])
-    return TrainBatch(torch.randn(3, 1, 2, 2, generator=g), tables.text_states[index], index,
+    return TrainBatch(torch.randn(3, 1, 2, 2, generator=g), tables.caption_states(index), index,
                       torch.tensor([False, False, True]))
 
 
@@ -88,7 +88,7 @@ def test_pogdiff_loss_matches_hand_computation(prediction_type):
     psi_txt = torch.exp(-(tables.elbo[batch.index] - tables.elbo.median()))  # Eq. 11, median-normalised
     psi = psi_img * psi_txt * torch.tensor([1.0, 1.0, 0.0])              # third caption was dropped
     pred = 0.5 * x_t + (batch.cond.mean(1) @ model.v.detach())[:, None, None, None]
-    pred_nb = 0.5 * x_t + (tables.text_states[j].mean(1) @ model.v.detach())[:, None, None, None]
+    pred_nb = 0.5 * x_t + (tables.caption_states(j).mean(1) @ model.v.detach())[:, None, None, None]
     expected = ((pred - target) ** 2).mean((1, 2, 3)) + psi * ((pred - pred_nb) ** 2).mean((1, 2, 3))
     assert torch.allclose(loss.detach(), expected, atol=1e-5)
 

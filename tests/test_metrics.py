@@ -15,6 +15,7 @@ from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.evaluate import Evaluation, average, by_identity, identity_summary
 from pogdiff.evaluation.features import HuggingFaceImageFeatures, InceptionFeatures, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge, _renders
+from pogdiff.data.image_files import read_images
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,8 @@ def toy(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy_images(toy):
     train, heldout = load_dataset(toy), load_dataset(toy / "heldout")
-    return (by_identity(train.load_images(32), train.identity_names),
-            by_identity(heldout.load_images(32), heldout.identity_names))
+    return (by_identity(read_images(train, 32), train.identity_names),
+            by_identity(read_images(heldout, 32), heldout.identity_names))
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero_and_a_shift_adds_its_square():
@@ -196,7 +197,7 @@ def test_the_synth_judge_trains_longer_for_more_identities(small_synth, tmp_path
 
 def load_heldout(root: Path, name: str) -> torch.Tensor:
     heldout = load_dataset(root / "heldout")
-    return by_identity(heldout.load_images(32), heldout.identity_names)[name]
+    return by_identity(read_images(heldout, 32), heldout.identity_names)[name]
 
 
 def test_hugging_face_image_model_from_a_folder(tmp_path):

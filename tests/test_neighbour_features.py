@@ -10,7 +10,8 @@ from test_losses import GivenNeighbours, make_tables
 
 from pogdiff.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
-from pogdiff.encoded_dataset import encode_dataset
+from pogdiff.data.image_files import ImageFiles, pixels_to_float
+from pogdiff.encoded_dataset import encode_dataset, training_latents
 from pogdiff.errors import PogdiffError
 from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES, UNetSpace, neighbour_feature_space
 from pogdiff.neighbours import NeighbourTable, other_identity_share, similarity_by_identity
@@ -32,19 +33,28 @@ def backbone():
 
 
 def test_unet_space_is_the_mid_block_pooled_and_leaves_the_model_and_rng_alone(backbone):
-    images = torch.rand(5, 3, 32, 32) * 2 - 1
-    space = UNetSpace(backbone)
+    pixels = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    space = UNetSpace(backbone, pixels)
     before = {n: p.clone() for n, p in backbone.unet.state_dict().items()}
     state = torch.get_rng_state()
-    features = space(images)
+    features = space.embed_rows(range(5))
     assert features.shape == (5, backbone.unet.config.block_out_channels[-1])
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(p, before[n]) for n, p in backbone.unet.state_dict().items())
-    assert torch.allclose(space(images[:2]), features[:2], atol=1e-5)  # per image, whatever the batch
+    whole = []  # a whole forward pass, its mid block's output pooled: what the space stops early to compute
+    hook = backbone.unet.mid_block.register_forward_hook(lambda module, args, out: whole.append(out.mean((2, 3))))
+    with torch.no_grad():
+        abar = backbone.scheduler.alphas_cumprod[space.timestep].item()
+        backbone.unet(abar ** 0.5 * pixels_to_float(pixels), torch.full((5,), space.timestep),
+                      encoder_hidden_states=backbone.text_encoder.encode([""]).states.expand(5, -1, -1))
+    hook.remove()
+    torch.testing.assert_close(features, whole[0])
+    assert torch.allclose(space.embed_rows(range(2)), features[:2], atol=1e-5)  # per image, whatever the batch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         other = PixelBackbone.create()
-    assert UNetSpace(other).name != space.name  # the name (the cache key) names the weights
+    assert UNetSpace(other, pixels).name != space.name  # the name (the cache key) names the weights
+    assert UNetSpace(backbone, pixels, "bf16").name != space.name  # and the precision they run in
 
 
 def test_each_space_has_its_own_cached_neighbours(toy_data, tmp_path, backbone):
@@ -56,8 +66,10 @@ def test_each_space_has_its_own_cached_neighbours(toy_data, tmp_path, backbone):
                              image_size=56, patch_size=14)).save_pretrained(folder)
     BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}).save_pretrained(folder)
     dataset = load_dataset(toy_data)
-    encoded = encode_dataset(dataset, dataset.load_images(32), backbone.text_encoder, cache_dir=tmp_path / "cache",
-                             feature_spaces=lambda space: neighbour_feature_space(space, backbone))
+    images = ImageFiles(dataset, 32, cache_dir=tmp_path / "cache")
+    x0 = training_latents(backbone, images, random_flip=False, cache_dir=tmp_path / "cache")[0]
+    encoded = encode_dataset(dataset, backbone.text_encoder, images, cache_dir=tmp_path / "cache",
+                             feature_spaces=lambda space: neighbour_feature_space(space, backbone, x0))
     tables = {space: encoded.image_features.neighbours(space, 3)
               for space in ("efficientnet-lite0", "unet", str(folder))}
     assert {space: encoded.image_features.features(space).shape[1] for space in tables} == \

@@ -64,5 +64,5 @@ def test_balanced_rows_train_on_the_minority_as_often(method, argv, toy_data, tm
 
 
 def _identities():
-    return EncodedDataset(torch.zeros(20, 1, 1), torch.zeros(1, 1), torch.tensor([0] * 12 + [1] * 6 + [2] * 2),
+    return EncodedDataset.of_rows(torch.zeros(20, 1, 1), torch.zeros(1, 1), torch.tensor([0] * 12 + [1] * 6 + [2] * 2),
                           torch.zeros(20))

@@ -19,6 +19,7 @@ from pogdiff.backbone import load_backbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.neighbours import find_neighbours
+from pogdiff.data.image_files import ImageFiles, read_images
 from pogdiff.encoded_dataset import encode_dataset
 from pogdiff.row_sampler import batch_rows
 
@@ -87,7 +88,7 @@ def row_log(run, rank):
 
 
 def test_two_processes_split_each_global_batch_and_share_tables(toy_data, tmp_path, cache_dir, capsys):
-    """``accelerate launch --num_processes 2`` with B per process against one process with 2B (README).
+    """``accelerate launch --num_processes 2`` with B per process against one process with 2B (docs/scale.md).
 
     Rows, tables and the synchronised weights are checked exactly. The draws of t, eps,
     caption dropout and neighbours come from each process's own RNG stream (seed + rank),
@@ -121,8 +122,8 @@ def test_two_processes_split_each_global_batch_and_share_tables(toy_data, tmp_pa
         assert sorted(rank0 + rank1) == sorted(rows) == sorted(batch_rows(20, 4, step - 1, seed=0).tolist())
 
     dataset = load_dataset(toy_data)
-    images = dataset.load_images(32)
+    images = read_images(dataset, 32)
     one_backbone, two_backbone = load_backbone(one), load_backbone(two)
-    tables = encode_dataset(dataset, images, one_backbone.text_encoder, cache_dir=cache_dir)
+    tables = encode_dataset(dataset, one_backbone.text_encoder, ImageFiles(dataset, 32), cache_dir=cache_dir)
     loss_one, loss_two = training_loss(one_backbone, images, tables), training_loss(two_backbone, images, tables)
     assert abs(loss_two - loss_one) <= 0.2 * loss_one, (loss_one, loss_two)

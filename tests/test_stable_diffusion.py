@@ -7,61 +7,29 @@ a resumed run ends with the same weights as an uninterrupted one.
 
 import json
 import shutil
-import string
 
-import numpy as np
 import pytest
 import torch
 from conftest import write_toy_dataset
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from pogdiff.backbone import StableDiffusionBackbone, load_backbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.ownership import MARK_FILE
+from pogdiff.random_pipeline import write_random_pipeline
 from pogdiff.sampling import generate
-from pogdiff.encoded_dataset import training_images
+from pogdiff.data.image_files import ImageFiles
+from pogdiff.encoded_dataset import training_latents
 
 PROMPT = "An image of Chen."
-
-
-def write_tokenizer_files(folder):
-    """A character-level CLIP BPE vocabulary (no merges), special tokens last as in CLIP."""
-    folder.mkdir(parents=True)
-    chars = string.ascii_lowercase + string.digits + ".,!?'-"
-    tokens = list(chars) + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A random Stable Diffusion pipeline folder: 32x32 images, 4x16x16 latents, 32-d CLIP."""
-    root = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer = write_tokenizer_files(root / "tokenizer-files")
-    torch.manual_seed(0)
-    eos = len(tokenizer) - 1
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=16, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos))
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32)
-    # SD v1.5's scheduler, as its scheduler_config.json has it.
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.save_pretrained(root / "sd")
-    return root / "sd"
+    return write_random_pipeline(tmp_path_factory.mktemp("tiny-sd") / "sd", "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -181,13 +149,15 @@ def test_same_seed_same_weights_with_a_cold_or_warm_cache(tiny_sd, sd_data, tmp_
 def test_random_flip_caches_the_latents_of_the_mirror_image(tiny_sd, sd_data, tmp_path):
     backbone = StableDiffusionBackbone.from_pretrained(tiny_sd)
     dataset = load_dataset(sd_data)
-    images = dataset.load_images(32)
-    cached = training_images(backbone, images, random_flip=True, cache_dir=tmp_path)
-    assert cached.shape == (2, len(dataset), 8, 16, 16)  # (image, mirror) x N x (mean, log-variance) x h x w
-    torch.testing.assert_close(cached[1], backbone.cache_images(images.flip(-1)))
-    assert not torch.allclose(cached[1], cached[0].flip(-1), atol=1e-3)  # flipping latents would be wrong
-    again = training_images(backbone, images, random_flip=True, cache_dir=tmp_path)
-    assert torch.equal(again, cached) and len(list(tmp_path.glob("latents-*.safetensors"))) == 1
+    images = ImageFiles(dataset, 32, cache_dir=tmp_path)
+    plain, mirror = (table[:] for table in training_latents(backbone, images, random_flip=True, cache_dir=tmp_path))
+    assert plain.shape == mirror.shape == (len(dataset), 8, 16, 16)  # N x (mean, log-variance) x h x w
+    assert plain.dtype == torch.float16  # stored in half precision (test_fp16_latents_round_off_...)
+    pixels = next(images.batches(range(len(dataset)), len(dataset)))
+    torch.testing.assert_close(mirror, backbone.cache_images(pixels.flip(-1)).half())
+    assert not torch.allclose(mirror.float(), plain.float().flip(-1), atol=1e-3)  # flipping latents would be wrong
+    again = training_latents(backbone, images, random_flip=True, cache_dir=tmp_path)
+    assert torch.equal(again[1][:], mirror) and len(list(tmp_path.glob("latents-*"))) == 2  # plain, mirror
 
 
 def test_unsupported_pipeline_folder_gives_one_line_error(tiny_sd, sd_data, tmp_path, capsys):

@@ -9,6 +9,7 @@ from pogdiff.data.dataset import load_dataset
 from pogdiff.losses import DEFAULT_K, method_parameters
 from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
 from pogdiff.sampling import generate
+from pogdiff.data.image_files import ImageFiles, read_images
 from pogdiff.encoded_dataset import encode_dataset
 from pogdiff.row_sampler import batch_rows
 from pogdiff.shipped import SHIPPED_NAME
@@ -21,8 +22,8 @@ def test_short_pogdiff_run_lowers_the_loss_and_samples(toy_data, tmp_path, cache
     run = train(config)
     initial = load_backbone(SHIPPED_NAME)  # where train starts by default
     dataset = load_dataset(toy_data)
-    images = dataset.load_images(32)
-    tables = encode_dataset(dataset, images, initial.text_encoder, cache_dir=cache_dir)
+    images = read_images(dataset, 32)
+    tables = encode_dataset(dataset, initial.text_encoder, ImageFiles(dataset, 32), cache_dir=cache_dir)
     trained = load_backbone(run)
     before, after = training_loss(initial, images, tables), training_loss(trained, images, tables)
     assert after < 0.7 * before, (before, after)

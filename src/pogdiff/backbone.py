@@ -9,8 +9,9 @@
 
 Both offer what training, sampling and evaluation use: ``unet``, ``scheduler`` (the
 training noise schedule), ``text_encoder``, ``resolution``, ``cache_images`` (what the
-training loop keeps per image) and ``x0_from_cache`` (x0 of Eq. 1 drawn from it),
-``decode``, ``to``, ``run_info`` and ``save``. A run folder holds ``pogdiff_run.json``
+encoded dataset stores per image, from uint8 pixels; ``image_cache_name`` names it and
+``cache_dtype`` is how it is stored), ``x0_from_cache`` (x0 of Eq. 1 drawn from it) and
+``x0_mean`` (its expectation, for neighbour features), ``decode``, ``to``, ``run_info`` and ``save``. A run folder holds ``pogdiff_run.json``
 next to the weights in diffusers' own layout (:mod:`pogdiff.run_folder`).
 """
 
@@ -22,6 +23,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors import SafetensorError
 
+from pogdiff.data.image_files import pixels_to_float
 from pogdiff.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, first_line
 from pogdiff.pretrained import PIPELINE_FILE, check_pipeline_files
@@ -34,9 +36,11 @@ class PixelBackbone:
 
     kind = "pixel"
     default_guidance_scale = 3.0
-    default_learning_rate = 1e-3  # from scratch and fine-tuning the shipped weights alike (README: why)
+    default_learning_rate = 1e-3  # from scratch and fine-tuning the shipped weights alike (docs/choices.md: why)
     sample_batch_size = 64
-    image_cache_name = None  # pixels need no encoding, hence no cache on disk
+    encode_batch_size = 256
+    image_cache_name = "pixels"  # x0 is the image: its uint8 pixels are stored as they are
+    cache_dtype = torch.uint8
 
     def __init__(self, unet: UNet2DConditionModel, scheduler: DDPMScheduler, text_encoder: TextEncoder,
                  pretrained: str | None = None, pretrained_sha256: str | None = None):
@@ -76,11 +80,13 @@ class PixelBackbone:
     def resolution(self) -> int:
         return self.unet.config.sample_size
 
-    def cache_images(self, images: torch.Tensor) -> torch.Tensor:
-        return images
+    def cache_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
 
     def x0_from_cache(self, cached: torch.Tensor) -> torch.Tensor:
-        return cached
+        return pixels_to_float(cached)
+
+    x0_mean = x0_from_cache
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         return x0.clamp(-1, 1)
@@ -105,13 +111,18 @@ class StableDiffusionBackbone:
     Training follows diffusers' ``examples/text_to_image`` scripts: the noise schedule is a
     ``DDPMScheduler`` with the checkpoint's scheduler config, x0 is the VAE latent times its
     scaling factor, the VAE and text encoder are frozen. With ``lora_rank`` only LoRA
-    adapters on the attention projections are trained (rank = alpha, Gaussian init, as
-    ``train_text_to_image_lora.py``), and the run saves them alone in diffusers' LoRA format.
+    adapters are trained (by default on the attention projections with alpha = rank and a
+    Gaussian init, as ``train_text_to_image_lora.py``), and the run saves them alone in
+    diffusers' LoRA format, their alpha and target modules in the file's metadata.
     """
 
     kind = PIPELINE_BACKBONE
     default_guidance_scale = 7.5
     sample_batch_size = 8
+    encode_batch_size = 16
+    # Latents in float16: a relative round-off of 2^-11, below the bf16/fp16 rounding that mixed-precision
+    # training applies to the UNet's input anyway (docs/scale.md has the measurement).
+    cache_dtype = torch.float16
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")  # as train_text_to_image_lora.py
 
     def __init__(self, unet: UNet2DConditionModel, vae, scheduler: DDPMScheduler, text_encoder: TextEncoder,
@@ -124,8 +135,10 @@ class StableDiffusionBackbone:
         self.lora_rank = lora_rank
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, lora_rank: int | None = None) -> "StableDiffusionBackbone":
-        """Load a pipeline folder or hub id; with ``lora_rank``, add fresh LoRA adapters to train."""
+    def from_pretrained(cls, path: str | Path, lora_rank: int | None = None, lora_alpha: float | None = None,
+                        lora_target_modules: tuple[str, ...] | None = None) -> "StableDiffusionBackbone":
+        """Load a pipeline folder or hub id; with ``lora_rank``, add fresh LoRA adapters to train
+        (``lora_alpha`` defaults to the rank, ``lora_target_modules`` to :attr:`lora_target_modules`)."""
         from diffusers import AutoencoderKL
 
         if Path(path).is_dir():
@@ -142,7 +155,7 @@ class StableDiffusionBackbone:
                                "already in the local Hugging Face cache") from None
         backbone = cls(unet, vae, scheduler, text_encoder, str(path))
         if lora_rank:
-            backbone.add_lora(lora_rank)
+            backbone.add_lora(lora_rank, lora_alpha, lora_target_modules)
         return backbone
 
     @classmethod
@@ -152,16 +165,24 @@ class StableDiffusionBackbone:
         if not info.get("lora_rank"):
             return cls.from_pretrained(run_dir)
         backbone = cls.from_pretrained(info["pretrained"])
-        backbone.unet.load_lora_adapter(str(run_dir), prefix="unet", use_safetensors=True)
+        backbone.unet.load_lora_adapter(str(run_dir), prefix="unet", use_safetensors=True)  # alpha: from metadata
         backbone.lora_rank = info["lora_rank"]
+        if info.get("prediction_type"):  # the base checkpoint's scheduler, trained for another prediction type
+            backbone.scheduler.register_to_config(prediction_type=info["prediction_type"])
         return backbone
 
-    def add_lora(self, rank: int) -> None:
+    def add_lora(self, rank: int, alpha: float | None = None, target_modules: tuple[str, ...] | None = None) -> None:
+        """Fresh adapters to train on ``target_modules`` (names or name suffixes of the UNet's modules)."""
         from peft import LoraConfig
 
+        targets = list(target_modules or self.lora_target_modules)
         self.unet.requires_grad_(False)
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                         target_modules=list(self.lora_target_modules)))
+        try:
+            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                                             target_modules=targets))
+        except ValueError as error:
+            raise PogdiffError(f"--lora-target-modules {' '.join(targets)}: {first_line(error)}; pass names of the "
+                               f"UNet's modules, e.g. {' '.join(self.lora_target_modules)}") from None
         self.lora_rank = rank
 
     @property
@@ -178,19 +199,20 @@ class StableDiffusionBackbone:
         return f"vae-{weights_fingerprint(self.vae.encoder)}-{weights_fingerprint(self.vae.quant_conv)}"
 
     @torch.no_grad()
-    def cache_images(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """The VAE posterior q(z | x) of every image: its mean and log-variance, (N, 2C, h, w)."""
-        moments = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(self.vae.device, self.vae.dtype)
-            moments.append(self.vae.encode(batch).latent_dist.parameters.float().cpu())
-        return torch.cat(moments)
+    def cache_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior q(z | x) of uint8 images: its mean and log-variance, (B, 2C, h, w), float32."""
+        batch = pixels_to_float(pixels).to(self.vae.device, self.vae.dtype)
+        return self.vae.encode(batch).latent_dist.parameters.float().cpu()
 
     def x0_from_cache(self, cached: torch.Tensor) -> torch.Tensor:
         """A fresh z ~ q(z | x) at every step, scaled, exactly as when the VAE encodes each batch."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        return DiagonalGaussianDistribution(cached).sample() * self.vae.config.scaling_factor
+        return DiagonalGaussianDistribution(cached.float()).sample() * self.vae.config.scaling_factor
+
+    def x0_mean(self, cached: torch.Tensor) -> torch.Tensor:
+        """E[z | x], scaled: the posterior mean (the first half of the cached moments)."""
+        return cached.float().chunk(2, dim=1)[0] * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -202,8 +224,13 @@ class StableDiffusionBackbone:
         return self
 
     def run_info(self) -> dict:
-        return {"backbone": self.kind, "pretrained": self.pretrained, "lora_rank": self.lora_rank,
-                "text_encoder": self.text_encoder.name, "resolution": self.resolution}
+        info = {"backbone": self.kind, "pretrained": self.pretrained, "lora_rank": self.lora_rank,
+                "text_encoder": self.text_encoder.name, "resolution": self.resolution,
+                "prediction_type": self.scheduler.config.prediction_type}
+        if self.lora_rank:
+            adapter = self.unet.peft_config["default"]
+            info.update(lora_alpha=adapter.lora_alpha, lora_target_modules=sorted(adapter.target_modules))
+        return info
 
     def save(self, run_dir: Path, unet: UNet2DConditionModel) -> None:
         """A folder ``StableDiffusionPipeline.from_pretrained`` loads (LoRA: ``load_lora_weights`` on the base)."""
@@ -214,11 +241,14 @@ class StableDiffusionBackbone:
             from peft.utils import get_peft_model_state_dict
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            StableDiffusionPipeline.save_lora_weights(run_dir, unet_lora_layers=layers, safe_serialization=True)
+            StableDiffusionPipeline.save_lora_weights(
+                run_dir, unet_lora_layers=layers, safe_serialization=True,
+                unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())  # alpha, target modules
             return
         # The other parts are reloaded from the checkpoint, not saved from memory: they stay
         # bit-identical to it even when training held them in half precision.
         pipeline = StableDiffusionPipeline.from_pretrained(self.pretrained, unet=unet)
+        pipeline.scheduler.register_to_config(prediction_type=self.scheduler.config.prediction_type)
         pipeline.save_pretrained(run_dir, safe_serialization=True)
 
 

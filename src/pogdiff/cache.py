@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pogdiff.errors import PogdiffWarning
-from pogdiff.files import atomic_path
+from pogdiff.files import apply_umask, atomic_path
 
-CACHE_VERSION = 2  # bump when a cached quantity is computed differently
+CACHE_VERSION = 3  # bump when a cached quantity is computed differently
 
 Tensors = dict[str, torch.Tensor]
 
@@ -34,10 +34,15 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
+def cache_key(kind: str, params: dict) -> str:
+    """The hash that names the ``kind`` tensors computed with ``params``."""
+    key = hashlib.sha256(json.dumps({**params, "kind": kind, "version": CACHE_VERSION}, sort_keys=True).encode())
+    return key.hexdigest()[:20]
+
+
 def cache_path(cache_dir: str | Path | None, kind: str, params: dict) -> Path:
     """Where the ``kind`` tensors computed with ``params`` are cached."""
-    key = hashlib.sha256(json.dumps({**params, "kind": kind, "version": CACHE_VERSION}, sort_keys=True).encode())
-    return Path(cache_dir or default_cache_dir()) / f"{kind}-{key.hexdigest()[:20]}.safetensors"
+    return Path(cache_dir or default_cache_dir()) / f"{kind}-{cache_key(kind, params)}.safetensors"
 
 
 def cached(cache_dir: str | Path | None, kind: str, params: dict, compute: Callable[[], Tensors]) -> Tensors:
@@ -45,26 +50,33 @@ def cached(cache_dir: str | Path | None, kind: str, params: dict, compute: Calla
     path = cache_path(cache_dir, kind, params)
     if path.is_file():
         try:
+            with safe_open(path, "pt") as file:
+                metadata = file.metadata() or {}
             tensors = load_file(path)
         except (SafetensorError, OSError) as error:
             warnings.warn(f"{path}: unreadable cache file ({error}); computing it again", PogdiffWarning)
         else:
-            if all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+            if metadata.get("kind") != kind or metadata.get("key") != cache_key(kind, params):
+                warnings.warn(f"{path}: this cache file holds another table (copied or renamed?); computing it again",
+                              PogdiffWarning)
+            elif all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
                 return tensors
-            warnings.warn(f"{path}: NaN or inf in this cache file; computing it again", PogdiffWarning)
+            else:
+                warnings.warn(f"{path}: NaN or inf in this cache file; computing it again", PogdiffWarning)
     tensors = compute()
-    _save(tensors, path, params)
+    _save(tensors, path, kind, params)
     return tensors
 
 
-def _save(tensors: Tensors, path: Path, params: dict) -> None:
+def _save(tensors: Tensors, path: Path, kind: str, params: dict) -> None:
     """Save atomically; a cache that cannot be written (disk full, read-only) is skipped with a warning:
     the tensors are in memory and the run goes on."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({name: t.contiguous() for name, t in tensors.items()}, tmp,
-                      metadata={"params": json.dumps(params)})
+                      metadata={"kind": kind, "key": cache_key(kind, params), "params": json.dumps(params)})
+            apply_umask(tmp)
     except OSError as error:
         warnings.warn(f"{path}: cannot write this cache file ({error.strerror or error}); going on without it "
                       "(free space or pass --cache-dir)", PogdiffWarning)

@@ -1,4 +1,4 @@
-"""The ``pogdiff`` command line: data, pretrain, train, sample, evaluate, benchmark, demo."""
+"""The ``pogdiff`` command line: data, pretrain, encode, train, sample, evaluate, benchmark, demo."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import warnings
 from pathlib import Path
 
 from pogdiff.errors import Interrupted, PogdiffError, PogdiffWarning
+
+ACCELERATE_PRECISION = "accelerate's setting (accelerate launch --mixed_precision, accelerate config), else no"
+DIFFUSERS_NAMES = ("Every option is also accepted with underscores (--output_dir, --train_batch_size, ...), and "
+                   "diffusers' train_text_to_image.py names that differ are accepted too: "
+                   "--pretrained_model_name_or_path, --train_data_dir, --rank, --validation_prompt.")
 
 
 def _data_synth(args) -> None:
@@ -29,14 +34,29 @@ def _train(args) -> None:
     print(f"run saved to {out}")
 
 
+def _encode(args) -> None:
+    from pogdiff.train import encode
+
+    config = train_config(args)
+    encoded = encode(config)
+    cache = config.cache_dir or "the default cache folder (see --cache-dir)"
+    print(f"encoded {len(encoded)} rows ({len(encoded.caption_table)} distinct captions) into {cache}; "
+          f"`pogdiff train` with the same options reads them")
+
+
 def train_config(args):
     """The TrainConfig of parsed ``pogdiff train`` arguments: a method's flags go into its method_options."""
     from pogdiff.losses import method_parameters
     from pogdiff.train import PAPER_PRESETS, TrainConfig, config_fields
 
     typed = vars(args)
-    values = {**PAPER_PRESETS.get(typed.get("preset"), {}),
-              **{k: v for k, v in typed.items() if k in config_fields()}}
+    preset = PAPER_PRESETS.get(typed.get("preset"), {})
+    if "num_train_epochs" in typed:  # typed epochs win over the preset's step count
+        preset = {k: v for k, v in preset.items() if k != "max_train_steps"}
+    values = {**preset, **{k: v for k, v in typed.items() if k in config_fields()}}
+    values["data_dir"] = data_dir_of(typed)
+    if "lora_target_modules" in values:
+        values["lora_target_modules"] = tuple(values["lora_target_modules"])
     method = values.get("method", "pogdiff")
     values["method_options"] = {k: v for k, v in typed.items() if k in args.method_flags}
     wrong = [args.method_flags[k] for k in values["method_options"] if k not in method_parameters(method)]
@@ -44,7 +64,20 @@ def train_config(args):
         raise PogdiffError(f"{', '.join(wrong)} does not apply to --method {method}; drop it or choose the method "
                            "it belongs to (see pogdiff train --help)")
     values["progress"] = not args.no_progress
+    values.setdefault("output_dir", "")  # encode writes no run folder
     return TrainConfig(**values)
+
+
+def data_dir_of(typed: dict) -> str:
+    """DATA, or diffusers' --train_data_dir; '' with --dataset-name, which names the data instead."""
+    given = {typed[k] for k in ("data_dir", "train_data_dir") if typed.get(k)}
+    if len(given) > 1:
+        raise PogdiffError(f"DATA {typed['data_dir']} and --train_data_dir {typed['train_data_dir']} name two "
+                           "datasets; pass one of them")
+    if not given and not typed.get("dataset_name"):
+        raise PogdiffError("no dataset: pass DATA (a folder with metadata.jsonl and images), --train_data_dir DATA "
+                           "or --dataset-name FOLDER")
+    return given.pop() if given else ""
 
 
 def _pretrain(args) -> None:
@@ -90,7 +123,7 @@ def _evaluate(args) -> None:
                             inception_weights=args.inception_weights, recall_threshold=args.recall_threshold,
                             identity_judge=args.identity_judge, face_detector=args.face_detector,
                             num_images_few=args.num_images_few, paper_protocol=args.paper_protocol,
-                            max_identities=args.max_identities)
+                            max_identities=args.max_identities, prompt_template=args.prompt_template)
     print(f"fd, sim, recall in {metrics['feature_space']} features; id_acc by {metrics['identity_judge']}")
     print(format_table(metrics))
     print(f"metrics written to {Path(args.out) / 'metrics.json'}, report to {Path(args.out) / 'report.html'}")
@@ -111,22 +144,25 @@ def _benchmark(args) -> None:
                          learning_rate=args.learning_rate, num_images=args.num_images,
                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                          few_max_images=args.few_max_images, max_identities=args.max_identities,
-                         from_scratch=args.from_scratch or None)
+                         from_scratch=args.from_scratch or None, prompt_template=args.prompt_template)
     seeds = args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS
     run_benchmark(args.out, args.methods or DEFAULT_METHODS, seeds, budget, data=args.data, preset=args.preset,
                   cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pogdiff.options import OneLineErrorParser, install_rules
+    from pogdiff.options import OneLineErrorParser, accept_underscores, install_rules
 
-    parser = OneLineErrorParser(prog="pogdiff", description=__doc__)
+    parser = OneLineErrorParser(prog="pogdiff", description=__doc__, epilog=docs("cli.md"))
     sub = parser.add_subparsers(dest="command", required=True)
     seed = argparse.ArgumentParser(add_help=False)
-    seed.add_argument("--seed", type=int, default=0)
+    seed.add_argument("--seed", type=int, default=0,
+                      help="random seed of what the command draws: the people (data synth, demo), the initial "
+                      "weights, batch order and noise (pretrain, train, demo), the sampling noise (sample, evaluate, "
+                      "demo) (default: 0)")
     runtime = argparse.ArgumentParser(add_help=False)
     runtime.add_argument("--cache-dir",
-                         help="where encoded datasets, latents and identity judges are cached (default "
+                         help="where encoded datasets, latents and identity judges are cached (default: "
                          "$POGDIFF_CACHE, else $XDG_CACHE_HOME/pogdiff, else ~/.cache/pogdiff)")
     runtime.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_data_parser(sub, seed)
@@ -136,19 +172,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub, [seed, runtime])
     add_benchmark_parser(sub, [runtime])
     add_demo_parser(sub, [seed, runtime])
-    return install_rules(parser)
+    return accept_underscores(install_rules(parser))
+
+
+def prompt_template_help() -> str:
+    from pogdiff.evaluation.evaluate import PROMPT
+
+    return ("prompt sampled for every identity, {name} replaced by its name: make it read like the training "
+            f"captions (default: \"{PROMPT}\", the paper's App. B)")
+
+
+def docs(*pages: str) -> str:
+    """A command's epilog: the pages of the repository's docs/ that describe it."""
+    return f"Documentation: {', '.join(f'docs/{page}' for page in pages)} in the pogdiff repository."
 
 
 def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
     from pogdiff.data.synth import PRESETS
 
-    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", parents=[seed], help="write the embedded synthetic people dataset")
+    data = sub.add_parser("data", help="datasets", epilog=docs("dataset-format.md", "cli.md")).add_subparsers(
+        dest="data_command", required=True)
+    synth = data.add_parser("synth", parents=[seed], help="write the embedded synthetic people dataset",
+                            description="Write the embedded synthetic people dataset: by default the medium preset "
+                            "(10 people, 30 down to 2 photos each), with heldout/ and synth.json.",
+                            epilog=docs("dataset-format.md", "cli.md"))
     synth.add_argument("out", help="new, empty folder")
     synth.add_argument("--preset", choices=[*sorted(PRESETS), "pretrain"], default="medium",
                        help="long-tailed fine-tuning sets (small, medium, large) or the balanced, name-free "
-                       "pretraining corpus (pretrain)")
-    synth.add_argument("--resolution", type=int, default=32)
+                       "pretraining corpus (pretrain) (default: medium)")
+    synth.add_argument("--resolution", type=int, default=32, help="image size in pixels (default: 32)")
     synth.add_argument("--people", type=int, default=5000, help="pretrain: people in the corpus (default: 5000)")
     synth.add_argument("--images-per-person", type=int, default=4, help="pretrain: images per person (default: 4)")
     synth.set_defaults(func=_data_synth)
@@ -159,7 +211,8 @@ def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.shipped import SHIPPED_DIR
 
     p = sub.add_parser("pretrain", parents=parents, argument_default=argparse.SUPPRESS,
-                       help="pretrain the small backbone from random weights on `pogdiff data synth --preset pretrain`")
+                       help="pretrain the small backbone from random weights on `pogdiff data synth --preset pretrain`",
+                       epilog=docs("pretrained-backbone.md", "cli.md"))
     p.add_argument("data_dir", metavar="DATA", help="the pretraining corpus (or any dataset folder)")
     p.add_argument("--output-dir", required=True, help="run folder to write")
     for flag, kind, what in (("--train-batch-size", int, "batch size per device"),
@@ -171,87 +224,161 @@ def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                              ("--checkpoints-total-limit", int, "keep at most this many checkpoints"),
                              ("--text-max-length", int, "caption tokens the UNet attends to")):
         p.add_argument(flag, type=kind, help=f"{what} (default: {PRETRAINING[flag[2:].replace('-', '_')]})")
-    p.add_argument("--resume-from-checkpoint", help="'latest' or a checkpoint folder")
+    p.add_argument("--resume-from-checkpoint", help="'latest' or a checkpoint folder (default: start afresh)")
     p.add_argument("--from-shipped", dest="from_scratch", action="store_false",
                    help=f"continue from the shipped {SHIPPED_DIR.name} weights instead of random ones (a new "
                    "optimizer and EMA; a release's manifest keeps the earlier one under continued_from)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="on a GPU")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help=f"fp16 (CUDA GPU) or bf16: frozen weights in half precision (default: {ACCELERATE_PRECISION})")
     p.add_argument("--validation-prompts", nargs="+", metavar="PROMPT",
-                   help="sample these prompts every --validation-steps into OUTPUT_DIR/validation")
-    p.add_argument("--validation-steps", type=int, help="steps between validation grids")
+                   help="sample these prompts every --validation-steps into OUTPUT_DIR/validation (default: none)")
+    p.add_argument("--validation-steps", type=int, help="steps between validation images (default: 500)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     p.add_argument("--release-dir", metavar="DIR", help="when done, write fp16 weights and a manifest there "
-                   f"(the shipped backbone: src/pogdiff/weights/{SHIPPED_DIR.name})")
+                   f"(the shipped backbone: src/pogdiff/weights/{SHIPPED_DIR.name}) (default: no release)")
     p.set_defaults(func=_pretrain)
 
 
 def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    add_train_options(sub.add_parser(
+        "train", parents=parents, help="fine-tune with a method", argument_default=argparse.SUPPRESS,
+        description="Fine-tune the small backbone or a Stable Diffusion checkpoint with a method; write a run folder.",
+        epilog=f"{DIFFUSERS_NAMES} "
+        + docs("cli.md", "stable-diffusion.md", "pogdiff-options.md", "dataset-format.md")), _train)
+    add_train_options(sub.add_parser(
+        "encode", parents=parents, argument_default=argparse.SUPPRESS,
+        help="encode a dataset's caches once (latents, caption states, text density, PoGDiff's neighbours)",
+        description="Compute and cache everything `pogdiff train` with the same options reads, each process of "
+        "`accelerate launch` encoding its share of the rows; a killed encode continues from its finished shards. "
+        "train runs this itself when a cache is missing. Takes train's options (those that do not change the "
+        "encoding, like --learning-rate, are accepted and ignored).", epilog=docs("scale.md", "cli.md")), _encode)
+
+
+def add_train_options(t: argparse.ArgumentParser, func) -> None:
+    """The options of `pogdiff train` (and of `pogdiff encode`, which takes the same)."""
     from pogdiff.losses import METHODS
+    from pogdiff.options import PREDICTION_TYPES, TRACKERS
     from pogdiff.row_sampler import SAMPLERS
     from pogdiff.shipped import SHIPPED_NAME
-    from pogdiff.train import PAPER_PRESETS, TrainConfig
+    from pogdiff.train import DEFAULT_MAX_TRAIN_STEPS, PAPER_PRESETS, TrainConfig
 
-    t = sub.add_parser("train", parents=parents, help="fine-tune with a method", argument_default=argparse.SUPPRESS)
     defaults = TrainConfig("", "")
 
-    def option(name, help, group=t, **kwargs):
-        field = name.lstrip("-").replace("-", "_")
-        default = getattr(defaults, field, None)
-        shown = f" (default: {default})" if default not in (None, False) and "action" not in kwargs else ""
-        return group.add_argument(name, help=help + shown, **kwargs)
+    def option(name, help, group=t, aliases=(), default=None, **kwargs):
+        """An option whose help ends with its default: ``default`` in words, else TrainConfig's (flags: none)."""
+        field = kwargs.get("dest", name[2:].replace("-", "_"))
+        shown = default if default is not None else getattr(defaults, field, None)
+        if shown is not None and shown is not False and kwargs.get("action") not in ("store_true", "store_false"):
+            help += f" (default: {shown})"
+        return group.add_argument(name, *aliases, help=help, **kwargs)
 
-    t.add_argument("data_dir", metavar="DATA", help="folder with metadata.jsonl and images")
-    t.add_argument("--output-dir", required=True, help="run folder to write")
+    t.add_argument("data_dir", metavar="DATA", nargs="?",
+                   help="folder with metadata.jsonl and images; or --train_data_dir, or --dataset-name")
+    option("--train-data-dir", "DATA under diffusers' name", metavar="DATA", default="DATA")
+    option("--dataset-name", "a local Hugging Face datasets folder (written by save_to_disk, or an imagefolder) "
+           "instead of DATA, converted once into the cache (needs pip install 'pogdiff[datasets]' unless it holds "
+           "metadata.jsonl)", metavar="FOLDER", default="none: DATA")
+    t.add_argument("--output-dir", required=func is _train,
+                   help="run folder to write" if func is _train else "ignored by encode (default: none)")
     option("--method", "training objective", choices=sorted(METHODS))
-    option("--preset", "the paper's Sec. 4.1 hyper-parameters (typed options still win)", choices=sorted(PAPER_PRESETS))
-    option("--pretrained", "diffusers Stable Diffusion checkpoint to fine-tune, a folder or hub id "
-           f"(default: the small CPU backbone, pretrained and shipped as {SHIPPED_NAME})", metavar="PATH_OR_HUB_ID")
+    option("--preset", "the paper's Sec. 4.1 hyper-parameters (typed options still win)", choices=sorted(PAPER_PRESETS),
+           default="none")
+    option("--pretrained", "diffusers Stable Diffusion checkpoint to fine-tune, a folder or hub id",
+           aliases=("--pretrained_model_name_or_path",), metavar="PATH_OR_HUB_ID",
+           default=f"the small CPU backbone, pretrained and shipped as {SHIPPED_NAME}")
     option("--from-scratch", "the small CPU backbone from random weights instead of the shipped pretrained one",
            action="store_true")
-    option("--lora-rank", "train LoRA adapters of this rank on the UNet's attention instead of the whole UNet",
-           type=int, metavar="R")
-    option("--caption-column", "metadata column holding the caption")
-    option("--identity-column", "metadata column holding the identity (Eq. 9 indicator, All/Few split)")
-    option("--image-column", "metadata column holding the image path")
-    option("--resolution", "training resolution (default: the backbone's, 32 small, 512 SD v1.5)", type=int)
-    option("--no-center-crop", "crop images at the top-left instead of the centre",
+    option("--prediction-type", "what the UNet learns to predict, registered on the noise scheduler and saved with "
+           "the run", choices=PREDICTION_TYPES, default="the checkpoint scheduler's, epsilon for SD v1.5 and the "
+           "small backbone")
+    lora = t.add_argument_group("LoRA (with --pretrained)")
+    option("--lora-rank", "train LoRA adapters of this rank instead of the whole UNet", group=lora, aliases=("--rank",),
+           type=int, metavar="R", default="none: the whole UNet")
+    option("--lora-alpha", "LoRA alpha: the adapters' output is scaled by alpha / rank", group=lora, type=float,
+           metavar="ALPHA", default="the rank")
+    option("--lora-target-modules", "the UNet's modules (names or name suffixes) that get adapters", group=lora,
+           nargs="+", metavar="MODULE", default="to_k to_q to_v to_out.0, the attention projections")
+    data = t.add_argument_group("data")
+    option("--caption-column", "metadata column holding the caption", group=data)
+    option("--identity-column", "metadata column holding the identity (Eq. 9 indicator, All/Few split)", group=data)
+    option("--image-column", "metadata column holding the image path", group=data)
+    option("--resolution", "training resolution", group=data, type=int,
+           default="the backbone's, 32 small, 512 SD v1.5")
+    option("--center-crop", "crop images at the centre (pogdiff's default; diffusers crops at random without it)",
+           group=data, action="store_true")
+    option("--no-center-crop", "crop images at the top-left instead of the centre", group=data,
            dest="center_crop", action="store_false")
     option("--random-flip", "flip images horizontally at random (SD: the mirror image's latents are cached too)",
-           action="store_true")
-    option("--caption-dropout", "probability of the empty caption, for classifier-free guidance", type=float)
-    option("--train-batch-size", "batch size per device", type=int)
-    option("--gradient-accumulation-steps", "micro-batches per optimizer step", type=int)
-    option("--max-train-steps", "optimizer steps", type=int)
-    option("--learning-rate", "AdamW learning rate (default: 1e-3 small, 1e-5 SD, 1e-4 SD LoRA)", type=float)
-    option("--lr-scheduler", "constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup")
-    option("--lr-warmup-steps", "warm-up steps of the learning-rate schedule", type=int)
-    option("--mixed-precision", "fp16/bf16 on a GPU: frozen weights in half precision, trained ones float32",
-           choices=["no", "fp16", "bf16"])
+           group=data, action="store_true")
+    option("--caption-dropout", "probability of the empty caption, for classifier-free guidance", group=data,
+           type=float)
+    option("--dataloader-num-workers", "processes decoding images while the dataset is encoded (0: the main "
+           "process)", group=data, type=int)
+    budget = t.add_argument_group("steps and learning rate")
+    option("--train-batch-size", "batch size per device", group=budget, type=int)
+    option("--gradient-accumulation-steps", "micro-batches per optimizer step", group=budget, type=int)
+    option("--max-train-steps", "optimizer steps", group=budget, type=int,
+           default=f"{DEFAULT_MAX_TRAIN_STEPS}, or --num-train-epochs' worth")
+    option("--num-train-epochs", "passes over the dataset; sets --max-train-steps when it is not given",
+           group=budget, type=int, default="none")
+    option("--learning-rate", "AdamW learning rate", group=budget, type=float,
+           default="1e-3 small, 1e-5 SD, 1e-4 SD LoRA")
+    option("--scale-lr", "multiply the learning rate by the images per optimizer step (batch x processes x "
+           "accumulation), as diffusers' --scale_lr", group=budget, action="store_true")
+    option("--lr-scheduler", "constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup",
+           group=budget)
+    option("--lr-warmup-steps", "warm-up steps of the learning-rate schedule", group=budget, type=int)
+    optimizer = t.add_argument_group("optimizer (AdamW)")
+    option("--adam-beta1", "AdamW beta1", group=optimizer, type=float)
+    option("--adam-beta2", "AdamW beta2", group=optimizer, type=float)
+    option("--adam-epsilon", "AdamW epsilon", group=optimizer, type=float)
+    option("--adam-weight-decay", "AdamW weight decay", group=optimizer, type=float)
+    option("--max-grad-norm", "clip the gradient to this norm", group=optimizer, type=float)
+    option("--use-8bit-adam", "bitsandbytes' 8-bit AdamW: less optimizer memory on a GPU (pip install "
+           "'pogdiff[bitsandbytes]')", group=optimizer, action="store_true")
+    model = t.add_argument_group("precision, memory and noise")
+    option("--mixed-precision", "fp16 (CUDA GPU only) or bf16: frozen weights in half precision, trained ones "
+           "float32; the run records the precision it trained in", group=model, choices=["no", "fp16", "bf16"],
+           default=ACCELERATE_PRECISION)
+    option("--allow-tf32", "TF32 matrix products on Ampere or newer GPUs: faster, slightly less precise",
+           group=model, action="store_true")
     option("--gradient-checkpointing", "recompute activations in the backward pass: less memory, slower",
+           group=model, action="store_true")
+    option("--use-ema", "keep an exponential moving average of the weights and save it", group=model,
            action="store_true")
-    option("--use-ema", "keep an exponential moving average of the weights and save it", action="store_true")
-    option("--ema-decay", "EMA decay (with warm-up)", type=float)
-    option("--snr-gamma", "Min-SNR weighting gamma (5.0 is usual)", type=float)
-    option("--checkpointing-steps", "save the training state every N steps", type=int)
-    option("--checkpoints-total-limit", "keep at most this many checkpoints", type=int)
-    option("--resume-from-checkpoint", "'latest' or a checkpoint folder")
+    option("--ema-decay", "EMA decay (with warm-up)", group=model, type=float)
+    option("--snr-gamma", "Min-SNR weighting gamma (5.0 is usual)", group=model, type=float, default="none: off")
+    option("--noise-offset", "offset noise: each image and channel gets noise_offset x N(0, 1) added to its noise, "
+           "as diffusers' --noise_offset (0.1 is usual; 0: off)", group=model, type=float)
+    books = t.add_argument_group("checkpoints, validation and logs")
+    option("--checkpointing-steps", "save the training state every N steps", group=books, type=int,
+           default="none: no checkpoint")
+    option("--checkpoints-total-limit", "keep at most this many checkpoints", group=books, type=int,
+           default="none: all")
+    option("--resume-from-checkpoint", "'latest' or a checkpoint folder of the run in --output-dir", group=books,
+           default="none: start afresh")
     option("--validation-prompts", "sample these prompts every --validation-steps into OUTPUT_DIR/validation",
-           nargs="+", metavar="PROMPT")
-    option("--validation-steps", "steps between validation grids", type=int)
-    option("--num-validation-images", "images per validation prompt", type=int)
-    option("--overwrite", "replace a run already in --output-dir", action="store_true")
-    option("--report-to", "log to this tracker under OUTPUT_DIR/logs", choices=["tensorboard"])
+           group=books, aliases=("--validation-prompt",), nargs="+", metavar="PROMPT", default="none")
+    option("--validation-steps", "steps between validation images", group=books, type=int)
+    option("--num-validation-images", "images per validation prompt", group=books, type=int)
+    option("--overwrite", "replace a run already in --output-dir", group=books, action="store_true")
+    option("--report-to", "log loss, learning rate and validation images to this tracker (wandb: pip install "
+           "'pogdiff[wandb]')", group=books, choices=TRACKERS, default="none")
+    option("--logging-dir", "the tracker's folder, under --output-dir", group=books)
+    option("--tracker-project-name", "the project name the tracker logs under", group=books)
+    option("--ddp-timeout", "seconds a process of `accelerate launch` waits for the others (e.g. while one "
+           "builds the neighbour table)", group=books, type=int)
     option("--log-rows", "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per micro-step and "
-           "digests of its tables and weights (checks multi-process runs)", action="store_true")
+           "digests of its tables and weights (checks multi-process runs)", group=books, action="store_true")
     sampler = t.add_argument_group("row sampler (every method)")
     option("--sampler", "which rows a batch holds: uniform (an epoch shuffle) or balanced (every identity equally "
-           "often; without identities, by inverse text density) (default: uniform; balanced for resample)",
-           group=sampler, choices=SAMPLERS)
+           "often; without identities, by inverse text density)", group=sampler, choices=SAMPLERS,
+           default="uniform; balanced for resample")
     option("--density-max-ratio", "balanced sampler without identities: clip inverse text-density weights to "
            "[1/r, r] x the median", group=sampler, type=float)
     encoded = t.add_argument_group("text density (Eq. 10)")
     option("--vae-latent-dim", "latent size of the text-density VAE, Eq. 10", group=encoded, type=int)
-    t.set_defaults(func=_train, method_flags=add_method_options(t))
+    t.set_defaults(func=func, method_flags=add_method_options(t))
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -279,47 +406,54 @@ def add_method_options(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def add_sample_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser("sample", parents=parents, help="generate images from a run")
-    s.add_argument("run", help="run folder written by `pogdiff train`, or any Stable Diffusion pipeline folder")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--num-images", type=int, default=4)
-    s.add_argument("--out", required=True)
-    s.add_argument("--num-inference-steps", type=int, default=50)
+    from pogdiff.shipped import SHIPPED_NAME
+
+    s = sub.add_parser("sample", parents=parents, help="generate images from a run", epilog=docs("cli.md"))
+    s.add_argument("run", help=f"run folder written by `pogdiff train`, {SHIPPED_NAME}, or any Stable Diffusion "
+                   "pipeline folder")
+    s.add_argument("--prompt", required=True, help="the prompt to draw, e.g. \"An image of Lukas.\"")
+    s.add_argument("--num-images", type=int, default=4, help="images to generate (default: 4)")
+    s.add_argument("--out", required=True, help="folder to write 0000.png, 0001.png, ... into (never overwritten)")
+    s.add_argument("--num-inference-steps", type=int, default=50, help="DDIM steps (default: 50)")
     s.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: 3.0 small, 7.5 SD)")
     s.set_defaults(func=_sample)
 
 
 def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.data.dataset import FEW_MAX_IMAGES
-    from pogdiff.evaluation.evaluate import JUDGES, MAX_IDENTITIES_HELP
+    from pogdiff.evaluation.evaluate import JUDGES, MAX_IDENTITIES_HELP, PROMPT
     from pogdiff.evaluation.features import DEFAULT_FEATURES
 
-    e = sub.add_parser("evaluate", parents=parents, help="score runs per identity, All and Few")
+    e = sub.add_parser("evaluate", parents=parents, help="score runs per identity, All and Few",
+                       epilog=docs("evaluation.md", "cli.md"))
     e.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or Stable Diffusion pipeline folders")
     e.add_argument("--data", required=True, help="the dataset the runs were trained on")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="folder to write metrics.json, report.html and the samples into")
+    e.add_argument("--prompt-template", default=PROMPT, metavar="TEMPLATE", help=prompt_template_help())
     e.add_argument("--num-images", type=int, default=8, help="generated images per identity (default: 8; "
                    "the paper's App. B uses 100, 20 on large sets: see --paper-protocol)")
     e.add_argument("--num-images-few", type=int, help="generated images per Few identity (default: --num-images)")
     e.add_argument("--paper-protocol", action="store_true",
                    help="App. B sample counts: 100 per identity (20 with >= 500 training images), 500 per Few identity")
-    e.add_argument("--num-inference-steps", type=int, default=50)
-    e.add_argument("--guidance-scale", type=float)
+    e.add_argument("--num-inference-steps", type=int, default=50, help="DDIM steps (default: 50)")
+    e.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: 3.0 small, 7.5 SD)")
     e.add_argument("--few-max-images", type=int, default=FEW_MAX_IMAGES,
                    help=f"Few = identities with at most this many training images (default: {FEW_MAX_IMAGES})")
-    e.add_argument("--max-identities", type=int, metavar="N", help=MAX_IDENTITIES_HELP)
+    e.add_argument("--max-identities", type=int, metavar="N", help=f"{MAX_IDENTITIES_HELP} (default: all)")
     e.add_argument("--features", default=DEFAULT_FEATURES, metavar="SPACE",
-                   help=f"feature space of fd, sim and recall: {DEFAULT_FEATURES} (default, offline), inception "
-                   "(with --inception-weights), or a Hugging Face image model id or folder, e.g. facebook/dinov2-base")
+                   help=f"feature space of fd, sim and recall: {DEFAULT_FEATURES} (offline), inception (with "
+                   "--inception-weights), or a Hugging Face image model id or folder, e.g. facebook/dinov2-base "
+                   f"(default: {DEFAULT_FEATURES})")
     e.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth, for --features "
-                   "inception (needs torch-fidelity: pip install 'pogdiff[inception]')")
+                   "inception (needs torch-fidelity: pip install 'pogdiff[inception]') (default: none)")
     e.add_argument("--recall-threshold", type=float, default=0.9,
                    help="Eq. 17: cosine similarity that covers a training image (default: 0.9)")
     e.add_argument("--identity-judge", choices=JUDGES, default="auto",
                    help="id_acc judge: synth (CNN on fresh renders of a `pogdiff data synth` set), faces (dlib face "
                    "descriptors, nearest identity; no face = wrong), features (nearest identity centroid in --features); "
-                   "auto: synth when DATA/synth.json exists, else features")
-    e.add_argument("--face-detector", choices=["hog", "cnn"], default="hog", help="dlib detector of the faces judge")
+                   "auto: synth when DATA/synth.json exists, else features (default: auto)")
+    e.add_argument("--face-detector", choices=["hog", "cnn"], default="hog",
+                   help="dlib detector of the faces judge (default: hog)")
     e.set_defaults(func=_evaluate)
 
 
@@ -333,9 +467,12 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     b = sub.add_parser("benchmark", parents=parents,
                        help="every method x seed on one dataset and budget: tables with 95%% intervals",
                        description="Train and evaluate methods x seeds with one budget; write OUT/metrics.json, "
-                       "OUT/benchmark.md and OUT/benchmark.html. Re-running the same command skips finished cells.")
+                       "OUT/benchmark.md and OUT/benchmark.html. Re-running the same command skips finished cells. "
+                       "Without --data: the embedded small preset (2 people, 30 + 2 photos), not the medium one "
+                       "of demo and data synth.", epilog=docs("results.md", "cli.md"))
     b.add_argument("--out", default="benchmark-out", help="benchmark folder (default: benchmark-out)")
-    b.add_argument("--data", help="dataset folder (default: the embedded synthetic set, written into OUT/data)")
+    b.add_argument("--data", help="dataset folder (default: the embedded synthetic set of --preset, written into "
+                   "OUT/data)")
     b.add_argument("--preset", choices=sorted(PRESETS), default="small", help="embedded set without --data "
                    "(default: small)")
     b.add_argument("--methods", nargs="+", metavar="METHOD",
@@ -346,17 +483,19 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--quick", action="store_true", help=f"smoke-test budget: {QUICK.max_train_steps} steps at batch "
                    f"{QUICK.train_batch_size}, {QUICK.num_images} images per identity, {QUICK.num_inference_steps} "
                    "DDIM steps; typed options still win")
-    b.add_argument("--max-train-steps", type=int, help=f"(default: {full.max_train_steps})")
-    b.add_argument("--train-batch-size", type=int, help=f"(default: {full.train_batch_size})")
-    b.add_argument("--learning-rate", type=float, help="(default: the backbone's)")
+    b.add_argument("--max-train-steps", type=int,
+                   help=f"optimizer steps of every run (default: {full.max_train_steps})")
+    b.add_argument("--train-batch-size", type=int, help=f"batch size of every run (default: {full.train_batch_size})")
+    b.add_argument("--learning-rate", type=float, help="AdamW learning rate of every run (default: the backbone's)")
     b.add_argument("--from-scratch", action="store_true", help="the small backbone from random weights instead of "
-                   "the shipped pretrained one (the from-scratch regime of the README's tables)")
+                   "the shipped pretrained one (the from-scratch regime of docs/results.md)")
     b.add_argument("--num-images", type=int, help=f"generated images per identity (default: {full.num_images})")
     b.add_argument("--num-inference-steps", type=int, help=f"DDIM steps (default: {full.num_inference_steps})")
     b.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the backbone's)")
     b.add_argument("--few-max-images", type=int, help=f"Few = identities with at most this many training images "
                    f"(default: {full.few_max_images})")
-    b.add_argument("--max-identities", type=int, metavar="N", help=MAX_IDENTITIES_HELP)
+    b.add_argument("--max-identities", type=int, metavar="N", help=f"{MAX_IDENTITIES_HELP} (default: all)")
+    b.add_argument("--prompt-template", metavar="TEMPLATE", help=prompt_template_help())
     b.set_defaults(func=_benchmark)
 
 
@@ -364,13 +503,18 @@ def add_demo_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.data.synth import PRESETS
     from pogdiff.demo import DEMO_INFERENCE_STEPS, DEMO_STEPS
 
-    m = sub.add_parser("demo", parents=parents, help="vanilla vs PoGDiff on the embedded default")
-    m.add_argument("--out", default="demo-out")
-    m.add_argument("--preset", choices=sorted(PRESETS), default="medium")
-    m.add_argument("--max-train-steps", type=int, default=DEMO_STEPS)
-    m.add_argument("--num-images", type=int, default=8)
+    m = sub.add_parser("demo", parents=parents, help="vanilla vs PoGDiff on the embedded medium preset",
+                       description="Write the embedded medium preset (10 people, 30 down to 2 photos each), fine-tune "
+                       "the shipped backbone with vanilla and with PoGDiff, score both per person, All and Few.",
+                       epilog=docs("results.md", "cli.md"))
+    m.add_argument("--out", default="demo-out", help="demo folder; run again, it reuses finished steps "
+                   "(default: demo-out)")
+    m.add_argument("--preset", choices=sorted(PRESETS), default="medium", help="the embedded set (default: medium)")
+    m.add_argument("--max-train-steps", type=int, default=DEMO_STEPS,
+                   help=f"optimizer steps of each run (default: {DEMO_STEPS})")
+    m.add_argument("--num-images", type=int, default=8, help="generated images per person (default: 8)")
     m.add_argument("--num-inference-steps", type=int, default=DEMO_INFERENCE_STEPS,
-                   help=f"DDIM steps (default {DEMO_INFERENCE_STEPS}, to fit 15 minutes; evaluate uses 50)")
+                   help=f"DDIM steps, to fit 15 minutes; evaluate uses 50 (default: {DEMO_INFERENCE_STEPS})")
     m.set_defaults(func=_demo)
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from pogdiff.data.dataset import FEW_MAX_IMAGES, load_dataset
 from pogdiff.data.synth import write_dataset
 from pogdiff.errors import PogdiffError
-from pogdiff.evaluation.evaluate import evaluate_runs
+from pogdiff.evaluation.evaluate import PROMPT, evaluate_runs
 from pogdiff.evaluation.results_table import all_few_table, html_table, markdown_table
 from pogdiff.files import atomic_path, safe_stem, write_text_atomic
 from pogdiff.losses import METHODS, method_parameters
@@ -76,6 +76,7 @@ class Budget:
     guidance_scale: float | None = None
     few_max_images: int = FEW_MAX_IMAGES
     max_identities: int | None = None  # score a fixed stratified sample of the identities (None: all)
+    prompt_template: str = PROMPT  # sampled for every identity, {name} replaced by its name
 
 
 QUICK = Budget(max_train_steps=20, train_batch_size=8, num_images=2, num_inference_steps=10)
@@ -160,6 +161,7 @@ def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: 
     seeds = list(dict.fromkeys(seeds))
     if not specs or not seeds:
         raise PogdiffError("nothing to run: give at least one of --methods and one of --seeds")
+    check_values({"prompt_template": budget.prompt_template}, command="benchmark")
     if data:
         load_dataset(data)  # a bad dataset fails here, before the folder is committed to these settings
     settings = {"data": str(Path(data).resolve()) if data else f"embedded synthetic '{preset}' preset, seed 0",
@@ -264,7 +266,7 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
     metrics = evaluate_runs([run], data_dir, evaluation, num_images=budget.num_images,
                             num_inference_steps=budget.num_inference_steps, guidance_scale=budget.guidance_scale,
                             seed=seed, few_max_images=budget.few_max_images, max_identities=budget.max_identities,
-                            cache_dir=cache_dir, progress=progress)
+                            cache_dir=cache_dir, progress=progress, prompt_template=budget.prompt_template)
     seconds["evaluate"] = round(time.time() - began, 1)
     (result,) = metrics["methods"].values()
     cell = {"method": spec.method, "options": spec.options, "sampler": spec.sampler,
@@ -377,7 +379,8 @@ def describe(metrics: dict) -> str:
               f"Few = {ids['few']} of {sample['few_of']}" if sample else f"{ids['all']} identities, Few = {ids['few']}")
     return (f"Data: {s['data']} ({scored} with <= {b['few_max_images']} training "
             f"images). Same budget for every method: {backbone} backbone, {b['max_train_steps']} steps, batch "
-            f"{b['train_batch_size']}, lr {lr}. Evaluation: {b['num_images']} images per identity, DDIM "
+            f"{b['train_batch_size']}, lr {lr}. Evaluation: {b['num_images']} images per identity of the prompt "
+            f"\"{b.get('prompt_template', PROMPT)}\", DDIM "
             f"{b['num_inference_steps']} steps, guidance {guidance}, judge {metrics['identity_judge']}. "
             f"Seeds {', '.join(map(str, metrics['seeds']))}: mean ± half-width of the "
             f"{metrics['confidence']:.0%} Student-t interval over seeds.")

@@ -2,58 +2,73 @@
 
 Because phi and the image encoders are frozen, the caption states y, the image features
 and neighbour tables (Eq. 8) and the text density (Eq. 10) depend only on the dataset,
-the encoders and a few parameters. Each is cached on its own (:mod:`pogdiff.cache`),
-keyed by exactly what it depends on (docs/bad-input.md, "Caches"):
+the encoders and a few parameters. Each is cached on its own, keyed by exactly what it
+depends on (docs/bad-input.md, "Caches"); per-row tables too large to hold are sharded
+and memory-mapped (:mod:`pogdiff.shards`), the rest are single files (:mod:`pogdiff.cache`):
 
-| cache file | key |
-|---|---|
-| ``text-*`` caption states y, pooled vectors, phi("") | the captions in row order, the text encoder |
-| ``image-features-*`` | the image tensor (pixels, resolution, crop), the feature space's name (its weights) |
-| ``neighbours-*`` (Eq. 8) | the image-features key, k |
-| ``text-density-*`` ELBO (Eq. 10) | the text key, the VAE's latent size, the seed |
+| cache | key | per |
+|---|---|---|
+| ``text-*/`` caption states y, pooled vectors | the captions of the shard, the text encoder | distinct caption, sharded |
+| ``latents-*/`` what x0 is drawn from | the shard's image files (bytes) and transform, the backbone's image encoder, flip | row, sharded |
+| ``image-features-*/`` | the shard's image files and transform, the feature space's name (its weights) | row, sharded |
+| ``neighbours-*`` (Eq. 8) | the image-features key, k | row |
+| ``text-density-*`` ELBO (Eq. 10) | the text key, the rows' captions, the VAE's latent size, the seed | distinct caption |
 
 so editing a caption or an image, or changing k or the neighbour feature space,
 recomputes what depends on it and nothing else, while touching, moving or copying the
-dataset folder recomputes nothing. Image features and neighbours are computed when a
-method asks for them (:meth:`ImageFeatureSpaces.neighbours`): only PoGDiff does.
+dataset folder recomputes nothing. Caption states are stored once per distinct caption,
+with a row -> caption index; nothing of size N x (per-row tensor) is held in memory:
+:meth:`EncodedDataset.caption_states` reads a batch's rows. Image features and neighbours
+are computed when a method asks for them (:meth:`ImageFeatureSpaces.neighbours`): only PoGDiff does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import PartialState
 
-from pogdiff.cache import Tensors, cached, tensor_digest
+from pogdiff.cache import Tensors, cached
 from pogdiff.data.dataset import ImageTextDataset
+from pogdiff.data.image_files import ImageFiles, pixels_to_float
 from pogdiff.encoders import TextEncoder
 from pogdiff.errors import PogdiffError
 from pogdiff.neighbour_features import neighbour_feature_space
 from pogdiff.neighbours import NeighbourTable, check_neighbour_count, find_neighbours
+from pogdiff.shards import ShardedCache, ShardedTable
 from pogdiff.text_density import fit_text_density
+
+_FEATURE_BATCH = 64
 
 
 class ImageFeatureSpaces:
     """The training images in the feature spaces of Eq. 8, and their k-nearest-neighbour tables, cached.
 
-    ``spaces(name)`` returns a feature space (a ``name`` naming its weights, called on images:
-    :mod:`pogdiff.neighbour_features`); ``load_images()`` gives the images again on a cache miss,
-    so that they are not held in memory while training. The global RNG is left as it was.
+    ``spaces(name)`` returns a feature space (a ``name`` naming its weights, called on images in [-1, 1], or
+    with an ``embed_rows(rows)`` of its own: :mod:`pogdiff.neighbour_features`); ``images`` decodes the
+    training images a shard at a time on a cache miss. The global RNG is left as it was.
     """
 
-    def __init__(self, dataset: ImageTextDataset, images_digest: str, load_images: Callable[[], torch.Tensor],
-                 spaces: Callable[[str], object], cache_dir: str | Path | None = None, backend: str = "auto"):
-        self.dataset, self.images_digest, self.load_images = dataset, images_digest, load_images
-        self.spaces, self.cache_dir, self.backend = spaces, cache_dir, backend
+    def __init__(self, images: ImageFiles, spaces: Callable[[str], object], cache_dir: str | Path | None = None,
+                 backend: str = "auto", progress: bool = False):
+        self.images, self.spaces, self.cache_dir = images, spaces, cache_dir
+        self.backend, self.progress = backend, progress
         self._opened: dict[str, object] = {}
+        self._caches: dict[str, ShardedCache] = {}
+
+    @property
+    def dataset(self) -> ImageTextDataset:
+        return self.images.dataset
 
     def _space(self, name: str):
         if name not in self._opened:
-            self._opened[name] = self.spaces(name)
+            with torch.random.fork_rng(devices=[]):  # encoders initialise layers at random before loading
+                self._opened[name] = self.spaces(name)
         return self._opened[name]
 
     def name(self, space: str) -> str:
@@ -61,18 +76,37 @@ class ImageFeatureSpaces:
         return self._space(space).name
 
     def _key(self, space: str) -> dict:
-        return {"images": self.images_digest, "encoder": self.name(space)}
+        return {"images": self.images.digest, "encoder": self.name(space)}
+
+    def fill(self, name: str) -> None:
+        """Compute this process's share of the features in the space ``name`` (all of them in one process)."""
+        space = self._space(name)
+
+        def embed(rows: range) -> Tensors:
+            with torch.random.fork_rng(devices=[]):
+                if hasattr(space, "embed_rows"):
+                    features = space.embed_rows(rows)
+                else:
+                    features = torch.cat([space(pixels_to_float(batch))
+                                          for batch in self.images.batches(rows, _FEATURE_BATCH)])
+            _check_rows(features, self.dataset, rows, "its image features", "replace the image")
+            return {"features": features.float()}
+
+        self._cache(name).fill(embed, f"image features ({name})", self.progress)
+
+    def _cache(self, name: str) -> ShardedCache:
+        if name not in self._caches:
+            self._caches[name] = ShardedCache(self.cache_dir, "image-features",
+                                              {**self.images.transform, "encoder": self.name(name)},
+                                              self.images.file_digests)
+        return self._caches[name]
 
     def features(self, name: str) -> torch.Tensor:
-        """(N, D) features of the training images in the space ``name``."""
-        def embed() -> Tensors:
-            features = self._space(name)(self.load_images())
-            _check_rows(features, self.dataset, "its image features", "replace the image")
-            return {"features": features}
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # a latent backbone's unet space draws from the VAE posterior
-            return cached(self.cache_dir, "image-features", self._key(name), embed)["features"]
+        """(N, D) features of the training images in the space ``name`` (computed here when missing: in one
+        process, or after every process has called :meth:`fill`)."""
+        if not self._cache(name).complete():
+            self.fill(name)
+        return torch.cat(self._cache(name).open()["features"].chunks())
 
     def neighbours(self, name: str, k: int) -> NeighbourTable:
         """Eq. 8's table: the k most similar other training images of each, in the space ``name``."""
@@ -91,14 +125,29 @@ class ImageFeatureSpaces:
 class EncodedDataset:
     """Everything the losses look up by dataset row."""
 
-    text_states: torch.Tensor      # (N, L, D) y = phi(c) per caption
-    uncond_states: torch.Tensor    # (L, D) phi("") for caption dropout and guidance
-    identity: torch.Tensor         # (N,) identity codes for Eq. 9's indicator
-    elbo: torch.Tensor             # (N,) ELBO_VAE(y), the log text density of Eq. 10
+    caption_index: torch.Tensor                 # (N,) row -> its distinct caption
+    caption_table: ShardedTable | torch.Tensor  # (C, L, D) y = phi(c) per distinct caption, read per batch
+    uncond_states: torch.Tensor                 # (L, D) phi("") for caption dropout and guidance
+    identity: torch.Tensor                      # (N,) identity codes for Eq. 9's indicator
+    elbo: torch.Tensor                          # (N,) ELBO_VAE(y) of each row's caption, the log density of Eq. 10
     image_features: ImageFeatureSpaces | None = None  # Eq. 8's features and neighbours, on demand
+
+    @classmethod
+    def of_rows(cls, text_states: torch.Tensor, uncond_states: torch.Tensor, identity: torch.Tensor,
+                elbo: torch.Tensor, image_features=None) -> "EncodedDataset":
+        """An encoded dataset held in memory with one caption per row (tests, benchmarks)."""
+        return cls(torch.arange(len(identity), device=identity.device), text_states, uncond_states, identity, elbo,
+                   image_features)
 
     def __len__(self) -> int:
         return len(self.identity)
+
+    def caption_states(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) float32 caption states y of ``rows``, on their device."""
+        captions = self.caption_index[rows]
+        if isinstance(self.caption_table, ShardedTable):
+            captions = captions.cpu()
+        return self.caption_table[captions].to(rows.device, torch.float32)
 
     def identity_counts(self) -> torch.Tensor:
         """(N,) images of each row's identity."""
@@ -111,82 +160,140 @@ class EncodedDataset:
         return bool((self.identity_counts() > 1).any())
 
     def to(self, device) -> "EncodedDataset":
-        return EncodedDataset(self.text_states.to(device), self.uncond_states.to(device), self.identity.to(device),
-                              self.elbo.to(device), self.image_features)
+        """The per-row tables on ``device``; the caption states stay where they are (on disk, memory-mapped)."""
+        table = self.caption_table if isinstance(self.caption_table, ShardedTable) else self.caption_table.to(device)
+        return replace(self, caption_index=self.caption_index.to(device), caption_table=table,
+                       uncond_states=self.uncond_states.to(device), identity=self.identity.to(device),
+                       elbo=self.elbo.to(device))
 
 
 def encode_dataset(
     dataset: ImageTextDataset,
-    images: torch.Tensor,
     text_encoder: TextEncoder,
+    images: ImageFiles,
     vae_latent_dim: int = 8,
     seed: int = 0,
     cache_dir: str | Path | None = None,
     feature_spaces: Callable[[str], object] = neighbour_feature_space,
-    load_images: Callable[[], torch.Tensor] | None = None,
     neighbour_backend: str = "auto",
+    progress: bool = False,
 ) -> EncodedDataset:
-    """Embed captions and fit the text-density VAE, each cached by what it depends on; image features
-    and neighbours come on demand from ``feature_spaces`` (:class:`ImageFeatureSpaces`), with
-    ``load_images`` (default: keep ``images``) giving the images again on a cache miss.
+    """Embed the distinct captions (each process its share of the shards) and fit the text-density VAE (the
+    local main process first, the others read its cache); image features and neighbours come on demand from
+    ``feature_spaces`` (:class:`ImageFeatureSpaces`).
 
     The global RNG is left as it was (loading an encoder initialises layers at random before
     reading its weights), so a run draws the same noise whether the cache was warm or cold.
     """
-    text_key = {"captions": hashlib.sha256(json.dumps(dataset.captions).encode()).hexdigest(),
-                "encoder": text_encoder.name}
+    distinct = list(dict.fromkeys(dataset.captions))
+    position = {caption: i for i, caption in enumerate(distinct)}
+    caption_index = torch.tensor([position[c] for c in dataset.captions], dtype=torch.long)
+    text_key = {"captions": hashlib.sha256(json.dumps(distinct).encode()).hexdigest(), "encoder": text_encoder.name}
 
-    def embed_text() -> Tensors:
-        text = text_encoder.encode(dataset.captions)
-        uncond = text_encoder.encode([""]).states[0]
-        _check_rows(text.states, dataset, "the text embedding of its caption", "check that caption")
-        if not torch.isfinite(uncond).all():
-            raise PogdiffError(f"text encoder {text_encoder.name}: NaN or inf for the empty caption; "
-                               "the text encoder's weights are broken")
-        return {"states": text.states, "pooled": text.pooled, "uncond": uncond}
+    def embed_text(shard: range) -> Tensors:
+        text = text_encoder.encode([distinct[i] for i in shard])
+        states = text.states.to(text_encoder.cache_dtype)
+        _check_captions(states, shard, caption_index, dataset, "the text embedding of its caption", "check that caption")
+        return {"states": states, "pooled": text.pooled}
 
     def text_density() -> Tensors:
-        elbo = fit_text_density(text["pooled"], latent_dim=vae_latent_dim, seed=seed)
-        _check_rows(elbo, dataset, "the text-density ELBO of its caption (the VAE diverged)",
-                    "try another --seed or --vae-latent-dim")
+        elbo = fit_text_density(torch.cat(text["pooled"].chunks()), caption_index, latent_dim=vae_latent_dim, seed=seed)
+        _check_captions(elbo, range(len(distinct)), caption_index, dataset,
+                        "the text-density ELBO of its caption (the VAE diverged)", "try another --seed or --vae-latent-dim")
         return {"elbo": elbo}
 
     with torch.random.fork_rng(devices=[]):
-        text = cached(cache_dir, "text", text_key, embed_text)
-        density = cached(cache_dir, "text-density", {**text_key, "vae_latent_dim": vae_latent_dim, "seed": seed},
-                         text_density)
-    image_features = ImageFeatureSpaces(dataset, tensor_digest(images), load_images or (lambda: images),
-                                        feature_spaces, cache_dir, neighbour_backend)
-    return EncodedDataset(text["states"], text["uncond"], dataset.identity_codes(), density["elbo"], image_features)
+        cache = ShardedCache(cache_dir, "text", {"encoder": text_encoder.name,
+                                                 "dtype": str(text_encoder.cache_dtype)}, distinct)
+        cache.fill(embed_text, "encode captions", progress)
+        text = cache.open()
+        uncond = text_encoder.encode([""]).states[0].float().cpu()
+        if not torch.isfinite(uncond).all():
+            raise PogdiffError(f"text encoder {text_encoder.name}: NaN or inf for the empty caption; "
+                               "the text encoder's weights are broken")
+        rows_key = hashlib.sha256(caption_index.numpy().tobytes()).hexdigest()
+        with PartialState().local_main_process_first():
+            density = cached(cache_dir, "text-density", {**text_key, "rows": rows_key,
+                                                         "vae_latent_dim": vae_latent_dim, "seed": seed}, text_density)
+    image_features = ImageFeatureSpaces(images, feature_spaces, cache_dir, neighbour_backend, progress)
+    return EncodedDataset(caption_index, text["states"], uncond, dataset.identity_codes(),
+                          density["elbo"][caption_index], image_features)
 
 
-def _check_rows(values: torch.Tensor, dataset: ImageTextDataset, what: str, fix: str) -> None:
-    """Raise naming the first row whose ``values`` hold NaN or inf."""
+def _check_rows(values: torch.Tensor, dataset: ImageTextDataset, rows: range, what: str, fix: str) -> None:
+    """Raise naming the first of ``rows`` whose ``values`` hold NaN or inf."""
     bad = (~torch.isfinite(values.flatten(1) if values.dim() > 1 else values[:, None])).any(dim=1).nonzero()
     if len(bad):
-        row = int(bad[0])
+        row = rows[int(bad[0])]
         raise PogdiffError(f"{dataset.root / dataset.files[row]}: NaN or inf in {what} (row {row + 1} of "
                            f"{len(dataset)}, {len(bad)} rows in all); {fix}")
 
 
-def training_images(backbone, images: torch.Tensor, random_flip: bool,
-                    cache_dir: str | Path | None = None) -> torch.Tensor:
-    """What the training loop draws x0 from: (V, N, ...) with V = 2 (image, mirror image) under
-    ``random_flip``, else 1.
+def _check_captions(values: torch.Tensor, captions: range, caption_index: torch.Tensor, dataset: ImageTextDataset,
+                    what: str, fix: str) -> None:
+    """Raise naming the first row whose caption (one of ``captions``) has NaN or inf in ``values``."""
+    bad = (~torch.isfinite(values.flatten(1) if values.dim() > 1 else values[:, None])).any(dim=1)
+    if bad.any():
+        bad_captions = torch.tensor(list(captions))[bad]
+        rows = torch.isin(caption_index, bad_captions).nonzero().squeeze(1)
+        row = int(rows[0])
+        raise PogdiffError(f"{dataset.root / dataset.files[row]}: NaN or inf in {what} (row {row + 1} of "
+                           f"{len(dataset)}, {len(rows)} rows in all); {fix}")
 
-    For a latent backbone these are the frozen VAE's posteriors, encoded once and cached by
-    the image tensor (content, resolution, crop) and the VAE's weights. The mirror image is
-    encoded on its own rather than flipping latents: the VAE is not equivariant to flips,
-    so this is what diffusers' script (which flips pixels, then encodes) trains on.
+
+def training_latents(backbone, images: ImageFiles, random_flip: bool, cache_dir: str | Path | None = None,
+                     progress: bool = False) -> list[ShardedTable]:
+    """What the training loop draws x0 from, per row: ``[plain]``, or ``[plain, mirror image]`` under
+    ``random_flip``; each process encodes its share of the shards.
+
+    For a latent backbone these are the frozen VAE's posteriors (mean and log-variance), for the
+    pixel backbone the uint8 pixels themselves, keyed by the image files and the encoder's weights.
+    The mirror image is encoded on its own rather than flipping latents: the VAE is not
+    equivariant to flips, so this is what diffusers' script (which flips pixels, then encodes) trains on.
     """
-    def encode() -> Tensors:  # in chunks, so that no flipped copy of all images is ever held
-        flips = (False, True) if random_flip else (False,)
-        # Contiguous as when loaded from the cache file: the memory layout of x0 changes which
-        # convolution kernels run, hence the last bits of the result.
-        return {"images": torch.stack([torch.cat([backbone.cache_images(chunk.flip(-1) if flip else chunk)
-                                                  for chunk in images.split(256)]) for flip in flips]).contiguous()}
+    tables = []
+    for flip in (False, True) if random_flip else (False,):
+        def encode(rows: range, flip=flip) -> Tensors:
+            x0 = torch.cat([backbone.cache_images(batch.flip(-1) if flip else batch).to(backbone.cache_dtype)
+                            for batch in images.batches(rows, backbone.encode_batch_size)])
+            if x0.is_floating_point():
+                _check_rows(x0, images.dataset, rows, "its latents", "replace the image, or check the VAE's weights")
+            return {"x0": x0}
 
-    if backbone.image_cache_name is None:
-        return encode()["images"]
-    params = {"images": tensor_digest(images), "encoder": backbone.image_cache_name, "random_flip": random_flip}
-    return cached(cache_dir, "latents", params, encode)["images"]
+        params = {**images.transform, "encoder": backbone.image_cache_name, "flip": flip,
+                  "dtype": str(backbone.cache_dtype)}
+        cache = ShardedCache(cache_dir, "latents", params, images.file_digests)
+        cache.fill(encode, "encode images" + (" (mirrored)" if flip else ""), progress)
+        tables.append(cache.open()["x0"])
+    return tables
+
+
+def encode_for_training(dataset: ImageTextDataset, backbone, config, precision: str = "no",
+                        neighbours: tuple[str, int] | None = None) -> tuple[EncodedDataset, list[ShardedTable]]:
+    """Everything a run trains from, as ``pogdiff encode`` and ``pogdiff train`` compute it: the x0 tables
+    (:func:`training_latents`), the encoded dataset, and with ``neighbours = (space, k)`` Eq. 8's features
+    and table. Each process encodes its share of the shards; the tables built from all rows (text density,
+    neighbours) are built by the local main process while the others wait, then read from its cache.
+
+    ``config`` holds the data options of :class:`pogdiff.train.TrainConfig`. The frozen encoders run in
+    float32 on the backbone's device; the 'unet' neighbour features run under ``precision``, after the
+    backbone is cast to it, as the training loop will.
+    """
+    state = PartialState()
+    images = ImageFiles(dataset, config.resolution, config.center_crop, config.dataloader_num_workers,
+                        config.cache_dir, config.progress and state.is_local_main_process)
+    with state.local_main_process_first():
+        _ = images.digest  # hashes each file once; the other processes read the hashes it remembered
+    x0 = training_latents(backbone, images, config.random_flip, config.cache_dir, config.progress)
+    encoded = encode_dataset(dataset, backbone.text_encoder, images, vae_latent_dim=config.vae_latent_dim,
+                             seed=config.seed, cache_dir=config.cache_dir,
+                             feature_spaces=lambda space: neighbour_feature_space(space, backbone, x0[0], precision),
+                             progress=config.progress)
+    if neighbours:
+        encoded.image_features.name(neighbours[0])  # before the cast: the unet space fingerprints the weights as loaded
+    backbone.to(backbone.unet.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32))
+    if neighbours:
+        encoded.image_features.fill(neighbours[0])
+        with state.local_main_process_first():
+            encoded.image_features.neighbours(*neighbours)
+    return encoded, x0

@@ -40,13 +40,17 @@ class TextEncoder:
     ``StableDiffusionPipeline.encode_prompt``): padding states then match the pipeline's.
     """
 
-    def __init__(self, tokenizer, model, max_length: int, pooling: str, name: str, use_attention_mask: bool = True):
+    def __init__(self, tokenizer, model, max_length: int, pooling: str, name: str, use_attention_mask: bool = True,
+                 cache_dtype: torch.dtype = torch.float32):
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.max_length = max_length
         self.pooling = pooling
         self.name = name
         self.use_attention_mask = use_attention_mask
+        # how the encoded dataset stores the states: float16 for CLIP (Stable Diffusion; docs/scale.md has
+        # the round-off), float32 for the small backbone's MiniLM (its tables stay bit-identical)
+        self.cache_dtype = cache_dtype
 
     @classmethod
     def minilm(cls, max_length: int = 24) -> "TextEncoder":
@@ -73,7 +77,7 @@ class TextEncoder:
         model = CLIPTextModel.from_pretrained(path, subfolder=subfolder)
         return cls(tokenizer, model, tokenizer.model_max_length, "pooler",
                    name=f"clip-{weights_fingerprint(model)}@{tokenizer.model_max_length}",
-                   use_attention_mask=getattr(model.config, "use_attention_mask", False))
+                   use_attention_mask=getattr(model.config, "use_attention_mask", False), cache_dtype=torch.float16)
 
     @property
     def device(self) -> torch.device:
@@ -98,10 +102,18 @@ class TextEncoder:
         return TextEmbeddings(torch.cat(states), torch.cat(pooled))
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A short hash of a module's parameters and buffers (names, shapes, dtypes, values)."""
+def weights_fingerprint(module: torch.nn.Module, base_only: bool = False) -> str:
+    """A short hash of a module's parameters and buffers (names, shapes, dtypes, values).
+
+    ``base_only``: leave out peft's LoRA adapters and name the wrapped layers as before wrapping,
+    so that a model with fresh adapters has its base model's fingerprint.
+    """
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
+        if base_only:
+            if "lora_" in name:
+                continue
+            name = name.replace(".base_layer.", ".")
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]

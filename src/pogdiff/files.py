@@ -146,3 +146,11 @@ def file_stems(names: Iterable[str]) -> dict[str, str]:
             stem = f"{stem}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
         stems[name] = stem
     return stems
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give ``path`` the mode a new file gets under the process's umask (0644 under 022): safetensors writes
+    its files 0600, which a team sharing a cache or run folder cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

@@ -55,7 +55,9 @@ class DiffusionLoss:
     """The standard objective L_DM = ||eps_theta(x_t, t, y) - eps||^2 (Ho et al., 2020; paper Eq. 1).
 
     Shared by all methods: t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the
-    target of the scheduler's prediction type, and optional Min-SNR-gamma weighting.
+    target of the scheduler's prediction type, optional Min-SNR-gamma weighting, and optional
+    offset noise (``noise_offset``: eps gains noise_offset * n with n ~ N(0, 1) per example and
+    channel, constant over the image, as diffusers' ``--noise_offset``).
     """
 
     OPTION_TITLE: ClassVar[str] = ""  # heading of the method's options in `pogdiff train --help`
@@ -65,15 +67,18 @@ class DiffusionLoss:
     SAMPLER: ClassVar[str] = "uniform"  # the row sampler the method implies (pogdiff.row_sampler)
     neighbours: NeighbourTable | None = None  # Eq. 8's table, for a method that draws neighbours
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None):
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, noise_offset: float = 0.0):
         self.scheduler = scheduler
         self.encoded = encoded
         self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
         self.num_timesteps = scheduler.config.num_train_timesteps
 
     def diffuse(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw (t, eps) and return x_t, t, eps and the regression target."""
         noise = torch.randn_like(x0)
+        if self.noise_offset:
+            noise += self.noise_offset * torch.randn(x0.shape[:2] + (1,) * (x0.dim() - 2), device=x0.device)
         t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
         if self.scheduler.config.prediction_type == "v_prediction":
@@ -138,7 +143,7 @@ class PoGDiffLoss(DiffusionLoss):
     so their psi is 0.
 
     The defaults of k, neighbour_features, a2 and psi_txt_max_ratio are the sensitivity
-    study's choice (benchmarks/pogdiff_sensitivity.py, README); the paper's footnote example
+    study's choice (benchmarks/pogdiff_sensitivity.py, docs/pogdiff-options.md); the paper's footnote example
     has a1 = a2 = 1.
     """
 
@@ -157,11 +162,11 @@ class PoGDiffLoss(DiffusionLoss):
     }
     OPTION_FLAGS = {"k": "--k"}
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None,
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  k: int = DEFAULT_K, neighbour_features: str = DEFAULT_NEIGHBOUR_FEATURES,
                  a1: float = 1.0, a2: float = 10.0, a3: float = 1.0, psi_txt_max_ratio: float = 2.0,
                  use_psi_img: bool = True, use_psi_txt: bool = True, target_grad: bool = False):
-        super().__init__(scheduler, encoded, snr_gamma)
+        super().__init__(scheduler, encoded, snr_gamma, noise_offset)
         check_image_exponents(a1, a2)
         self.a1, self.a2 = a1, a2
         self.use_psi_img, self.use_psi_txt = use_psi_img, use_psi_txt
@@ -205,7 +210,7 @@ class PoGDiffLoss(DiffusionLoss):
         prediction = denoiser(x_t, t, batch.cond)
         neighbours, similarity = self.neighbours.draw(batch.index)
         psi = self.psi(batch.index, neighbours, similarity) * (~batch.dropped)
-        neighbour_cond = self.encoded.text_states[neighbours]
+        neighbour_cond = self.encoded.caption_states(neighbours)
         with torch.set_grad_enabled(self.target_grad and torch.is_grad_enabled()):
             neighbour_prediction = denoiser(x_t, t, neighbour_cond)
         loss = mse_per_example(prediction, target) + psi * mse_per_example(prediction, neighbour_prediction)
@@ -237,9 +242,9 @@ class CBDMLoss(DiffusionLoss):
     OPTION_FLAGS = {"tau": "--cbdm-tau", "balance": "--cbdm-balance"}
     OPTION_CHOICES = {"balance": ("identities", "rows")}
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, tau: float = 1.0,
-                 balance: str = "identities"):
-        super().__init__(scheduler, encoded, snr_gamma)
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, noise_offset: float = 0.0,
+                 tau: float = 1.0, balance: str = "identities"):
+        super().__init__(scheduler, encoded, snr_gamma, noise_offset)
         self.check_choice("balance", balance)
         self.tau = tau
         self.balance = balance
@@ -256,7 +261,7 @@ class CBDMLoss(DiffusionLoss):
         balanced = self.draw_balanced(len(x_t), x_t.device)
         kept = (~batch.dropped).nonzero().squeeze(1)
         both = denoiser(torch.cat([x_t, x_t[kept]]), torch.cat([t, t[kept]]),
-                        torch.cat([batch.cond, self.encoded.text_states[balanced[kept]]]))
+                        torch.cat([batch.cond, self.encoded.caption_states(balanced[kept])]))
         prediction, balanced_prediction = both[:len(x_t)], both[len(x_t):]
         conditioned = prediction[kept]
         weight = self.tau * t[kept].float() / self.num_timesteps
@@ -293,9 +298,9 @@ class T2HLoss(DiffusionLoss):
     OPTION_FLAGS = {"frequency": "--t2h-frequency"}
     OPTION_CHOICES = {"frequency": ("identity", "text_density")}
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None,
+    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  frequency: str = "identity"):
-        super().__init__(scheduler, encoded, snr_gamma)
+        super().__init__(scheduler, encoded, snr_gamma, noise_offset)
         self.check_choice("frequency", frequency)
         self.frequency = frequency
         # Per row, a number that grows with how frequent its condition is (only its order matters).
@@ -352,8 +357,8 @@ METHODS: dict[str, type[DiffusionLoss]] = {
 
 
 def method_parameters(method: str) -> dict[str, inspect.Parameter]:
-    """The options a method's constructor takes beyond the shared (scheduler, encoded, snr_gamma)."""
-    shared = {"self", "scheduler", "encoded", "snr_gamma"}
+    """The options a method's constructor takes beyond the shared (scheduler, encoded, snr_gamma, noise_offset)."""
+    shared = {"self", "scheduler", "encoded", "snr_gamma", "noise_offset"}
     return {name: p for name, p in inspect.signature(METHODS[method].__init__).parameters.items() if name not in shared}
 
 

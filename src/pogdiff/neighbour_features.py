@@ -16,8 +16,11 @@ so it is an option of the method:
   t = :data:`UNET_TIMESTEP` (no noise added; abar_50 = 0.99 under the small backbone's cosine
   schedule) under the empty caption phi(""), with the weights the run starts from (the
   pretrained backbone, or the fresh initialisation of ``config.seed``, where it tells people
-  apart poorly). x0 is what training regresses on: the pixels for the small backbone (64-d),
-  one draw of the VAE posterior for Stable Diffusion (1280-d).
+  apart poorly). x0 comes from the encoded dataset's cache: the pixels for the small backbone
+  (64-d), the mean of the VAE posterior for Stable Diffusion (1280-d); only the blocks up to the
+  mid block run, under the run's mixed precision. The features are keyed by the base weights and
+  the precision, not by LoRA adapters (zero at their start) nor the seed: a full and a LoRA run
+  of one checkpoint share them.
 - anything else: a Hugging Face image model id or folder the user has, e.g.
   ``facebook/dinov2-base`` (:class:`pogdiff.encoders.HuggingFaceImageFeatures`).
 
@@ -31,6 +34,7 @@ weights' fingerprint is part of its name).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -44,16 +48,17 @@ DEFAULT_NEIGHBOUR_FEATURES = UNET_SPACE
 UNET_TIMESTEP = 50
 
 
-def neighbour_feature_space(space: str, backbone=None):
-    """The feature space ``space`` names (see the module docstring); ``unet`` needs the backbone."""
+def neighbour_feature_space(space: str, backbone=None, x0=None, precision: str = "no"):
+    """The feature space ``space`` names (see the module docstring); ``unet`` needs the backbone, the
+    table x0 is drawn from (:func:`pogdiff.encoded_dataset.training_latents`) and the mixed precision."""
     if space == EFFICIENTNET_SPACE:
         return EfficientNetSpace()
     if space == FACE_SPACE:
         return FaceSpace()
     if space == UNET_SPACE:
-        if backbone is None:
+        if backbone is None or x0 is None:
             raise PogdiffError("--neighbour-features unet needs the backbone being trained")
-        return UNetSpace(backbone)
+        return UNetSpace(backbone, x0, precision)
     try:
         return HuggingFaceSpace(space)
     except PogdiffError as error:
@@ -86,29 +91,46 @@ class FaceSpace:
         return descriptors.float()
 
 
-class UNetSpace:
-    """Mean-pooled mid-block output of the backbone's UNet at t = UNET_TIMESTEP, empty caption, no noise."""
+class _MidBlockReached(Exception):
+    """Stops the UNet's forward pass once the mid block has run: the up blocks are not needed."""
 
-    def __init__(self, backbone, timestep: int = UNET_TIMESTEP):
-        self.backbone, self.timestep = backbone, timestep
-        self.name = f"unet-{weights_fingerprint(backbone.unet)}-mid-t{timestep}"
+
+class UNetSpace:
+    """Mean-pooled mid-block output of the backbone's UNet at t = UNET_TIMESTEP, empty caption, no noise.
+
+    Computed from rows of the x0 cache (:meth:`embed_rows`); the name fingerprints the base weights
+    (LoRA adapters left out) when the space is made, so make it before casting the backbone.
+    """
+
+    def __init__(self, backbone, x0, precision: str = "no", timestep: int = UNET_TIMESTEP):
+        self.backbone, self.x0, self.timestep = backbone, x0, timestep
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        self.name = (f"unet-{weights_fingerprint(backbone.unet, base_only=True)}-mid-t{timestep}-{precision}"
+                     f"-on-{backbone.image_cache_name}")  # x0 comes from the backbone's image encoder
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    def embed_rows(self, rows: range, batch_size: int = 64) -> torch.Tensor:
         backbone, unet = self.backbone, self.backbone.unet
         device = next(unet.parameters()).device
         abar = backbone.scheduler.alphas_cumprod[self.timestep].item()
         uncond = backbone.text_encoder.encode([""]).states.to(device)
         pooled = []
-        hook = unet.mid_block.register_forward_hook(lambda module, args, output: pooled.append(output.float().mean((2, 3))))
+
+        def keep_and_stop(module, args, output):
+            pooled.append(output.float().mean((2, 3)).cpu())
+            raise _MidBlockReached
+
+        hook = unet.mid_block.register_forward_hook(keep_and_stop)
+        autocast = torch.autocast(device.type, self.dtype, enabled=self.dtype != torch.float32)
         try:
-            for chunk in images.split(batch_size):
-                x0 = backbone.x0_from_cache(backbone.cache_images(chunk).to(device))
+            for start in range(rows.start, rows.stop, batch_size):
+                x0 = backbone.x0_mean(self.x0[torch.arange(start, min(start + batch_size, rows.stop))].to(device))
                 t = torch.full((len(x0),), self.timestep, device=device)
-                unet(abar ** 0.5 * x0, t, encoder_hidden_states=uncond.expand(len(x0), -1, -1))
+                with autocast, contextlib.suppress(_MidBlockReached):
+                    unet(abar ** 0.5 * x0, t, encoder_hidden_states=uncond.expand(len(x0), -1, -1))
         finally:
             hook.remove()
-        return torch.cat(pooled).cpu()
+        return torch.cat(pooled)
 
 
 class HuggingFaceSpace:

@@ -59,7 +59,7 @@ def check_neighbour_count(k: int, num_images: int, where: str) -> None:
 def find_neighbours(features: torch.Tensor, k: int, backend: str = "auto") -> NeighbourTable:
     """Exact k-nearest neighbours by cosine similarity, excluding each point itself.
 
-    ``backend``: "faiss" (an exact ``IndexFlatIP`` on the L2-normalised vectors), "torch"
+    ``backend``: "faiss" (an exact ``IndexFlatIP`` on the L2-normalised vectors, on the GPUs with faiss-gpu), "torch"
     (blocked matrix products), or "auto": faiss when it is installed. Both search the
     queries in chunks, so memory beyond the (N, D) vectors stays bounded whatever N is;
     time grows as N^2 D (benchmarks/neighbours_density.py).
@@ -97,6 +97,8 @@ def _search_faiss(normed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
     vectors = normed.numpy()
     flat = faiss.IndexFlatIP(vectors.shape[1])
+    if faiss.get_num_gpus() > 0:  # faiss-gpu: the same exact search on every GPU of this process's machine
+        flat = faiss.index_cpu_to_all_gpus(flat)
     flat.add(vectors)
     index, similarity = [], []
     for start in range(0, len(vectors), _QUERY_CHUNK):

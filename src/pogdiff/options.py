@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,6 +21,8 @@ from pogdiff.errors import PogdiffError
 SEED_MAX = 2**32 - 1  # numpy and accelerate seed with 32 bits
 TRAIN_TIMESTEPS = 1000  # both backbones' noise schedules: DDIM cannot take more steps than this
 LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts, as diffusers' --prediction_type
+TRACKERS = ("tensorboard", "wandb")  # --report-to
 
 
 @dataclass(frozen=True)
@@ -73,21 +76,40 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
+BETA = Rule(lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1) (an AdamW beta)")
+
 HALF_PRECISION = Rule(lambda v: v != "fp16" or _cuda_visible(), "bf16 or no",
                       problem="needs a CUDA GPU, and none is visible")
+
+
+def _is_prompt_template(text: str) -> bool:
+    """A str.format template whose only field is {name}, present at least once."""
+    try:
+        return "{name}" in text and isinstance(text.format(name=""), str)
+    except (KeyError, IndexError, ValueError):
+        return False
+
+
+PROMPT_TEMPLATE = Rule(_is_prompt_template, "a prompt with {name} where each identity's name goes, e.g. "
+                       "'A photo of {name}.' (write a literal brace twice: {{ }})",
+                       problem="is not a template holding {name}")
 
 RULES: dict[str, Rule] = {
     # every command
     "seed": integer(0, SEED_MAX), "seeds": integer(0, SEED_MAX),
     # train: model and data
-    "lora_rank": integer(1),
+    "lora_rank": integer(1), "lora_alpha": number(above=0),
     "resolution": integer(8, multiple_of=8, why="the UNet and the VAE halve it at each level"),
     "text_max_length": integer(1, 512, why="MiniLM reads at most 512 tokens"),
-    "caption_dropout": number(0, 1, why="a probability"),
+    "caption_dropout": number(0, 1, why="a probability"), "dataloader_num_workers": integer(0),
     "k": integer(1), "vae_latent_dim": integer(1),
     # train: optimisation and bookkeeping
     "train_batch_size": integer(1), "gradient_accumulation_steps": integer(1), "max_train_steps": integer(1),
+    "num_train_epochs": integer(1),
     "learning_rate": number(above=0), "lr_scheduler": one_of(*LR_SCHEDULERS), "lr_warmup_steps": integer(0),
+    "adam_beta1": BETA, "adam_beta2": BETA, "adam_epsilon": number(0), "adam_weight_decay": number(0),
+    "max_grad_norm": number(above=0), "noise_offset": number(0),
+    "prediction_type": one_of(*PREDICTION_TYPES), "report_to": one_of(*TRACKERS),
     "mixed_precision": HALF_PRECISION,
     "ema_decay": number(0, 1), "snr_gamma": number(above=0),
     "checkpointing_steps": integer(1), "checkpoints_total_limit": integer(1),
@@ -101,6 +123,7 @@ RULES: dict[str, Rule] = {
     "max_identities": integer(1),
     "num_inference_steps": integer(1, TRAIN_TIMESTEPS, why="DDIM steps, at most the training timesteps"),
     "guidance_scale": number(0), "recall_threshold": number(-1, 1, why="a cosine similarity"),
+    "prompt_template": PROMPT_TEMPLATE,
 }
 
 COMMAND_RULES: dict[str, dict[str, Rule]] = {
@@ -132,8 +155,34 @@ def flag_name(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` naming an option's value once after all its names (``--pretrained,
+    --pretrained_model_name_or_path PATH``), its lines never broken at a hyphen (``docs/stable-diffusion.md``)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        names = ", ".join(action.option_strings)
+        if action.nargs == 0:
+            return names
+        return f"{names} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Parse errors as every other error: one line ``pogdiff: error: ...; <fix>``, exit code 2, no usage block."""
+    """Parse errors as every other error: one line ``pogdiff: error: ...; <fix>``, exit code 2, no usage block.
+
+    Options are never abbreviated (``--lora`` is not ``--lora-rank``): an option pogdiff does not have is an error.
+    """
+
+    def __init__(self, *args, allow_abbrev: bool = False, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, formatter_class=formatter_class, **kwargs)
 
     def error(self, message: str):
         fix = "" if ";" in message else f"; see {self.prog} --help"
@@ -151,6 +200,22 @@ def install_rules(parser: argparse.ArgumentParser, command: str = "") -> argpars
         rule = rule_for(command, action.dest)
         if rule is not None and not hasattr(action.type, "rule"):
             action.type = _checked(action.type or str, rule)
+    return parser
+
+
+def accept_underscores(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Accept every ``--long-option`` of ``parser`` and its subcommands as ``--long_option`` too, the spelling of
+    diffusers' training scripts (``--output_dir``, ``--train_batch_size``).
+
+    The underscore spelling is only looked up: ``--help`` and the errors name the option as pogdiff spells it.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                accept_underscores(subparser)
+            continue
+        for name in [s for s in action.option_strings if s.startswith("--")]:
+            parser._option_string_actions.setdefault("--" + name[2:].replace("-", "_"), action)
     return parser
 
 

@@ -32,6 +32,7 @@ from pogdiff.data.dataset import load_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.run_folder import RUN_FILE, read_run_info
 from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, WEIGHTS_FILE, sha256, shipped_manifest
+from pogdiff.data.image_files import read_images
 
 # The recipe of the shipped weights: from random weights, EMA on, large batches (a GPU wants
 # hundreds of 32x32 images per step), checkpointed so that a long CPU run continues across sessions.
@@ -107,7 +108,7 @@ def heldout_loss(run_dir: str | Path, data_dir: str | Path, seed: int = 0, repea
     """Mean epsilon-MSE of a run's weights on a dataset it did not train on, at fixed draws of t and eps."""
     backbone = PixelBackbone.from_run(run_dir)
     dataset = load_dataset(data_dir)
-    images = dataset.load_images(backbone.resolution)
+    images = read_images(dataset, backbone.resolution)
     states = backbone.text_encoder.encode(dataset.captions).states
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0

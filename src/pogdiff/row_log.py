@@ -3,8 +3,8 @@
 Every process appends JSON lines to ``OUTPUT_DIR/rows-rank<R>.jsonl``:
 
 - ``{"rank": R, "num_rows": N, "tables": {name: sha256}}`` once per start (resumes add one):
-  digests of the per-row tables every process must share (caption states, identity
-  codes, ELBO of Eq. 10: see :class:`~pogdiff.encoded_dataset.EncodedDataset`; and the
+  digests of the per-row tables every process must share (caption states of every row,
+  read whole: a check for test-sized runs; identity codes, ELBO of Eq. 10: see :class:`~pogdiff.encoded_dataset.EncodedDataset`; and the
   neighbour index and similarity of Eq. 8 and psi of Eq. 12 where the method has them);
 - ``{"micro_step": m, "rows": [...]}`` per micro-batch: the dataset rows this process trained on;
 - ``{"weights": sha256}`` at the end: a digest of the trained weights as this process holds them.
@@ -33,13 +33,14 @@ class RowLog:
     def __init__(self, out: Path, rank: int, encoded: EncodedDataset, neighbours: NeighbourTable | None,
                  psi: torch.Tensor | None):
         self.path = Path(out) / f"rows-rank{rank}.jsonl"
-        named = {"text_states": encoded.text_states, "identity": encoded.identity, "elbo": encoded.elbo}
+        named = {"caption_index": encoded.caption_index, "identity": encoded.identity, "elbo": encoded.elbo}
         if neighbours is not None:
             named.update(neighbour_index=neighbours.index, neighbour_similarity=neighbours.similarity)
         if psi is not None:
             named["psi"] = psi
-        self._write({"rank": rank, "num_rows": len(encoded),
-                     "tables": {name: tensor_digest(t.detach().cpu()) for name, t in named.items()}})
+        tables = {name: tensor_digest(t.detach().cpu()) for name, t in named.items()}
+        tables["caption_states"] = tensor_digest(encoded.caption_states(torch.arange(len(encoded))))
+        self._write({"rank": rank, "num_rows": len(encoded), "tables": tables})
 
     def step(self, micro_step: int, rows: torch.Tensor) -> None:
         self._write({"micro_step": micro_step, "rows": rows.tolist()})

@@ -46,26 +46,38 @@ class TextDensityVAE(nn.Module):
 
 def fit_text_density(
     embeddings: torch.Tensor,
+    rows: torch.Tensor | None = None,
     latent_dim: int = 8,
     hidden_dim: int = 128,
     steps: int = 1500,
     lr: float = 2e-3,
     batch_size: int = 512,
-    eval_samples: int = 32,
+    eval_samples: int = 256,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Fit a :class:`TextDensityVAE` to ``embeddings`` (N, D) and return ELBO(y) per row (N,)."""
+    """Fit a :class:`TextDensityVAE` to the training rows and return ELBO(y) (C,) of each distinct embedding.
+
+    ``embeddings`` (C, D) are the distinct captions' vectors and ``rows`` (N,) the caption of each training
+    row (default: one row each), so a frequent caption weighs in the fit as often as it is trained on, while
+    its density is estimated once: two rows with the same caption get the same ELBO, a function of the caption
+    as Eq. 10's p(y) is. The reconstruction term is averaged over ``eval_samples`` draws of z (docs/choices.md:
+    how far two such estimates differ); the KL term is exact.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = TextDensityVAE(embeddings.shape[1], latent_dim, hidden_dim)
     y = embeddings.float()
-    vae.mean.copy_(y.mean(0))
-    vae.std.copy_(y.std(0).clamp(min=1e-4) if len(y) > 1 else torch.ones(y.shape[1]))
+    rows = torch.arange(len(y)) if rows is None else rows.cpu()
+    counts = torch.bincount(rows, minlength=len(y)).float()[:, None]
+    mean = (counts * y).sum(0) / len(rows)
+    vae.mean.copy_(mean)
+    vae.std.copy_(((counts * (y - mean) ** 2).sum(0) / (len(rows) - 1)).sqrt().clamp(min=1e-4)
+                  if len(rows) > 1 else torch.ones(y.shape[1]))
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     for _ in range(steps):
-        rows = torch.randint(len(y), (min(batch_size, len(y)),), generator=generator)
-        loss = -vae.elbo(y[rows], generator=generator).mean()
+        drawn = rows[torch.randint(len(rows), (min(batch_size, len(rows)),), generator=generator)]
+        loss = -vae.elbo(y[drawn], generator=generator).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

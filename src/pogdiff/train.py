@@ -1,7 +1,8 @@
 """The training loop: one readable loop (after facebookresearch/DiT ``train.py``), run by accelerate.
 
 The same code runs on a CPU, a GPU, or several GPUs/nodes under ``accelerate launch``.
-Data are small enough to hold in memory (pixels or cached latents); batches come from a
+The dataset is encoded once into on-disk caches (:func:`encode`, ``pogdiff encode``), each
+process encoding its share, and read a batch at a time; batches come from a
 stateless, seeded index schedule, so a resumed run draws exactly what an uninterrupted
 one would (the random draws of t, eps, neighbours and caption dropout come from the
 RNG states that accelerate saves with each checkpoint).
@@ -22,12 +23,14 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors import SafetensorError
@@ -37,12 +40,12 @@ from tqdm.auto import tqdm
 from pogdiff.backbone import PixelBackbone, StableDiffusionBackbone
 from pogdiff.cache import default_cache_dir
 from pogdiff.data.dataset import ImageTextDataset, load_dataset
-from pogdiff.encoded_dataset import EncodedDataset, encode_dataset, training_images
+from pogdiff.encoded_dataset import EncodedDataset, encode_for_training
 from pogdiff.errors import DatasetError, Interrupted, PogdiffError, PogdiffWarning, first_line
 from pogdiff.files import incomplete, remove_quietly, write_errors_as_os_errors
 from pogdiff.images import save_grid
 from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch, options_in_effect
-from pogdiff.neighbour_features import UNET_SPACE, neighbour_feature_space
+from pogdiff.neighbour_features import UNET_SPACE
 from pogdiff.options import check_values
 from pogdiff.ownership import claimed, entries, is_marked, refuse_if_in_use
 from pogdiff.row_log import RowLog
@@ -71,7 +74,11 @@ class TrainConfig:
     # (the shipped pretrained one, or random weights with from_scratch)
     pretrained: str | None = None
     lora_rank: int | None = None
-    # data
+    lora_alpha: float | None = None  # None: the rank (scale 1), as train_text_to_image_lora.py
+    lora_target_modules: tuple[str, ...] | None = None  # None: the attention projections (StableDiffusionBackbone)
+    prediction_type: str | None = None  # None: the checkpoint scheduler's (epsilon or v_prediction)
+    # data: the folder data_dir, or a Hugging Face `datasets` folder (dataset_name, pogdiff.data.hf_datasets)
+    dataset_name: str | None = None
     resolution: int | None = None  # the backbone's own: 32 small, 512 for SD v1.5
     center_crop: bool = True
     random_flip: bool = False
@@ -79,16 +86,25 @@ class TrainConfig:
     identity_column: str = "identity"
     image_column: str = "file_name"
     caption_dropout: float = 0.1
+    dataloader_num_workers: int = 0  # processes decoding images while encoding (0: the main process)
     # optimisation
     train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    max_train_steps: int = 500
+    max_train_steps: int | None = None  # None: num_train_epochs' worth, else DEFAULT_MAX_TRAIN_STEPS
+    num_train_epochs: int | None = None
     learning_rate: float | None = None  # 1e-3 small, 1e-5 full SD (Sec. 4.1), 1e-4 LoRA
+    scale_lr: bool = False  # learning_rate x gradient accumulation x batch x processes, as diffusers' --scale_lr
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     adam_weight_decay: float = 1e-2
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
+    noise_offset: float = 0.0
+    mixed_precision: str | None = None  # None: accelerate's (accelerate launch --mixed_precision, accelerate config)
+    allow_tf32: bool = False
     gradient_checkpointing: bool = False
     use_ema: bool = False
     ema_decay: float = 0.9999
@@ -111,6 +127,9 @@ class TrainConfig:
     num_validation_images: int = 4
     overwrite: bool = False
     report_to: str | None = None
+    logging_dir: str = "logs"  # under output_dir
+    tracker_project_name: str = "pogdiff"
+    ddp_timeout: int = 6 * 3600  # seconds a process waits for the others (e.g. while one builds the neighbours)
     cache_dir: str | None = None
     progress: bool = True
     log_rows: bool = False  # write rows-rank<R>.jsonl (see pogdiff.row_log)
@@ -123,6 +142,10 @@ PAPER_PRESETS = {
     "paper-small": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 1,
                     "max_train_steps": 6000},
 }
+
+
+DEFAULT_MAX_TRAIN_STEPS = 500
+TRACKER_EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # module, extra
 
 
 def config_fields() -> set[str]:
@@ -141,28 +164,28 @@ def train(config: TrainConfig) -> Path:
 def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     # Checks: whatever can be refused is refused before any work, and before anything is written.
     check_options(config)
+    config = with_dataset_folder(config)
     out = check_output_dir(config)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
-        log_with=config.report_to, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    accelerator = make_accelerator(config, out)
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     global_batch = config.train_batch_size * accelerator.num_processes
     check_batch_fits(dataset, global_batch, config)
     METHODS[config.method].check_dataset(dataset, **config.method_options)
+    config = replace(config, max_train_steps=train_steps(config, len(dataset), global_batch))
 
     # Model: the same initial weights (or LoRA adapters) on every rank and for every method.
     backbone = make_backbone(config)
     config = replace(config, resolution=config.resolution or backbone.resolution,
-                     learning_rate=config.learning_rate or backbone.default_learning_rate)
+                     learning_rate=learning_rate(config, backbone, global_batch))
 
-    # Encoded dataset (Eqs. 8, 10), loss and row sampler: the frozen encoders run once, in float32, for the caches.
+    # Encoded dataset (Eqs. 8, 10), loss and row sampler: the frozen encoders run once, each process encoding
+    # its share of the rows into the on-disk caches (pogdiff encode); the loop reads them a batch at a time.
     backbone.to(accelerator.device)
+    encoded, x0_tables = encode_for_training(dataset, backbone, config, accelerator.mixed_precision,
+                                             neighbours_of(config))
+    encoded = encoded.to(accelerator.device)
     with accelerator.local_main_process_first():
-        encoded, x0_cache = encode_for_training(dataset, backbone, config)
-        encoded = encoded.to(accelerator.device)
-        loss_fn = make_loss(config, backbone, encoded)  # PoGDiff's neighbour table (Eq. 8) is built or read here
-    backbone.to(accelerator.device, weight_dtype)
+        loss_fn = make_loss(config, backbone, encoded)  # PoGDiff's neighbour table (Eq. 8) is read here
     sampling_weights = row_weights(sampler_of(config), encoded, config.density_max_ratio)
     psi_per_row = loss_fn.psi_per_row()
 
@@ -183,7 +206,9 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     trained = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    optimizer = make_optimizer(config, trained)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
@@ -193,8 +218,8 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     clock = TrainClock(accelerator.device)
     accelerator.register_for_checkpointing(clock)  # after the EMA: checkpoints hold custom states in this order
     if accelerator.is_main_process:
-        accelerator.init_trackers("pogdiff", config={k: v for k, v in asdict(config).items()
-                                                     if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(config.tracker_project_name, config={
+            k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))})
 
     # Resume. Seeded here, after the set-up: its random draws (e.g. building encoders on a cache
     # miss) must not shift those of training. A resumed run restores the checkpoint's states instead.
@@ -221,7 +246,7 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
         if row_log:
             row_log.step(micro_step, rows)
         with accelerator.accumulate(unet):
-            batch = draw_batch(rows, backbone, x0_cache, encoded, config, accelerator.device)
+            batch = draw_batch(rows, backbone, x0_tables, encoded, config, accelerator.device)
             loss = loss_fn(denoiser, batch).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -259,7 +284,7 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
             ema.copy_to(trained)
         info = {**backbone.run_info(), "config": asdict(config),
                 "loss_options": options_in_effect(config.method, config.method_options),
-                "num_processes": accelerator.num_processes,
+                "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision,
                 "steps": global_step, "train_seconds": round(clock.seconds(), 1),
                 "train_sessions": clock.sessions()}
         with reported_write_errors(out, out):  # a run folder without RUN_FILE is unfinished
@@ -269,6 +294,40 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     return out
 
 
+def encode(config: TrainConfig) -> EncodedDataset:
+    """``pogdiff encode``: compute and cache everything ``train`` with the same options reads (latents,
+    caption states, text density, and for PoGDiff the image features and neighbours), each process
+    encoding its share of the rows; a killed encode continues from its finished shards. Writes no run folder."""
+    check_options(config)
+    config = with_dataset_folder(config)
+    accelerator = make_accelerator(config)
+    dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
+    METHODS[config.method].check_dataset(dataset, **config.method_options)
+    backbone = make_backbone(config)
+    config = replace(config, resolution=config.resolution or backbone.resolution)
+    backbone.to(accelerator.device)
+    encoded, _ = encode_for_training(dataset, backbone, config, accelerator.mixed_precision, neighbours_of(config))
+    return encoded
+
+
+def make_accelerator(config: TrainConfig, out: Path | None = None) -> Accelerator:
+    """The run's accelerator, with the process-group timeout set (--ddp-timeout): a process waits that long for
+    the others, e.g. while the local main process builds the neighbour table from everyone's shards."""
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / config.logging_dir)) if out else None
+    # accelerate keeps the first Accelerator's settings for the whole process and refuses other ones: forget an
+    # earlier run's (the Python API trains several runs in one process), keeping the process group of a launch
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # mixed_precision None leaves accelerate's own setting (accelerate launch --mixed_precision, accelerate config)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision=config.mixed_precision, log_with=config.report_to if out else None,
+                              project_config=project,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))])
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise PogdiffError("accelerate's mixed precision is fp16 (accelerate launch --mixed_precision or accelerate "
+                           "config), which needs a CUDA GPU, and none is visible; pass --mixed-precision bf16 or no")
+    return accelerator
+
+
 # --- checks ---
 
 def check_options(config: TrainConfig) -> None:
@@ -276,6 +335,10 @@ def check_options(config: TrainConfig) -> None:
         raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.lora_rank and not config.pretrained:
         raise PogdiffError("--lora-rank adapts a pretrained checkpoint: pass --pretrained PATH_OR_HUB_ID too")
+    for flag, value in (("--lora-alpha", config.lora_alpha), ("--lora-target-modules", config.lora_target_modules)):
+        if value is not None and not config.lora_rank:
+            raise PogdiffError(f"{flag} shapes LoRA adapters: pass --lora-rank R too (and --pretrained)")
+    check_optional_packages(config)
     if config.from_scratch and config.pretrained:
         raise PogdiffError("--from-scratch and --pretrained both choose the backbone; pass one of them")
     if not (config.from_scratch or config.pretrained) and config.resolution not in (None, SHIPPED_RESOLUTION):
@@ -293,8 +356,33 @@ def check_options(config: TrainConfig) -> None:
     if config.from_scratch and (
             options_in_effect(config.method, config.method_options).get("neighbour_features") == UNET_SPACE):
         warnings.warn("--from-scratch with neighbours in the unet space: a randomly initialised UNet tells people "
-                      "apart poorly (README, PoGDiff's options); pass --neighbour-features efficientnet-lite0",
+                      "apart poorly (docs/pogdiff-options.md); pass --neighbour-features efficientnet-lite0",
                       PogdiffWarning, stacklevel=2)
+
+
+def check_optional_packages(config: TrainConfig) -> None:
+    """The optional packages the options ask for (--report-to, --use-8bit-adam) are installed."""
+    import importlib.util
+
+    wanted = [(f"--report-to {config.report_to}", *TRACKER_EXTRAS[config.report_to])] if config.report_to else []
+    if config.use_8bit_adam:
+        wanted.append(("--use-8bit-adam", "bitsandbytes", "bitsandbytes"))
+    for flag, module, extra in wanted:
+        if importlib.util.find_spec(module) is None:
+            raise PogdiffError(f"{flag} needs the {module} package, which is not installed; "
+                               f"pip install 'pogdiff[{extra}]', or drop {flag.split()[0]}")
+
+
+def with_dataset_folder(config: TrainConfig) -> TrainConfig:
+    """``config`` reading the folder of --dataset-name (:mod:`pogdiff.data.hf_datasets`) as its data_dir."""
+    if not config.dataset_name:
+        return config
+    if config.data_dir:
+        raise PogdiffError(f"DATA {config.data_dir} and --dataset-name {config.dataset_name} both name the "
+                           "dataset; pass one of them")
+    from pogdiff.data.hf_datasets import dataset_folder
+
+    return replace(config, data_dir=str(dataset_folder(config.dataset_name, config.image_column, config.cache_dir)))
 
 
 def sampler_of(config: TrainConfig) -> str:
@@ -401,6 +489,17 @@ def restart_from_before(checkpoint: Path) -> str:
     return f"resume from the one before with --resume-from-checkpoint {earlier[-1].name}, or {fresh}"
 
 
+def train_steps(config: TrainConfig, num_rows: int, global_batch: int) -> int:
+    """Optimizer steps: --max-train-steps, else --num-train-epochs' worth (an epoch: every row once, as
+    diffusers counts it), else DEFAULT_MAX_TRAIN_STEPS."""
+    if config.max_train_steps:
+        return config.max_train_steps
+    if config.num_train_epochs:
+        steps_per_epoch = math.ceil(math.ceil(num_rows / global_batch) / config.gradient_accumulation_steps)
+        return config.num_train_epochs * steps_per_epoch
+    return DEFAULT_MAX_TRAIN_STEPS
+
+
 def check_batch_fits(dataset: ImageTextDataset, global_batch: int, config: TrainConfig) -> None:
     if len(dataset) < global_batch:
         raise DatasetError(f"{config.data_dir}: {len(dataset)} images, fewer than one batch of {global_batch}; "
@@ -414,29 +513,33 @@ def make_backbone(config: TrainConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.pretrained:
-            return StableDiffusionBackbone.from_pretrained(config.pretrained, config.lora_rank)
-        if config.from_scratch:
-            return PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
-        return PixelBackbone.from_run(shipped_backbone_dir(), name=SHIPPED_NAME)
+            backbone = StableDiffusionBackbone.from_pretrained(config.pretrained, config.lora_rank, config.lora_alpha,
+                                                               config.lora_target_modules)
+        elif config.from_scratch:
+            backbone = PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
+        else:
+            backbone = PixelBackbone.from_run(shipped_backbone_dir(), name=SHIPPED_NAME)
+    if config.prediction_type:  # as diffusers' --prediction_type: the run saves the scheduler with it
+        backbone.scheduler.register_to_config(prediction_type=config.prediction_type)
+    return backbone
 
 
-def encode_for_training(dataset: ImageTextDataset, backbone, config: TrainConfig) -> tuple[EncodedDataset, torch.Tensor]:
-    """The encoded dataset the losses look up, and the x0 cache the loop draws from (both cached on disk).
+def learning_rate(config: TrainConfig, backbone, global_batch: int) -> float:
+    """--learning-rate or the backbone's default, times the images per optimizer step with --scale-lr."""
+    rate = config.learning_rate or backbone.default_learning_rate
+    return rate * config.gradient_accumulation_steps * global_batch if config.scale_lr else rate
 
-    Image features for Eq. 8 come on demand, in the space the method asks for (the backbone's
-    own ``unet`` space included); the images are loaded again for them only on a cache miss.
-    """
-    images = dataset.load_images(config.resolution, config.center_crop)
-    encoded = encode_dataset(dataset, images, backbone.text_encoder, vae_latent_dim=config.vae_latent_dim,
-                             seed=config.seed, cache_dir=config.cache_dir,
-                             feature_spaces=lambda space: neighbour_feature_space(space, backbone),
-                             load_images=lambda: dataset.load_images(config.resolution, config.center_crop))
-    return encoded, training_images(backbone, images, config.random_flip, config.cache_dir)
+
+def neighbours_of(config: TrainConfig) -> tuple[str, int] | None:
+    """The feature space and k of Eq. 8's neighbours when the method draws them (PoGDiff), else None."""
+    options = options_in_effect(config.method, config.method_options)
+    return (options["neighbour_features"], options["k"]) if "neighbour_features" in options else None
 
 
 def make_loss(config: TrainConfig, backbone, encoded: EncodedDataset) -> DiffusionLoss:
     """The method's loss with its options (``config.method_options``); PoGDiff finds its neighbours here."""
-    return METHODS[config.method](backbone.scheduler, encoded, snr_gamma=config.snr_gamma, **config.method_options)
+    return METHODS[config.method](backbone.scheduler, encoded, snr_gamma=config.snr_gamma,
+                                  noise_offset=config.noise_offset, **config.method_options)
 
 
 # --- run folder ---
@@ -501,6 +604,17 @@ def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
+def make_optimizer(config: TrainConfig, trained: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with diffusers' options (betas, epsilon, weight decay); bitsandbytes' 8-bit AdamW with --use-8bit-adam."""
+    adamw = torch.optim.AdamW
+    if config.use_8bit_adam:
+        import bitsandbytes
+
+        adamw = bitsandbytes.optim.AdamW8bit
+    return adamw(trained, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                 eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+
+
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
     """Restore the training state; a file that cannot be read is a one-line error saying what to resume from."""
     try:
@@ -554,16 +668,22 @@ def describe_hardware(device: torch.device) -> str:
 
 # --- loop ---
 
-def draw_batch(rows: torch.Tensor, backbone, x0_cache: torch.Tensor, encoded: EncodedDataset, config: TrainConfig,
+def draw_batch(rows: torch.Tensor, backbone, x0_tables: list, encoded: EncodedDataset, config: TrainConfig,
                device) -> TrainBatch:
-    """x0 of each row (mirrored at random under --random-flip) and its caption states, the empty
-    caption's where it is dropped for classifier-free guidance."""
+    """x0 of each row (of its mirror image, drawn at random under --random-flip) and its caption states,
+    the empty caption's where it is dropped for classifier-free guidance."""
     flipped = torch.rand(len(rows), device=rows.device) < 0.5 if config.random_flip \
         else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-    x0 = backbone.x0_from_cache(x0_cache[flipped.long().cpu(), rows.cpu()].to(device))
+    variant, cpu_rows = flipped.long().cpu(), rows.cpu()
+    cached = torch.empty((len(rows), *x0_tables[0].row_shape), dtype=x0_tables[0].dtype)
+    for v, table in enumerate(x0_tables):
+        where = (variant == v).nonzero().squeeze(1)
+        if len(where):
+            cached[where] = table[cpu_rows[where]]
+    x0 = backbone.x0_from_cache(cached.to(device))
     dropped = torch.rand(len(rows), device=x0.device) < config.caption_dropout
     cond = torch.where(dropped[:, None, None], encoded.uncond_states.expand(len(rows), -1, -1),
-                       encoded.text_states[rows])
+                       encoded.caption_states(rows))
     return TrainBatch(x0, cond, rows, dropped)
 
 
@@ -630,3 +750,7 @@ def log_validation(accelerator: Accelerator, backbone, config: TrainConfig, out:
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("validation", np.asarray(Image.open(path)), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(str(path))}, step=step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pogdiff.errors import DatasetError, PogdiffWarning
-from pogdiff.images import from_uint8
 
 METADATA_FILE = "metadata.jsonl"
 FEW_MAX_IMAGES = 5  # "Few" (minority) identities have at most this many training images
@@ -56,21 +56,6 @@ class ImageTextDataset:
         """Integer code per row, equal codes meaning the same identity (Eq. 9's indicator)."""
         index = {name: i for i, name in enumerate(dict.fromkeys(self.identity_names))}
         return torch.tensor([index[name] for name in self.identity_names], dtype=torch.long)
-
-    def load_images(self, resolution: int, center_crop: bool = True) -> torch.Tensor:
-        """All images as one float tensor (N, 3, resolution, resolution) in [-1, 1].
-
-        Every image is tried, so one error names the first unreadable image and counts the others.
-        """
-        arrays, failed = [], []
-        for file in self.files:
-            try:
-                arrays.append(load_image(self.root / file, resolution, center_crop))
-            except DatasetError as error:
-                failed.append((file, error))
-        if failed:
-            raise DatasetError(str(failed[0][1]) + _and_more([file for file, _ in failed[1:]], "unreadable"))
-        return from_uint8(np.stack(arrays))
 
 
 def load_image(path: Path, resolution: int, center_crop: bool = True) -> np.ndarray:
@@ -211,14 +196,14 @@ def _image_and_caption(row: dict, root: Path, where: str, image_column: str, cap
 
 
 def _identity(identity, where: str, number: int, first_seen: dict[str, tuple[object, int]]) -> str:
-    """The identity as a name; a number and a string that read the same (1 and "1") are refused, not merged.
-
-    ``first_seen`` maps each name to the value and line it first appeared as.
+    """The identity as a name, in Unicode NFC: "Zoë" typed with a combined ë and with e + U+0308 (macOS file
+    names, some editors) is one person. A number and a string that read the same (1 and "1") are refused,
+    not merged. ``first_seen`` maps each name to the value and line it first appeared as.
     """
     if isinstance(identity, bool) or not isinstance(identity, (str, int)) or not str(identity).strip():
         raise DatasetError(f"{where}: identity {identity!r} is not a name; "
                            "write a non-empty string (or drop the column from every line)")
-    name = str(identity).strip()
+    name = unicodedata.normalize("NFC", str(identity).strip())
     first, line = first_seen.setdefault(name, (identity, number))
     if type(first) is not type(identity):
         raise DatasetError(f"{where}: identity {identity!r} and {first!r} on line {line} would count as one identity; "
@@ -232,7 +217,7 @@ def _check_images_exist(root: Path, metadata: Path, missing: list[tuple[str, int
         (file, number), others = missing[0], [file for file, _ in missing[1:]]
         what = "is not a file" if (root / file).exists() else "is missing"
         raise DatasetError(f"{root / file}: image listed on line {number} of {metadata} {what}; "
-                           f"add it or remove its line{_and_more(others, 'missing')}")
+                           f"add it or remove its line{and_more(others, 'missing')}")
 
 
 def _read_lines(metadata: Path) -> list[str]:
@@ -247,7 +232,8 @@ def _read_lines(metadata: Path) -> list[str]:
                            "save the file as UTF-8") from None
 
 
-def _and_more(files: list[str], what: str) -> str:
+def and_more(files: list[str], what: str) -> str:
+    """' (N more WHAT: a, b, c, ...)' after a message naming the first file; '' when there are none."""
     if not files:
         return ""
     shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")

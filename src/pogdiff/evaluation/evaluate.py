@@ -1,4 +1,8 @@
-"""``pogdiff evaluate``: sample "An image of {name}." for every identity and score the runs.
+"""``pogdiff evaluate``: sample a prompt for every identity and score the runs.
+
+The prompt is ``prompt_template`` with the identity's name, by default App. B's "An image
+of {name}."; a dataset captioned otherwise wants a template like its captions
+(``--prompt-template``), which metrics.json and the report record.
 
 Every metric is computed per identity, then averaged over All identities and over the
 Few (minority) ones, identities with at most ``few_max_images`` training images (the
@@ -58,8 +62,9 @@ from pogdiff.options import check_values
 from pogdiff.run_folder import load_psi, load_psi_summary, read_run_info, run_label
 from pogdiff.sampling import generate
 from pogdiff.shipped import resolve_run_dir
+from pogdiff.data.image_files import read_images
 
-PROMPT = "An image of {name}."  # App. B
+PROMPT = "An image of {name}."  # App. B: the default --prompt-template
 METRIC_KEYS = ("fd", "sim", "recall", "id_acc")
 JUDGES = ("auto", "synth", "faces", "features")
 HELDOUT_DIR = "heldout"
@@ -143,7 +148,7 @@ class Evaluation:
         self.heldout = load_dataset(heldout) if (heldout / "metadata.jsonl").is_file() else None
         for split in (self.dataset, self.heldout):  # decode every image now: a broken one fails before sampling
             if split is not None:
-                split.load_images(8)
+                read_images(split, 8)
         self.counts = self.dataset.identity_counts()
         every = identity_order(self.dataset)
         self.names = every if max_identities is None else identity_sample(every, self.counts, max_identities)
@@ -181,11 +186,11 @@ class Evaluation:
     def real(self, resolution: int) -> RealImages:
         """Real images at the resolution of the generated ones (loaded once per resolution)."""
         if resolution not in self._real:
-            training = by_identity(self.dataset.load_images(resolution), self.dataset.identity_names)
+            training = by_identity(read_images(self.dataset, resolution), self.dataset.identity_names)
             training_features = {n: self.extractor(images) for n, images in training.items()}
             heldout = heldout_features = None
             if self.heldout is not None:
-                heldout = {n: images for n, images in by_identity(self.heldout.load_images(resolution),
+                heldout = {n: images for n, images in by_identity(read_images(self.heldout, resolution),
                                                                   self.heldout.identity_names).items()
                            if n in self.counts}
                 heldout_features = {n: self.extractor(images) for n, images in heldout.items()}
@@ -298,14 +303,16 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
                   progress: bool = True, *, features=DEFAULT_FEATURES,
                   inception_weights: str | Path | None = None, recall_threshold: float = 0.9,
                   identity_judge: str = "auto", face_detector: str = "hog", num_images_few: int | None = None,
-                  paper_protocol: bool = False, max_identities: int | None = None, report: bool = True) -> dict:
+                  paper_protocol: bool = False, max_identities: int | None = None, report: bool = True,
+                  prompt_template: str = PROMPT) -> dict:
     """Generate and score every run on ``data_dir``'s identities.
 
     Writes ``metrics.json``, ``report.html`` (unless ``report=False``), the samples
     (``samples/<method>/``) and one grid per method (``samples-<method>.png``) into
     ``out_dir``. ``num_images`` images are generated per identity, ``num_images_few``
     (default: the same) per Few identity; ``paper_protocol`` uses App. B's counts instead
-    (:func:`paper_sample_counts`). ``max_identities`` scores a fixed, stratified sample of the
+    (:func:`paper_sample_counts`). ``prompt_template`` is what is sampled, with {name} replaced by
+    each identity's name. ``max_identities`` scores a fixed, stratified sample of the
     identities (:func:`identity_sample`) instead of all. ``features`` names the feature space of fd, sim and
     recall (:func:`pogdiff.evaluation.features.load_feature_extractor`) or is an extractor
     object; ``identity_judge`` is one of :data:`JUDGES`.
@@ -317,7 +324,7 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     check_values({"num_images": num_images, "num_images_few": num_images_few, "seed": seed,
                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                   "few_max_images": few_max_images, "recall_threshold": recall_threshold,
-                  "max_identities": max_identities}, command="evaluate")
+                  "max_identities": max_identities, "prompt_template": prompt_template}, command="evaluate")
     infos = [read_run_info(run_dir) for run_dir in run_dirs]  # a broken run fails now, before any work
     labels = run_labels([info["config"] for info in infos])
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
@@ -333,7 +340,7 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     for run_dir, info, label in zip(run_dirs, infos, labels):
         warn_if_judge_shares_neighbour_space(label, info, evaluation)
         generated[label] = generate_per_identity(load_backbone(run_dir), samples_for, num_inference_steps,
-                                                 guidance_scale, seed, progress)
+                                                 guidance_scale, seed, progress, prompt_template)
         save_samples(generated[label], evaluation.counts, out_dir / f"samples-{label_stems[label]}.png",
                      out_dir / "samples" / label_stems[label], name_stems)
         per_identity, generated_features[label] = evaluation.score(generated[label], recall_threshold)
@@ -348,7 +355,8 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
                    for label, row in evaluation.calibration(resolution, recall_threshold).items()}
     metrics = {"methods": results, "calibration": calibration, "data": str(data_dir),
                "feature_space": evaluation.extractor.name,
-               "identity_judge": real.judge.name, "recall_threshold": recall_threshold,
+               "identity_judge": real.judge.name, "prompt_template": prompt_template,
+               "recall_threshold": recall_threshold,
                "references": evaluation.references(), "num_images_per_identity": num_images,
                "num_images_per_few_identity": num_images_few, "paper_protocol": paper_protocol,
                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
@@ -383,13 +391,14 @@ def warn_if_judge_shares_neighbour_space(label: str, info: dict, evaluation: Eva
 
 
 def generate_per_identity(backbone, samples_for: dict[str, int], num_inference_steps: int,
-                          guidance_scale: float | None, seed: int, progress: bool) -> dict[str, torch.Tensor]:
-    """``samples_for[name]`` images of PROMPT for every identity, in the order of ``samples_for``;
+                          guidance_scale: float | None, seed: int, progress: bool,
+                          prompt_template: str = PROMPT) -> dict[str, torch.Tensor]:
+    """``samples_for[name]`` images of ``prompt_template`` for every identity, in the order of ``samples_for``;
     identities with the same count are sampled together."""
     generated = {}
     for count in sorted(set(samples_for.values())):
         group = [n for n in samples_for if samples_for[n] == count]
-        images = generate(backbone, [PROMPT.format(name=n) for n in group], count, num_inference_steps,
+        images = generate(backbone, [prompt_template.format(name=n) for n in group], count, num_inference_steps,
                           guidance_scale, seed, progress=progress)
         generated.update(zip(group, images.split(count)))
     return {n: generated[n] for n in samples_for}

@@ -81,6 +81,7 @@ def _settings(metrics: dict) -> str:
     counts = metrics["num_identities"]
     items = {
         "dataset": metrics.get("data", ""),
+        "prompt (each identity's name for {name})": metrics["prompt_template"],
         "feature space (fd, sim, recall)": metrics["feature_space"],
         "identity judge (id_acc)": metrics["identity_judge"],
         "fd reference": metrics["references"]["fd"],

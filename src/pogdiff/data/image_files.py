@@ -1,0 +1,155 @@
+"""The training images, read lazily: fingerprinted by their files' bytes, decoded a batch at a time.
+
+Nothing holds every image. The caches derived from images (latents, image features) are
+keyed by a streamed hash of each file's bytes (:attr:`ImageFiles.file_digests`, per shard
+of rows) and the transform (:attr:`ImageFiles.transform`: resolution, crop), so touching,
+moving or copying the dataset folder recomputes nothing and editing one image recomputes
+the shard it is in and what is built from all rows. Hashes are
+remembered per file by (size, mtime, inode) in the cache folder, so a warm start reads
+no image at all. Images are decoded only while encoding, by a torch ``DataLoader``
+with ``num_workers`` worker processes (``--dataloader-num-workers``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pogdiff.cache import default_cache_dir
+from pogdiff.data.dataset import ImageTextDataset, and_more, load_image
+from pogdiff.errors import DatasetError, PogdiffWarning
+from pogdiff.files import write_text_atomic
+
+DECODER_VERSION = 1  # bump when load_image turns the same file into other pixels
+_READ_BYTES = 1 << 20
+
+
+class UnreadableImages(DatasetError):
+    """Images that could not be decoded: the first one's message (``first_message``), and every file (``files``)."""
+
+    def __init__(self, failures: list[tuple[str, str]]):
+        self.first_message, self.files = failures[0][1], [file for file, _ in failures]
+        super().__init__(self.first_message + and_more(self.files[1:], "unreadable"))
+
+
+class _Decoded(Dataset):
+    """Row ``i`` of ``rows`` as (row, uint8 array (H, W, 3)), or (row, the error message) when it cannot be read:
+    errors travel back from the worker processes as values, so that they stay one line."""
+
+    def __init__(self, dataset: ImageTextDataset, rows: Sequence[int], resolution: int, center_crop: bool):
+        self.dataset, self.rows, self.resolution, self.center_crop = dataset, list(rows), resolution, center_crop
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            return row, load_image(self.dataset.root / self.dataset.files[row], self.resolution, self.center_crop)
+        except DatasetError as error:
+            return row, str(error)
+
+
+@dataclass
+class ImageFiles:
+    """The images of ``dataset`` at ``resolution``: their digest, and batches decoded on demand."""
+
+    dataset: ImageTextDataset
+    resolution: int
+    center_crop: bool = True
+    num_workers: int = 0
+    cache_dir: str | Path | None = None
+    progress: bool = False
+
+    def __post_init__(self):
+        self._file_digests: list[str] | None = None
+
+    @property
+    def file_digests(self) -> list[str]:
+        """sha256 of each row's image file (hashed once, then remembered: :func:`file_digests`)."""
+        if self._file_digests is None:
+            self._file_digests = file_digests(self.dataset, self.cache_dir, self.progress)
+        return self._file_digests
+
+    @property
+    def transform(self) -> dict:
+        """How a file becomes pixels: with the file digests, the key of everything computed from the images."""
+        return {"resolution": self.resolution, "center_crop": self.center_crop, "decoder": DECODER_VERSION}
+
+    @property
+    def digest(self) -> str:
+        """One key for all the images (for tables built from every row, such as the neighbours)."""
+        return hashlib.sha256(json.dumps({"files": self.file_digests, **self.transform}).encode()).hexdigest()
+
+    def batches(self, rows: Sequence[int], batch_size: int) -> Iterator[torch.Tensor]:
+        """uint8 batches (B, 3, H, W) of ``rows`` in order. Every row is tried: when some cannot be read,
+        :class:`UnreadableImages` names the first and lists all, after the last batch."""
+        loader = DataLoader(_Decoded(self.dataset, rows, self.resolution, self.center_crop), batch_size=batch_size,
+                            num_workers=self.num_workers, collate_fn=list)
+        failures: list[tuple[str, str]] = []
+        for items in loader:
+            failures += [(self.dataset.files[row], item) for row, item in items if isinstance(item, str)]
+            if not failures:
+                yield torch.from_numpy(np.stack([item for _, item in items])).permute(0, 3, 1, 2).contiguous()
+        if failures:
+            raise UnreadableImages(failures)
+
+
+
+def read_images(dataset: ImageTextDataset, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """Every image of ``dataset`` as one float tensor (N, 3, resolution, resolution) in [-1, 1]: for the small
+    sets that evaluation and the pretraining's held-out loss score, never for training."""
+    batches = ImageFiles(dataset, resolution, center_crop).batches(range(len(dataset)), 256)
+    return torch.cat([pixels_to_float(batch) for batch in batches])
+
+
+def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 in [-1, 1], the same values as :func:`pogdiff.images.from_uint8`."""
+    return pixels.float() / 127.5 - 1.0
+
+
+def file_digests(dataset: ImageTextDataset, cache_dir: str | Path | None = None, progress: bool = False) -> list[str]:
+    """sha256 of each image file's bytes, in row order; remembered by (size, mtime, inode) in the cache folder."""
+    from tqdm.auto import tqdm
+
+    memo_path = Path(cache_dir or default_cache_dir()) / \
+        f"file-digests-{hashlib.sha256(str(dataset.root.resolve()).encode()).hexdigest()[:16]}.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    memo = memo if isinstance(memo, dict) else {}
+    digests, changed = [], False
+    for file in tqdm(dataset.files, desc="hash images", unit="file", disable=not progress, dynamic_ncols=True):
+        stat = os.stat(dataset.root / file)
+        seen = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        known = memo.get(file)
+        if not (isinstance(known, list) and known[:3] == seen and len(known) == 4):
+            known = [*seen, _sha256(dataset.root / file)]
+            memo[file], changed = known, True
+        digests.append(known[3])
+    if changed:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(memo_path, json.dumps(memo))
+        except OSError as error:
+            warnings.warn(f"{memo_path}: cannot write ({error.strerror or error}); image files will be hashed again "
+                          "next time (free space or pass --cache-dir)", PogdiffWarning)
+    return digests
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_READ_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

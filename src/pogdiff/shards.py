@@ -1,0 +1,267 @@
+"""Sharded, memory-mapped caches: per-row tables too large to hold in memory (latents, caption states,
+image features), written in shards as they are computed and read a batch at a time.
+
+A table of N rows lives in ``CACHE_DIR/<kind>-<key>/shard-<i>-<content>.safetensors``:
+``key`` a hash of how rows are computed (the encoder, the transform: :func:`pogdiff.cache.cache_key`),
+shard ``i`` holding rows ``i * shard_rows`` to ``(i + 1) * shard_rows``, ``content`` a hash of
+what those rows are computed from (their image files' or captions' keys). So a shard is reused
+whenever its own rows are unchanged: a dataset with one image replaced, or with a corrupt image
+fixed, recomputes one shard. Each shard is written to a temporary name and renamed, so a killed
+encode leaves only whole shards and the next one computes just the missing ones. Under ``accelerate launch`` process ``r`` of ``P`` computes the shards with
+``i % P == r``: all processes encode at once, each its share of the rows.
+
+Shards are safetensors files whose header says which table and rows they hold; a read maps
+the file (``numpy.memmap``) and copies just the rows asked for, so reading a batch touches only
+its rows and memory stays bounded whatever N is. A shard that cannot
+be written (disk full, read-only cache) is kept in memory with a warning and the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from pogdiff.cache import cache_key, default_cache_dir
+from pogdiff.data.dataset import and_more
+from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
+from pogdiff.files import atomic_path, apply_umask
+
+Tensors = dict[str, torch.Tensor]
+
+# Rows per shard: the unit of resumption and of the work split over processes. 1,024 rows of Stable
+# Diffusion latents in float16 are 64 MiB. $POGDIFF_SHARD_ROWS overrides it (docs/scale.md).
+DEFAULT_SHARD_ROWS = 1024
+_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I64": np.int64}
+
+
+def shard_rows() -> int:
+    value = os.environ.get("POGDIFF_SHARD_ROWS", "")
+    if not value:
+        return DEFAULT_SHARD_ROWS
+    if not value.isdigit() or int(value) < 1:
+        raise PogdiffError(f"POGDIFF_SHARD_ROWS={value!r}: rows per cache shard must be a whole number >= 1; "
+                           "unset it or fix it")
+    return int(value)
+
+
+class MappedArray:
+    """One tensor of a shard file, mapped only while it is read: a long-lived map would keep every page
+    read so far resident, so a pass over all rows would hold the whole table (and count as this
+    process's memory)."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int):
+        self.path, self.dtype, self.shape, self.offset = path, dtype, shape, offset
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def read(self, index: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``index`` (all rows when None) as a new array."""
+        if 0 in self.shape:
+            return np.empty(self.shape if index is None else (len(index), *self.shape[1:]), self.dtype)
+        mapped = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        return np.array(mapped) if index is None else mapped[index]
+
+
+class ShardedTable:
+    """(N, ...) rows held by shards: files mapped as they are read, or tensors where a shard could not be written.
+
+    ``table[index]`` reads the rows ``index`` (a long tensor, a list, a slice) into a new CPU tensor.
+    """
+
+    def __init__(self, parts: Sequence[MappedArray | torch.Tensor], rows_per_shard: int):
+        self.parts, self.rows_per_shard = list(parts), rows_per_shard
+        first = parts[0]
+        self.row_shape = tuple(first.shape[1:])
+        self.dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype if isinstance(first, MappedArray) \
+            else first.dtype
+        self.num_rows = sum(len(p) for p in parts)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_rows, *self.row_shape)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            index = torch.arange(self.num_rows)[index]
+        index = torch.as_tensor(index, dtype=torch.long).cpu().flatten()
+        out = torch.empty((len(index), *self.row_shape), dtype=self.dtype)
+        shard, local = index // self.rows_per_shard, index % self.rows_per_shard
+        for s in shard.unique().tolist():
+            where = (shard == s).nonzero().squeeze(1)
+            part = self.parts[s]
+            out[where] = torch.from_numpy(part.read(local[where].numpy())) if isinstance(part, MappedArray) \
+                else part[local[where]]
+        return out
+
+    def chunks(self) -> list[torch.Tensor]:
+        """The shards in row order, as tensors (each read when asked for)."""
+        return [torch.from_numpy(p.read()) if isinstance(p, MappedArray) else p for p in self.parts]
+
+
+class ShardedCache:
+    """The shards of one table: which are there and whole, computing the missing ones, opening them."""
+
+    def __init__(self, cache_dir: str | Path | None, kind: str, params: dict, row_keys: Sequence[str],
+                 rows_per_shard: int | None = None):
+        self.kind, self.params, self.row_keys, self.num_rows = kind, params, list(row_keys), len(row_keys)
+        self.rows_per_shard = rows_per_shard or shard_rows()
+        self.key = cache_key(kind, {**params, "rows_per_shard": self.rows_per_shard})
+        self.folder = Path(cache_dir or default_cache_dir()) / f"{kind}-{self.key}"
+        self.num_shards = max(1, math.ceil(self.num_rows / self.rows_per_shard))
+        self.held: dict[int, Tensors] = {}  # shards that could not be written
+
+    def shard_key(self, shard: int) -> str:
+        """What shard ``shard`` holds: the table's key, its first row and its rows' keys."""
+        rows = self.rows(shard)
+        return hashlib.sha256(json.dumps([self.key, rows.start, self.row_keys[rows.start:rows.stop]]).encode()
+                              ).hexdigest()[:20]
+
+    def rows(self, shard: int) -> range:
+        return range(shard * self.rows_per_shard, min((shard + 1) * self.rows_per_shard, self.num_rows))
+
+    def path(self, shard: int) -> Path:
+        return self.folder / f"shard-{shard:05d}-{self.shard_key(shard)}.safetensors"
+
+    def damage(self, shard: int, check_values: bool = True) -> str | None:
+        """Why shard ``shard`` cannot be used ("absent", cut short, another table's, NaN or inf), None when whole."""
+        if shard in self.held:
+            return None
+        path = self.path(shard)
+        if not path.is_file():
+            return "absent"
+        try:
+            header, arrays = _open(path)
+        except (OSError, ValueError) as error:
+            return f"unreadable cache shard ({error})"
+        meta = header.get("__metadata__") or {}
+        rows = self.rows(shard)
+        if (meta.get("kind"), meta.get("key"), meta.get("rows")) != (self.kind, self.shard_key(shard),
+                                                                     f"{rows.start}:{rows.stop}") \
+                or any(len(a) != len(rows) for a in arrays.values()):
+            return "this cache shard holds other rows or another table (copied or renamed?)"
+        if check_values and any(not np.isfinite(a.read()).all() for a in arrays.values() if a.dtype.kind == "f"):
+            return "NaN or inf in this cache shard"
+        return None
+
+    def complete(self) -> bool:
+        """Whether every shard is there and whole (values not read): nothing left to :meth:`fill`."""
+        return all(self.damage(s, check_values=False) is None for s in range(self.num_shards))
+
+    def fill(self, compute: Callable[[range], Tensors], desc: str, progress: bool = True) -> None:
+        """Compute and write this process's missing (or damaged) shards; then wait for the other processes
+        (every process must call it: it synchronises them).
+
+        ``compute(rows)`` returns the tensors of those rows. A :class:`~pogdiff.errors.PogdiffError` it raises
+        (an unreadable image, NaN from an encoder) leaves that shard unwritten and the others go on; at the
+        end every process raises the same one-line error, naming the first file and counting the rest.
+        """
+        state = PartialState()
+        mine = [s for s in range(self.num_shards) if s % state.num_processes == state.process_index]
+        damaged = {s: self.damage(s) for s in mine}
+        todo = [s for s in mine if damaged[s] is not None]
+        for s in todo:
+            if damaged[s] != "absent":
+                warnings.warn(f"{self.path(s)}: {damaged[s]}; computing it again", PogdiffWarning)
+        errors: list[tuple[int, PogdiffError]] = []
+        bar = tqdm(total=sum(len(self.rows(s)) for s in todo), desc=desc, unit="row", dynamic_ncols=True,
+                   disable=not (progress and state.is_local_main_process and todo))
+        for s in todo:
+            try:
+                tensors = compute(self.rows(s))
+            except PogdiffError as error:
+                errors.append((s, error))
+            else:
+                self._write(s, tensors, f"process {state.process_index} of {state.num_processes}")
+            bar.update(len(self.rows(s)))
+        bar.close()
+        failures = gather_object([(s, type(e).__name__, getattr(e, "first_message", str(e)), getattr(e, "files", None))
+                                  for s, e in errors])
+        state.wait_for_everyone()
+        if failures:
+            raise_first(sorted(failures, key=lambda f: f[0]))
+
+    def _write(self, shard: int, tensors: Tensors, writer: str) -> None:
+        path = self.path(shard)
+        rows = self.rows(shard)
+        metadata = {"kind": self.kind, "key": self.shard_key(shard), "rows": f"{rows.start}:{rows.stop}",
+                    "params": json.dumps(self.params), "written_by": writer}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
+                apply_umask(tmp)
+        except OSError as error:
+            warnings.warn(f"{path}: cannot write this cache shard ({error.strerror or error}); keeping it in memory "
+                          "(free space or pass --cache-dir)", PogdiffWarning)
+            self.held[shard] = {name: t.contiguous() for name, t in tensors.items()}
+
+    def open(self) -> dict[str, ShardedTable]:
+        """Every shard, memory-mapped (all must be whole: :meth:`fill` first)."""
+        parts: dict[str, list] = {}
+        for s in range(self.num_shards):
+            if s in self.held:
+                arrays = self.held[s]
+            else:
+                problem = self.damage(s, check_values=False)
+                if problem is not None:
+                    raise PogdiffError(f"{self.path(s)}: {problem} after encoding (is another process deleting the "
+                                       "cache?); run the command again")
+                arrays = _open(self.path(s))[1]
+            for name, array in arrays.items():
+                parts.setdefault(name, []).append(array)
+        return {name: ShardedTable(p, self.rows_per_shard) for name, p in parts.items()}
+
+
+def raise_first(failures: list[tuple[int, str, str, list | None]]) -> None:
+    """One error for the failures of every process: the first, and a count of the unreadable files after it."""
+    _, kind, message, _ = failures[0]
+    if kind == "UnreadableImages":
+        files = [f for *_, fs in failures for f in fs]
+        message = f"{message}{and_more(files[1:], 'unreadable')}; the shards encoded so far are kept"
+    raise (DatasetError if kind in ("UnreadableImages", "DatasetError") else PogdiffError)(message)
+
+
+def _open(path: Path) -> tuple[dict, dict[str, MappedArray]]:
+    """A safetensors file's header and its tensors, to be mapped when read."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        start = file.read(8)
+        if len(start) < 8:
+            raise ValueError("too short for a safetensors header")
+        (header_size,) = struct.unpack("<Q", start)
+        if header_size > size - 8:
+            raise ValueError("its header is cut short")
+        try:
+            header = json.loads(file.read(header_size))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError("its header is damaged") from None
+    base = 8 + header_size
+    arrays = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = np.dtype(_DTYPES[entry["dtype"]]), tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"tensor {name!r} has a damaged header entry") from None
+        if base + end > size or end - begin != dtype.itemsize * math.prod(shape):
+            raise ValueError(f"{size} bytes, cut short")
+        arrays[name] = MappedArray(path, dtype, shape, base + begin)
+    return header, arrays
