@@ -152,3 +152,21 @@ def test_benchmark_refuses_bad_input_before_writing(toy_data, tmp_path, capsys):
     code = main(["benchmark", "--out", str(tmp_path / "c"), "--data", str(toy_data), "--quick"])
     assert code == 2 and "is not a pogdiff benchmark folder" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["notes.txt"]
+
+
+def test_a_benchmark_refuses_data_whose_content_changed(toy_data, tmp_path, cache_dir, monkeypatch):
+    """The folder records the data's content, not only its path: a seed added after an identity's rows were removed
+    would average cells scored on other data."""
+    monkeypatch.setattr(benchmark, "run_cell", lambda out, spec, seed, *a: (json.loads(json.dumps(FAKE_CELL)), True))
+    monkeypatch.setattr(benchmark, "summarise", lambda *a: {})
+    monkeypatch.setattr(benchmark, "markdown_report", lambda metrics: "")
+    monkeypatch.setattr(benchmark, "html_report", lambda metrics: "")
+    out = tmp_path / "bench"
+    benchmark.run_benchmark(out, ["vanilla"], [0], Budget(), data=toy_data, cache_dir=cache_dir, progress=False)
+    lines = (toy_data / "metadata.jsonl").read_text().splitlines()
+    (toy_data / "metadata.jsonl").write_text("\n".join(line for line in lines if '"Chen"' not in line) + "\n")
+    with pytest.raises(PogdiffError, match="the data's content: its metadata.jsonl or images changed"):
+        benchmark.run_benchmark(out, ["vanilla"], [0, 1], Budget(), data=toy_data, cache_dir=cache_dir, progress=False)
+
+
+FAKE_CELL = {"seconds": {"train": 1.0}}

@@ -1,7 +1,9 @@
-"""Fuzz: random option values and random damage to a small dataset and run, fed to train, sample and evaluate.
+"""Fuzz: random option values and random damage to a small dataset and run, fed to train, a resume of the run,
+sample and evaluate.
 
 Every case must end with exit code 0 (it worked) or 2 (one line, ``pogdiff: error: ...``), print
-no traceback, change nothing outside its output folder and remove no file of the user's.
+no traceback, change nothing outside its output folder and remove no file of the user's; a refused
+resume changes nothing at all.
 Each case is drawn from its own seeded generator, so a failure names a case to run again
 (``CASES`` and its count in docs/bad-input.md go together).
 """
@@ -90,17 +92,28 @@ RUN_DAMAGE = {
     "weights truncated": lambda r: (r / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100),
     "scheduler gone": lambda r: shutil.rmtree(r / "scheduler"),
     "run file gone": lambda r: (r / "pogdiff_run.json").unlink(),
+    "checkpoint bytes changed": lambda r: zero_middle(r / "checkpoint-1" / "optimizer.bin"),
 }
+
+
+def zero_middle(path: Path) -> None:
+    """4 KiB zeroed in the middle of a file: its format still holds, only its sha256 tells."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(len(data[middle:middle + 4096]))
+    path.write_bytes(bytes(data))
 
 
 # --- the cases ---
 
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory):
-    """A small dataset (3 + 3 images, 16 px) and a 1-step run trained on it; each case works on copies."""
+    """A small dataset (3 + 3 images, 16 px) and a 2-step run trained on it, with checkpoint-1; each case works on
+    copies."""
     root = tmp_path_factory.mktemp("fuzz")
     data = write_toy_dataset(root / "data", counts=(3, 3), size=16)
-    code = main(["train", str(data), "--output-dir", str(root / "run"), *train_basics(root / "cache")])
+    code = main(["train", str(data), "--output-dir", str(root / "run"), *train_basics(root / "cache"),
+                 "--max-train-steps", "2", "--checkpointing-steps", "1"])
     assert code == 0
     return data, root / "run", root / "cache"
 
@@ -113,16 +126,20 @@ def train_basics(cache: Path) -> list[str]:
 def draw_case(number: int, sandbox: Path, cache: Path) -> tuple[list[str], Path, list[str]]:
     """(argv, output folder, what was damaged) of case ``number``, its files laid out in ``sandbox``."""
     rng = random.Random(SEED * 1000 + number)
-    command = rng.choice(["train", "train", "sample", "evaluate"])
+    command = rng.choice(["train", "train", "resume", "sample", "evaluate"])
     damage = rng.sample(sorted(DATASET_DAMAGE), rng.choice([0, 0, 1, 2])) if command != "sample" else []
     if command != "train":
         damage += rng.sample(sorted(RUN_DAMAGE), rng.choice([0, 0, 1]))
     for name in sorted(damage, key=[*DATASET_DAMAGE, *RUN_DAMAGE].index):
         (DATASET_DAMAGE.get(name) or RUN_DAMAGE[name])(sandbox / ("run" if name in RUN_DAMAGE else "data"))
-    out = sandbox / rng.choice(["out", "out", "theirs", "empty", "run", "data"])
+    out = sandbox / ("run" if command == "resume" else rng.choice(["out", "out", "theirs", "empty", "run", "data"]))
     data, run = str(sandbox / "data"), str(sandbox / "run")
     if command == "train":
         argv, pool = ["train", data, "--output-dir", str(out), *train_basics(cache)], TRAIN_OPTIONS
+    elif command == "resume":  # the run's own options, then random changes to them
+        argv = ["train", data, "--output-dir", run, *train_basics(cache), "--max-train-steps", "2",
+                "--checkpointing-steps", "1", "--resume-from-checkpoint", "latest"]
+        pool = TRAIN_OPTIONS
     elif command == "sample":
         argv = ["sample", run, "--prompt", "An image of Anna.", "--out", str(out), "--num-images", "1",
                 "--num-inference-steps", "2", "--no-progress"]
@@ -170,6 +187,8 @@ def test_random_options_and_damage_end_in_success_or_one_line(originals, tmp_pat
             assert [line for line in err.splitlines() if line.startswith("pogdiff: error: ")] == \
                    [err.splitlines()[-1]], f"{what}\n{err}"
         after = snapshot(sandbox)
+        if code == 2 and "--resume-from-checkpoint" in argv:
+            assert after == before, f"{what}: a refused resume changed files"
         for path, digest in before.items():
             inside = (sandbox / path).is_relative_to(out)
             if not inside:

@@ -55,7 +55,9 @@ def test_same_arguments_write_the_same_corpus(tmp_path):
 
 def test_pretrain_runs_resumes_and_releases_verified_weights(corpus, tmp_path, capsys):
     from pogdiff.backbone import load_backbone
-    from pogdiff.pretraining import MANIFEST_FILE, WEIGHTS_FILE, sha256
+    from pogdiff.errors import PogdiffError
+    from pogdiff.pretraining import MANIFEST_FILE, previous_release_dir, sha256, write_release
+    from pogdiff.shipped import WEIGHTS_FILE, shipped_backbone_dir
 
     run, release = tmp_path / "run", tmp_path / "release"
     common = [str(corpus), "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
@@ -73,6 +75,16 @@ def test_pretrain_runs_resumes_and_releases_verified_weights(corpus, tmp_path, c
     assert manifest["sha256"][WEIGHTS_FILE] == sha256(release / WEIGHTS_FILE)
     assert manifest["steps"] == 6 and manifest["images_seen"] == 48 and manifest["heldout_loss"] > 0
     assert manifest["corpus"]["people"] == 12
+    # every file of the release is in the manifest: an edited config is caught as well as edited weights
+    assert set(manifest["sha256"]) == {WEIGHTS_FILE, "unet/config.json", "scheduler/scheduler_config.json",
+                                       "pogdiff_run.json"}
+    first = (release / WEIGHTS_FILE).read_bytes()
+    write_release(run, release)  # a release replacing an earlier one keeps it beside itself
+    assert (previous_release_dir(release) / WEIGHTS_FILE).read_bytes() == first
+    config = release / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"norm_num_groups": 8', '"norm_num_groups": 4'))
+    with pytest.raises(PogdiffError, match="unet/config.json: a file of the shipped pretrained backbone is damaged"):
+        shipped_backbone_dir(release)
     released, trained = load_backbone(release, "cpu"), load_backbone(run, "cpu")
     for (name, a), b in zip(released.unet.state_dict().items(), trained.unet.state_dict().values()):
         assert a.dtype == torch.float32

@@ -45,6 +45,27 @@ def test_damaged_or_missing_shipped_weights_are_a_one_line_error(tmp_path, damag
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("damage", ["edited unet config", "no scheduler config", "no run file"])
+def test_a_shipped_folder_that_does_not_load_says_reinstall(damage, tmp_path, monkeypatch):
+    """The shipped manifest of this release hashes only the weights: other files are checked when they load."""
+    from pogdiff import shipped
+    from pogdiff.backbone import load_backbone
+
+    copy = shutil.copytree(SHIPPED_DIR, tmp_path / SHIPPED_NAME)
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", copy)
+    if damage == "edited unet config":
+        config = json.loads((copy / "unet" / "config.json").read_text())
+        (copy / "unet" / "config.json").write_text(json.dumps({**config, "norm_num_groups": 7}))
+    elif damage == "no scheduler config":
+        (copy / "scheduler" / "scheduler_config.json").unlink()
+    else:
+        (copy / "pogdiff_run.json").unlink()
+    with pytest.raises(PogdiffError, match="the shipped pretrained backbone does not load") as error:
+        load_backbone(copy, "cpu")
+    assert "reinstall pogdiff" in str(error.value) and "train it again" not in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 def test_the_shipped_name_stands_for_its_folder_unless_a_folder_has_that_name(tmp_path, monkeypatch):
     assert resolve_run_dir(SHIPPED_NAME) == SHIPPED_DIR
     monkeypatch.chdir(tmp_path)

@@ -28,7 +28,7 @@ from pogdiff.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, first_line
 from pogdiff.pretrained import PIPELINE_FILE, check_pipeline_files
 from pogdiff.run_folder import DAMAGED_RUN_FIX, PIPELINE_BACKBONE, RUN_FILE, read_run_info
-from pogdiff.shipped import WEIGHTS_FILE, resolve_run_dir, sha256
+from pogdiff.shipped import WEIGHTS_FILE, loading_shipped, resolve_run_dir, sha256
 
 
 class PixelBackbone:
@@ -282,16 +282,17 @@ def load_backbone(run_dir: str | Path, device: str | torch.device | None = None)
     on the GPU in half precision where there is one, else on the CPU in float32. ``run_dir`` may be
     the shipped backbone's name."""
     run_dir = resolve_run_dir(run_dir)
-    info = read_run_info(run_dir)
-    if info["backbone"] not in BACKBONES:
-        raise PogdiffError(f"{run_dir}: unknown backbone {info['backbone']!r} in {RUN_FILE}")
-    try:
-        backbone = BACKBONES[info["backbone"]].from_run(run_dir)
-    except KeyError as error:
-        raise PogdiffError(f"{Path(run_dir) / RUN_FILE}: no {error.args[0]}; {DAMAGED_RUN_FIX}") from None
-    except (OSError, SafetensorError, ValueError) as error:
-        raise PogdiffError(f"{run_dir}: cannot load the run's weights ({first_line(error)}); "
-                           f"{DAMAGED_RUN_FIX}") from None
+    with loading_shipped(run_dir):
+        info = read_run_info(run_dir)
+        if info["backbone"] not in BACKBONES:
+            raise PogdiffError(f"{run_dir}: unknown backbone {info['backbone']!r} in {RUN_FILE}")
+        try:
+            backbone = BACKBONES[info["backbone"]].from_run(run_dir)
+        except KeyError as error:
+            raise PogdiffError(f"{Path(run_dir) / RUN_FILE}: no {error.args[0]}; {DAMAGED_RUN_FIX}") from None
+        except (OSError, SafetensorError, ValueError) as error:
+            raise PogdiffError(f"{run_dir}: cannot load the run's weights ({first_line(error)}); "
+                               f"{DAMAGED_RUN_FIX}") from None
     backbone.unet.eval().requires_grad_(False)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return backbone.to(device, torch.float16 if device.type == "cuda" else torch.float32)

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from pogdiff.errors import PogdiffWarning
+from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.files import apply_umask, atomic_path
 
 CACHE_VERSION = 3  # bump when a cached quantity is computed differently
@@ -32,6 +32,13 @@ def default_cache_dir() -> Path:
     """$POGDIFF_CACHE, else $XDG_CACHE_HOME/pogdiff, else ~/.cache/pogdiff."""
     base = os.environ.get("POGDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pogdiff"
     return Path(base)
+
+
+def check_cache_dir(cache_dir: str | Path | None) -> None:
+    """A --cache-dir that is a file is one line before any work (each cache write would warn about it)."""
+    path = Path(cache_dir or default_cache_dir())
+    if path.exists() and not path.is_dir():
+        raise PogdiffError(f"{path}: --cache-dir is a file; pass a folder (or leave --cache-dir out)")
 
 
 def cache_key(kind: str, params: dict) -> str:

@@ -81,22 +81,26 @@ def data_dir_of(typed: dict) -> str:
 
 
 def _pretrain(args) -> None:
-    from pogdiff.pretraining import PRETRAINING, check_release_dir, write_release
+    from pogdiff.pretraining import PRETRAINING, check_release_dir, previous_release_dir, write_release
     from pogdiff.train import TrainConfig, config_fields, train
 
     if getattr(args, "release_dir", None):
-        check_release_dir(args.release_dir)  # before hours of training, not after
+        check_release_dir(args.release_dir, args.output_dir)  # before hours of training, not after
     values = {**PRETRAINING, **{k: v for k, v in vars(args).items() if k in config_fields()}}
     out = train(TrainConfig(**values, progress=not args.no_progress))
     print(f"pretrained backbone saved to {out}")
     if getattr(args, "release_dir", None):
-        print(f"released to {write_release(out, args.release_dir)}")
+        replaced = Path(args.release_dir).exists()
+        released = write_release(out, args.release_dir)
+        kept = f"; the release it replaced is kept in {previous_release_dir(released)}" if replaced else ""
+        print(f"released to {released}{kept}")
 
 
 def _sample(args) -> None:
     from pogdiff.backbone import load_backbone
+    from pogdiff.files import check_writable_folder
     from pogdiff.images import to_pil
-    from pogdiff.sampling import generate
+    from pogdiff.sampling import generate_batches
 
     out = Path(args.out)
     files = [out / f"{i:04d}.png" for i in range(args.num_images)]
@@ -104,13 +108,16 @@ def _sample(args) -> None:
     if taken:
         raise PogdiffError(f"{taken[0]}: already exists ({len(taken)} of the {len(files)} files to write do); "
                            "choose another --out, or move them away")
+    check_writable_folder(out, "--out")  # before sampling, not after
     backbone = load_backbone(args.run)
-    images = generate(backbone, [args.prompt], args.num_images, args.num_inference_steps, args.guidance_scale,
-                      args.seed, progress=not args.no_progress)
-    out.mkdir(parents=True, exist_ok=True)
-    for file, image in zip(files, images):
-        to_pil(image).save(file)
-    print(f"wrote {len(images)} images to {out}")
+    written = 0
+    for images in generate_batches(backbone, [args.prompt], args.num_images, args.num_inference_steps,
+                                   args.guidance_scale, args.seed, progress=not args.no_progress):
+        out.mkdir(parents=True, exist_ok=True)
+        for image in images:  # as each batch is done: nothing is lost to a stop, memory does not grow
+            to_pil(image).save(files[written])
+            written += 1
+    print(f"wrote {written} images to {out}")
 
 
 def _evaluate(args) -> None:

@@ -38,8 +38,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pogdiff.data.dataset import FEW_MAX_IMAGES, load_dataset
+from pogdiff.data.image_files import dataset_digest
 from pogdiff.data.synth import write_dataset
-from pogdiff.errors import PogdiffError
+from pogdiff.cache import check_cache_dir
+from pogdiff.errors import Interrupted, PogdiffError
 from pogdiff.evaluation.evaluate import PROMPT, evaluate_runs
 from pogdiff.evaluation.results_table import all_few_table, html_table, markdown_table
 from pogdiff.files import atomic_path, safe_stem, write_text_atomic
@@ -162,10 +164,11 @@ def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: 
     if not specs or not seeds:
         raise PogdiffError("nothing to run: give at least one of --methods and one of --seeds")
     check_values({"prompt_template": budget.prompt_template}, command="benchmark")
-    if data:
-        load_dataset(data)  # a bad dataset fails here, before the folder is committed to these settings
+    check_cache_dir(cache_dir)
     settings = {"data": str(Path(data).resolve()) if data else f"embedded synthetic '{preset}' preset, seed 0",
                 "budget": asdict(budget), "backbone": backbone_weights(budget)}
+    if data:  # a bad dataset fails here, before the folder is committed to these settings
+        settings["data_content"] = dataset_digest(load_dataset(data), cache_dir)
     check_settings(out, settings)
     data_dir = Path(data) if data else embedded_dataset(out, preset)
 
@@ -217,8 +220,12 @@ def check_settings(out: Path, settings: dict) -> None:
         # a budget key newer than the folder was absent then: the folder ran with its default
         stored["budget"] = {**asdict(Budget()), **stored.get("budget", {})}
         stored.setdefault("backbone", settings["backbone"])  # a folder from before the weights were recorded
+        if "data_content" in settings:  # (and from before the data's content was)
+            stored.setdefault("data_content", settings["data_content"])
         if stored != settings:
             changed = [k for k in settings["budget"] if stored["budget"].get(k) != settings["budget"][k]]
+            if stored.get("data_content") != settings.get("data_content"):
+                changed.append("the data's content: its metadata.jsonl or images changed since the cells were scored")
             if stored["backbone"] != settings["backbone"]:
                 then, now = (" ".join(b.values()) for b in (stored["backbone"], settings["backbone"]))
                 changed.append(f"backbone weights: {then} then, {now} now")
@@ -256,17 +263,22 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
     if not is_finished(run):
         shutil.rmtree(run, ignore_errors=True)  # an interrupted run of this benchmark: start it again
         began = time.time()
-        train(TrainConfig(str(data_dir), str(run), method=spec.method, method_options=dict(spec.options), seed=seed,
-                          sampler=spec.sampler, **spec.sampler_options,
-                          max_train_steps=budget.max_train_steps, train_batch_size=budget.train_batch_size,
-                          learning_rate=budget.learning_rate, from_scratch=budget.from_scratch,
-                          cache_dir=str(cache_dir) if cache_dir else None, progress=progress))
+        try:
+            train(TrainConfig(str(data_dir), str(run), method=spec.method, method_options=dict(spec.options),
+                              seed=seed, sampler=spec.sampler, **spec.sampler_options,
+                              max_train_steps=budget.max_train_steps, train_batch_size=budget.train_batch_size,
+                              learning_rate=budget.learning_rate, from_scratch=budget.from_scratch,
+                              cache_dir=str(cache_dir) if cache_dir else None, progress=progress))
+        except Interrupted:  # train's own advice (--overwrite, --resume-from-checkpoint) is not a benchmark's
+            raise Interrupted(f"{out}: interrupted while training {spec.folder}, seed {seed}; run the same command "
+                              "again to continue (finished cells are kept, this one starts again)") from None
         seconds["train"] = round(time.time() - began, 1)
     began = time.time()
     metrics = evaluate_runs([run], data_dir, evaluation, num_images=budget.num_images,
                             num_inference_steps=budget.num_inference_steps, guidance_scale=budget.guidance_scale,
                             seed=seed, few_max_images=budget.few_max_images, max_identities=budget.max_identities,
-                            cache_dir=cache_dir, progress=progress, prompt_template=budget.prompt_template)
+                            cache_dir=cache_dir, progress=progress, prompt_template=budget.prompt_template,
+                            own_folder=True)
     seconds["evaluate"] = round(time.time() - began, 1)
     (result,) = metrics["methods"].values()
     cell = {"method": spec.method, "options": spec.options, "sampler": spec.sampler,

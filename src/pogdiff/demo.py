@@ -42,7 +42,7 @@ def run_demo(out: str | Path = "demo-out", preset: str = "medium", seed: int = 0
                               overwrite=True, cache_dir=cache_dir, progress=progress))
         runs.append(run)
     metrics = evaluate_runs(runs, data, out, num_images=num_images, num_inference_steps=num_inference_steps,
-                            seed=seed, cache_dir=cache_dir, progress=progress)
+                            seed=seed, cache_dir=cache_dir, progress=progress, own_folder=True)
     print(f"\n{metrics['num_identities']['all']} identities, Few = {metrics['num_identities']['few']} with "
           f"<= {metrics['few_max_images']} training images; {num_images} samples each, DDIM "
           f"{metrics['num_inference_steps']} steps. fd/sim/recall in {metrics['feature_space']} features; "

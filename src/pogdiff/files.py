@@ -23,6 +23,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from pogdiff.errors import PogdiffError
+
 # torch.save's zip writer says no more than this when the disk fills ("unexpected pos 576 vs 534")
 _TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos")
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")
@@ -154,3 +156,23 @@ def apply_umask(path: str | Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def apply_umask_to_tree(path: str | Path) -> None:
+    """:func:`apply_umask` on ``path`` or every file under it that safetensors left owner-only (0600)."""
+    path = Path(path)
+    for path in [path] if path.is_file() else path.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
+            apply_umask(path)
+
+
+def check_writable_folder(folder: str | Path, flag: str) -> None:
+    """Check, writing nothing, that ``folder`` is or can be made a folder files can be written into: one line
+    naming ``flag`` if not, before any work."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PogdiffError(f"{folder}: {flag} is a file; choose a folder")
+    parent = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is a file" if not parent.is_dir() else "is not writable"
+        raise PogdiffError(f"{folder}: cannot write into {flag} ({parent} {why}); choose another {flag}")

@@ -31,7 +31,7 @@ from pogdiff.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.run_folder import RUN_FILE, read_run_info
-from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, WEIGHTS_FILE, sha256, shipped_manifest
+from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, sha256, shipped_manifest
 from pogdiff.data.image_files import read_images
 
 # The recipe of the shipped weights: from random weights, EMA on, large batches (a GPU wants
@@ -42,10 +42,15 @@ PRETRAINING = {"method": "vanilla", "use_ema": True, "ema_decay": 0.999, "train_
                "text_max_length": 56, "from_scratch": True}
 
 
-def check_release_dir(release_dir: str | Path) -> None:
+def check_release_dir(release_dir: str | Path, output_dir: str | Path | None = None) -> None:
     """A release replaces only an earlier release (its manifest names the shipped backbone), never a folder
-    of the user's; checked before pretraining starts, and again before the release is written."""
+    of the user's nor the run it is made from; checked before pretraining starts, and again before the
+    release is written."""
     release = Path(release_dir)
+    if output_dir is not None and (release.resolve().is_relative_to(Path(output_dir).resolve())
+                                   or Path(output_dir).resolve().is_relative_to(release.resolve())):
+        raise PogdiffError(f"{release}: --release-dir and --output-dir {output_dir} overlap, and the release is "
+                           "written from the finished run; choose a --release-dir outside the run folder")
     if not release.exists() or (release.is_dir() and not any(release.iterdir())):
         return
     try:
@@ -92,15 +97,23 @@ def write_release(run_dir: str | Path, release_dir: str | Path, command: list[st
         "heldout_loss": heldout_loss(run_dir, Path(config["data_dir"]) / "heldout"),
         "weights_dtype": "float16",
         "released": datetime.date.today().isoformat(),
-        "sha256": {WEIGHTS_FILE: sha256(tmp / WEIGHTS_FILE)},
+        # every file of the release, so that an edited config is caught as well as edited weights
+        "sha256": {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
     }
     if not config["from_scratch"]:  # --from-shipped: the weights it started from, and how those were made
         manifest["continued_from"] = shipped_manifest()
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    if release.exists():
-        shutil.rmtree(release)
+    if release.exists():  # an earlier release (check_release_dir): kept beside it, not deleted
+        shutil.rmtree(previous_release_dir(release), ignore_errors=True)
+        release.rename(previous_release_dir(release))
     tmp.rename(release)
     return release
+
+
+def previous_release_dir(release: str | Path) -> Path:
+    """Where a release keeps the one it replaced (hidden: not packaged with the shipped weights)."""
+    release = Path(release)
+    return release.with_name(f".{release.name}.previous")
 
 
 @torch.no_grad()

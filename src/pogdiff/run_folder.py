@@ -8,7 +8,8 @@
                              share of drawn y' of another identity (Eq. 8), is_few
     RUN/psi_summary.json     their means and quantiles, majority vs minority rows; same- vs
                              other-identity cosine similarity in the neighbour feature space
-    RUN/checkpoint-N/        training states (--checkpointing-steps)
+    RUN/checkpoint-N/        training states (--checkpointing-steps), with pogdiff_checkpoint.json: the
+                             options the run was started with and the sha256 of each file
     RUN/rows-rank<R>.jsonl   --log-rows (pogdiff.row_log)
 
 A plain diffusers pipeline folder reads as a Stable Diffusion run labelled by its folder name.
@@ -16,6 +17,7 @@ A plain diffusers pipeline folder reads as a Stable Diffusion run labelled by it
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -35,6 +37,48 @@ PSI_KEYS = ("psi_txt", "psi_img", "psi", "other_identity_share")
 IS_FEW_KEY = "is_few"
 NEIGHBOUR_SPACE_KEY = "neighbour_features"  # in PSI_SUMMARY_FILE
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_RECORD = "pogdiff_checkpoint.json"
+# What `train` writes at the top of a run folder; --overwrite removes these and nothing else (an eval/
+# or notes of the user's stay). The trackers' --logging-dir is added by is_run_entry.
+RUN_ENTRIES = (RUN_FILE, PSI_FILE, PSI_SUMMARY_FILE, "unet", "scheduler", "vae", "text_encoder", "tokenizer",
+               "model_index.json", "pytorch_lora_weights.safetensors", "validation", "rows-rank*.jsonl",
+               f"{CHECKPOINT_PREFIX}*", ".checkpoint-*", ".write-test")
+
+
+def is_run_entry(name: str, logging_dir: str = "logs") -> bool:
+    """Whether ``name`` (at the top of a run folder) is something `train` writes there."""
+    own = [*RUN_ENTRIES] + ([Path(logging_dir).parts[0]] if not Path(logging_dir).is_absolute() else [])
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in own)
+
+
+def write_checkpoint_record(checkpoint: Path, options: dict) -> None:
+    """The options a run was started with, and the sha256 of each file of the checkpoint (read on resume)."""
+    from pogdiff.shipped import sha256
+
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_RECORD)
+    record = {"options": options, "sha256": {str(p.relative_to(checkpoint)): sha256(p) for p in files}}
+    write_text_atomic(checkpoint / CHECKPOINT_RECORD, json.dumps(record, indent=2, default=str))
+
+
+def read_checkpoint_record(checkpoint: Path) -> dict | None:
+    """A checkpoint's record (None for a checkpoint saved before records were written, or a damaged one)."""
+    try:
+        record = json.loads((checkpoint / CHECKPOINT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("sha256"), dict) else None
+
+
+def changed_checkpoint_file(checkpoint: Path) -> str | None:
+    """The first file of a checkpoint that is missing or differs from the sha256 its record holds."""
+    from pogdiff.shipped import sha256
+
+    record = read_checkpoint_record(checkpoint)
+    for name, digest in (record or {}).get("sha256", {}).items():
+        path = checkpoint / name
+        if not path.is_file() or sha256(path) != digest:
+            return name
+    return None
 
 
 def is_finished(run_dir: str | Path) -> bool:

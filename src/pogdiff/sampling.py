@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 
-@torch.no_grad()
 def generate(backbone, prompts: list[str], num_images: int = 1, num_inference_steps: int = 50,
              guidance_scale: float | None = None, seed: int = 0, batch_size: int | None = None,
              progress: bool = True) -> torch.Tensor:
-    """Images (len(prompts) * num_images, 3, H, W) in [-1, 1], prompt-major order.
+    """Images (len(prompts) * num_images, 3, H, W) in [-1, 1], prompt-major order: :func:`generate_batches`, joined."""
+    return torch.cat(list(generate_batches(backbone, prompts, num_images, num_inference_steps, guidance_scale, seed,
+                                           batch_size, progress)))
+
+
+@torch.no_grad()
+def generate_batches(backbone, prompts: list[str], num_images: int = 1, num_inference_steps: int = 50,
+                     guidance_scale: float | None = None, seed: int = 0, batch_size: int | None = None,
+                     progress: bool = True) -> Iterator[torch.Tensor]:
+    """The images of :func:`generate` a batch at a time, as each is done: memory does not grow with their number.
 
     ``guidance_scale`` defaults to the backbone's (3.0 for the small pixel model, 7.5 for
     Stable Diffusion); 1.0 turns guidance off. For a latent backbone the loop runs on
     latents and ``backbone.decode`` turns them into images. The initial noise comes from a
-    CPU generator seeded by ``seed``: the same images on any device, and the global
-    random state is left alone (training's validation images do not change its draws).
+    CPU generator seeded by ``seed`` (drawn batch after batch: the same values as one draw for all):
+    the same images on any device and batch size, and the global random state is left alone
+    (training's validation images do not change its draws).
     """
     guidance = backbone.default_guidance_scale if guidance_scale is None else guidance_scale
     batch_size = batch_size or backbone.sample_batch_size
@@ -25,18 +36,18 @@ def generate(backbone, prompts: list[str], num_images: int = 1, num_inference_st
     device, dtype = unet.device, unet.dtype
     scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
-    states = backbone.text_encoder.encode(prompts).states.repeat_interleave(num_images, 0)
+    prompt_states = backbone.text_encoder.encode(prompts).states
     uncond = backbone.text_encoder.encode([""]).states
     generator = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
-    shape = (len(states), unet.config.in_channels, size, size)
-    latents = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    out = []
-    batches = range(0, len(states), batch_size)
+    total = len(prompts) * num_images
+    batches = range(0, total, batch_size)
     bar = tqdm(total=len(batches) * num_inference_steps, desc="sampling", unit="step", disable=not progress)
     for start in batches:
-        x = latents[start:start + batch_size].to(device, dtype)
-        cond = states[start:start + batch_size].to(device, dtype)
+        rows = torch.arange(start, min(start + batch_size, total))
+        x = (torch.randn((len(rows), unet.config.in_channels, size, size), generator=generator)
+             * scheduler.init_noise_sigma).to(device, dtype)
+        cond = prompt_states[rows // num_images].to(device, dtype)
         if guidance != 1.0:
             cond = torch.cat([uncond.to(device, dtype).expand_as(cond), cond])
         for t in scheduler.timesteps:
@@ -47,6 +58,5 @@ def generate(backbone, prompts: list[str], num_images: int = 1, num_inference_st
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             x = scheduler.step(eps, t, x).prev_sample
             bar.update()
-        out.append(backbone.decode(x).float().cpu())
+        yield backbone.decode(x).float().cpu()
     bar.close()
-    return torch.cat(out)

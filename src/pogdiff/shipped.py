@@ -9,9 +9,13 @@ starts from it, and :data:`SHIPPED_NAME` names it wherever a run folder is expec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from pogdiff.errors import PogdiffError
 
@@ -20,6 +24,7 @@ SHIPPED_DIR = Path(__file__).parent / "weights" / SHIPPED_NAME
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 SHIPPED_RESOLUTION = 32
+SHIPPED_FIX = "reinstall pogdiff, or train with --from-scratch (`pogdiff pretrain` makes such weights again)"
 
 
 def sha256(path: Path) -> str:
@@ -33,7 +38,7 @@ def sha256(path: Path) -> str:
 def shipped_backbone_dir(folder: Path = SHIPPED_DIR) -> Path:
     """The shipped backbone's folder, once its weights match the sha256 of its manifest."""
     manifest = folder / MANIFEST_FILE
-    fix = "reinstall pogdiff, or train with --from-scratch (`pogdiff pretrain` makes such weights again)"
+    fix = SHIPPED_FIX
     try:
         expected = json.loads(manifest.read_text())["sha256"]
     except FileNotFoundError:
@@ -45,9 +50,23 @@ def shipped_backbone_dir(folder: Path = SHIPPED_DIR) -> Path:
         if not path.is_file():
             raise PogdiffError(f"{path}: shipped pretrained weights are missing; {fix}")
         if sha256(path) != digest:
-            raise PogdiffError(f"{path}: shipped pretrained weights are damaged (sha256 differs from "
+            raise PogdiffError(f"{path}: a file of the shipped pretrained backbone is damaged (sha256 differs from "
                                f"{MANIFEST_FILE}); {fix}")
     return folder
+
+
+@contextlib.contextmanager
+def loading_shipped(folder: str | Path) -> Iterator[None]:
+    """A failure to load the shipped backbone (a file edited or missing in the installed package) is one line
+    that says to reinstall pogdiff, not to train the run again; other folders' errors pass as they are."""
+    try:
+        yield
+    except (PogdiffError, OSError, ValueError, KeyError, SafetensorError) as error:
+        if Path(folder).resolve() != SHIPPED_DIR.resolve():
+            raise
+        reason = (str(error).split("; ")[0].strip() or type(error).__name__).splitlines()[0]
+        raise PogdiffError(f"{SHIPPED_DIR}: the shipped pretrained backbone does not load ({reason}); "
+                           f"{SHIPPED_FIX}") from None
 
 
 def shipped_manifest() -> dict:

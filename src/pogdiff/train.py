@@ -14,6 +14,7 @@ optimizer, resume, loop, save; the helpers follow in the order it calls them.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -38,22 +39,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pogdiff.backbone import PixelBackbone, StableDiffusionBackbone
-from pogdiff.cache import default_cache_dir
-from pogdiff.data.dataset import ImageTextDataset, load_dataset
+from pogdiff.cache import check_cache_dir, default_cache_dir
+from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, load_dataset
 from pogdiff.encoded_dataset import EncodedDataset, encode_for_training
 from pogdiff.errors import DatasetError, Interrupted, PogdiffError, PogdiffWarning, first_line
-from pogdiff.files import incomplete, remove_quietly, write_errors_as_os_errors
+from pogdiff.files import apply_umask_to_tree, incomplete, remove_quietly, write_errors_as_os_errors
 from pogdiff.images import save_grid
 from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch, options_in_effect
 from pogdiff.neighbour_features import UNET_SPACE
 from pogdiff.options import check_values
-from pogdiff.ownership import claimed, entries, is_marked, refuse_if_in_use
+from pogdiff.ownership import MARK_FILE, claimed, entries, is_marked, refuse_if_in_use
 from pogdiff.row_log import RowLog
 from pogdiff.row_sampler import SAMPLERS, batch_rows, row_weights
-from pogdiff.run_folder import (CHECKPOINT_PREFIX, PSI_FILE, RUN_FILE, checkpoint_step, checkpoints,
-                                latest_checkpoint, save_psi, write_run_info)
+from pogdiff.run_folder import (CHECKPOINT_PREFIX, CHECKPOINT_RECORD, PSI_FILE, RUN_FILE, changed_checkpoint_file,
+                                checkpoint_step, checkpoints, is_run_entry, latest_checkpoint, read_checkpoint_record,
+                                save_psi, write_checkpoint_record, write_run_info)
 from pogdiff.sampling import generate
-from pogdiff.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, shipped_backbone_dir
+from pogdiff.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, loading_shipped, shipped_backbone_dir
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
 
@@ -166,6 +168,9 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     check_options(config)
     config = with_dataset_folder(config)
     out = check_output_dir(config)
+    started_with = options_to_keep(config)  # what a resumed run must be given again (each checkpoint records it)
+    if config.resume_from_checkpoint:
+        check_resume_options(resume_checkpoint(config), started_with, config)
     accelerator = make_accelerator(config, out)
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     global_batch = config.train_batch_size * accelerator.num_processes
@@ -268,7 +273,7 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
         accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
-            save_checkpoint(accelerator, out, global_step, config.checkpoints_total_limit)
+            save_checkpoint(accelerator, out, global_step, config.checkpoints_total_limit, started_with)
         if config.validation_prompts and accelerator.is_main_process and \
                 (global_step % config.validation_steps == 0 or global_step == config.max_train_steps):
             log_validation(accelerator, backbone, config, out, global_step, ema, trained)
@@ -289,6 +294,9 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
                 "train_sessions": clock.sessions()}
         with reported_write_errors(out, out):  # a run folder without RUN_FILE is unfinished
             backbone.save(out, final)
+            for entry in entries(out):  # what train wrote, readable as the umask says (not the user's files)
+                if is_run_entry(entry.name, config.logging_dir):
+                    apply_umask_to_tree(entry)
             write_run_info(out, info)
     accelerator.end_training()
     return out
@@ -331,6 +339,7 @@ def make_accelerator(config: TrainConfig, out: Path | None = None) -> Accelerato
 # --- checks ---
 
 def check_options(config: TrainConfig) -> None:
+    check_cache_dir(config.cache_dir)
     if config.method not in METHODS:
         raise PogdiffError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.lora_rank and not config.pretrained:
@@ -410,11 +419,15 @@ def check_output_dir(config: TrainConfig) -> Path:
 
 
 def check_inputs_outside(out: Path, config: TrainConfig) -> None:
-    """The dataset and the cache must not live in the run folder: --overwrite would delete them."""
+    """The dataset and the cache must not live in the run folder (--overwrite would delete them), nor the run
+    folder in the dataset (its files would mix with the dataset's)."""
     for what, folder in (("the dataset", config.data_dir), ("--cache-dir", config.cache_dir or default_cache_dir())):
         if Path(folder).resolve().is_relative_to(out.resolve()):
             raise PogdiffError(f"{folder}: {what} is inside --output-dir {out}, where --overwrite or a new run "
                                "would mix with it; choose an --output-dir outside it")
+    if out.resolve().is_relative_to(Path(config.data_dir).resolve()):
+        raise PogdiffError(f"{out}: --output-dir is inside the dataset {config.data_dir}, whose folder should hold "
+                           "only its images and metadata; choose an --output-dir outside it")
 
 
 def check_folder_state(out: Path, config: TrainConfig) -> None:
@@ -450,6 +463,11 @@ def resume_checkpoint(config: TrainConfig) -> Path:
     of the pogdiff run in --output-dir."""
     out, wanted = Path(config.output_dir), config.resume_from_checkpoint
     if not is_marked(out):
+        found = checkpoints(out) if out.is_dir() else []
+        if found:
+            raise PogdiffError(f"{out}: holds {', '.join(c.name for c in found[:3])}{', ...' if len(found) > 3 else ''} "
+                               f"but no {MARK_FILE} (copied without its hidden files?), so pogdiff does not resume "
+                               f"into it; copy the whole run folder (cp -a RUN/. {out}/) or resume the original")
         raise PogdiffError(f"{out}: no checkpoint to resume from ({wanted}): not a pogdiff run folder; "
                            "drop --resume-from-checkpoint to start afresh, or pass the --output-dir of the run")
     saved = checkpoints(out)
@@ -470,14 +488,53 @@ def resume_checkpoint(config: TrainConfig) -> Path:
 
 
 def checkpoint_damage(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be loaded (its weights missing, or a file cut short), None when it looks whole."""
+    """Why a checkpoint cannot be loaded (its weights missing, a file cut short, or one that differs from the
+    sha256 the checkpoint recorded), None when it is whole."""
     if not (checkpoint / TRAINED_WEIGHTS_FILE).is_file():
         return f"no {TRAINED_WEIGHTS_FILE}"
     for file in sorted(p for p in checkpoint.iterdir() if p.is_file()):
         reason = incomplete(file)
         if reason:
             return f"{file.name} is damaged ({reason})"
+    changed = changed_checkpoint_file(checkpoint)
+    if changed:
+        return f"{changed} is damaged (missing, or its bytes differ from the sha256 in {CHECKPOINT_RECORD})"
     return None
+
+
+# Options a resumed run may change: how long it runs, what it logs and saves, where it caches.
+RESUMABLE_CHANGES = {"output_dir", "data_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps",
+                     "checkpoints_total_limit", "resume_from_checkpoint", "validation_prompts", "validation_steps",
+                     "num_validation_images", "overwrite", "report_to", "logging_dir", "tracker_project_name",
+                     "ddp_timeout", "cache_dir", "progress", "log_rows", "dataloader_num_workers", "mixed_precision",
+                     "allow_tf32"}
+
+
+def options_to_keep(config: TrainConfig) -> dict:
+    """The options, as given, that a resumed run must be given again, and the dataset's metadata (its sha256)."""
+    from pogdiff.shipped import sha256
+
+    options = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    metadata = Path(config.data_dir) / METADATA_FILE
+    return {**options, "data": sha256(metadata) if metadata.is_file() else None}
+
+
+def check_resume_options(checkpoint: Path, given: dict, config: TrainConfig) -> None:
+    """Refuse a resume whose options or data differ from the run's own, or that would stop before the checkpoint."""
+    record = read_checkpoint_record(checkpoint)
+    if record is not None:
+        started = json.loads(json.dumps(record["options"]))
+        now = json.loads(json.dumps(given, default=str))
+        differ = [k for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k)]
+        if differ:
+            shown = ", ".join("the dataset's metadata.jsonl" if k == "data" else
+                              f"{k} (run: {started.get(k)!r}, now: {now.get(k)!r})" for k in differ[:3])
+            raise PogdiffError(f"{checkpoint}: the run was started with other options or data: {shown}"
+                               f"{' and more' if len(differ) > 3 else ''}; resume with the run's own options, or "
+                               "start a new run in another --output-dir")
+    if config.max_train_steps is not None and config.max_train_steps < checkpoint_step(checkpoint):
+        raise PogdiffError(f"{checkpoint}: already past --max-train-steps {config.max_train_steps}; pass a larger "
+                           f"--max-train-steps, or resume from an earlier checkpoint")
 
 
 def restart_from_before(checkpoint: Path) -> str:
@@ -518,7 +575,8 @@ def make_backbone(config: TrainConfig):
         elif config.from_scratch:
             backbone = PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
         else:
-            backbone = PixelBackbone.from_run(shipped_backbone_dir(), name=SHIPPED_NAME)
+            with loading_shipped(shipped_backbone_dir()):
+                backbone = PixelBackbone.from_run(shipped_backbone_dir(), name=SHIPPED_NAME)
     if config.prediction_type:  # as diffusers' --prediction_type: the run saves the scheduler with it
         backbone.scheduler.register_to_config(prediction_type=config.prediction_type)
     return backbone
@@ -562,7 +620,9 @@ def claimed_output_dir(config: TrainConfig) -> Iterator[Path]:
     with claimed(out):
         check_folder_state(out, config)  # another process may have finished a run here since the first check
         if config.overwrite and not config.resume_from_checkpoint:
-            for entry in entries(out):
+            for entry in entries(out):  # only what train wrote: an eval/ or notes of the user's stay
+                if not is_run_entry(entry.name, config.logging_dir):
+                    continue
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
                 else:
@@ -689,8 +749,10 @@ def draw_batch(rows: torch.Tensor, backbone, x0_tables: list, encoded: EncodedDa
 
 # --- checkpoints and validation, during the loop ---
 
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None) -> None:
-    """Save the full training state atomically: written to a temporary folder, then renamed.
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None,
+                    options: dict | None = None) -> None:
+    """Save the full training state atomically: written to a temporary folder, then renamed; with ``options``
+    (the run's own, see :func:`options_to_keep`), a record of them and of each file's sha256 goes with it.
 
     A failed write (disk full) removes the temporary folder and raises a one-line error;
     the checkpoints saved before stay as they were.
@@ -703,6 +765,10 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit:
     accelerator.wait_for_everyone()
     with reported_write_errors(final, out, cleanup=tmp if accelerator.is_main_process else None):
         accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            apply_umask_to_tree(tmp)
+            if options is not None:
+                write_checkpoint_record(tmp, options)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # resumed from an earlier checkpoint: this step's new state replaces the old one

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pogdiff.cache import default_cache_dir
-from pogdiff.data.dataset import ImageTextDataset, and_more, load_image
+from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, and_more, load_image
 from pogdiff.errors import DatasetError, PogdiffWarning
 from pogdiff.files import write_text_atomic
 
@@ -115,6 +115,13 @@ def read_images(dataset: ImageTextDataset, resolution: int, center_crop: bool = 
 def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 in [-1, 1], the same values as :func:`pogdiff.images.from_uint8`."""
     return pixels.float() / 127.5 - 1.0
+
+
+def dataset_digest(dataset: ImageTextDataset, cache_dir: str | Path | None = None) -> str:
+    """What a dataset holds: the bytes of its metadata.jsonl and of its image files."""
+    metadata = hashlib.sha256((dataset.root / METADATA_FILE).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps({"metadata": metadata, "images": file_digests(dataset, cache_dir)}).encode()
+                          ).hexdigest()
 
 
 def file_digests(dataset: ImageTextDataset, cache_dir: str | Path | None = None, progress: bool = False) -> list[str]:

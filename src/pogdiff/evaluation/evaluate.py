@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from pogdiff.backbone import load_backbone
+from pogdiff.cache import check_cache_dir
 from pogdiff.data.dataset import FEW_MAX_IMAGES, ImageTextDataset, load_dataset
 from pogdiff.data.synth import load_identities
 from pogdiff.errors import PogdiffError, PogdiffWarning
@@ -55,7 +56,7 @@ from pogdiff.evaluation.features import DEFAULT_FEATURES, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge
 from pogdiff.evaluation.report import ReportData, write_report
 from pogdiff.evaluation.results_table import all_few_table, format_value, markdown_table
-from pogdiff.files import file_stems
+from pogdiff.files import check_writable_folder, file_stems
 from pogdiff.images import save_grid, to_pil
 from pogdiff.neighbour_features import EFFICIENTNET_SPACE
 from pogdiff.options import check_values
@@ -297,6 +298,26 @@ class Evaluation:
         return {**dict.fromkeys(METRIC_KEYS), "train_images": self.counts[name], "generated_images": 0}
 
 
+EVALUATION_MARK = ".pogdiff-evaluation"  # in an --out that `pogdiff evaluate` wrote: its outputs are its own
+EVALUATION_OUTPUTS = ("metrics.json", "report.html", "samples", "samples-*.png")
+
+
+def check_evaluation_folder(out_dir: Path, data_dir: Path, own_folder: bool = False) -> None:
+    """Refuse, before any work, an --out that is a file, lies in the dataset, cannot be written, or holds
+    files evaluate would replace that an earlier `pogdiff evaluate` did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PogdiffError(f"{out_dir}: --out is a file; choose a folder")
+    if out_dir.resolve().is_relative_to(data_dir.resolve()):
+        raise PogdiffError(f"{out_dir}: --out is inside the dataset {data_dir}, whose folder should hold only its "
+                           "images and metadata; choose an --out outside it")
+    if out_dir.is_dir() and not own_folder and not (out_dir / EVALUATION_MARK).is_file():
+        taken = sorted(p.name for pattern in EVALUATION_OUTPUTS for p in out_dir.glob(pattern))
+        if taken:
+            raise PogdiffError(f"{out_dir / taken[0]}: already exists and `pogdiff evaluate` did not write it; "
+                               "choose another --out, or move it away")
+    check_writable_folder(out_dir, "--out")
+
+
 def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str | Path,
                   num_images: int = 8, num_inference_steps: int = 50, guidance_scale: float | None = None,
                   seed: int = 0, few_max_images: int = FEW_MAX_IMAGES, cache_dir: str | Path | None = None,
@@ -304,7 +325,7 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
                   inception_weights: str | Path | None = None, recall_threshold: float = 0.9,
                   identity_judge: str = "auto", face_detector: str = "hog", num_images_few: int | None = None,
                   paper_protocol: bool = False, max_identities: int | None = None, report: bool = True,
-                  prompt_template: str = PROMPT) -> dict:
+                  prompt_template: str = PROMPT, own_folder: bool = False) -> dict:
     """Generate and score every run on ``data_dir``'s identities.
 
     Writes ``metrics.json``, ``report.html`` (unless ``report=False``), the samples
@@ -315,7 +336,8 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     each identity's name. ``max_identities`` scores a fixed, stratified sample of the
     identities (:func:`identity_sample`) instead of all. ``features`` names the feature space of fd, sim and
     recall (:func:`pogdiff.evaluation.features.load_feature_extractor`) or is an extractor
-    object; ``identity_judge`` is one of :data:`JUDGES`.
+    object; ``identity_judge`` is one of :data:`JUDGES`. ``out_dir`` is checked first
+    (:func:`check_evaluation_folder`; ``own_folder``: the caller's own, e.g. a benchmark cell's).
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not run_dirs:
@@ -325,6 +347,8 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                   "few_max_images": few_max_images, "recall_threshold": recall_threshold,
                   "max_identities": max_identities, "prompt_template": prompt_template}, command="evaluate")
+    check_evaluation_folder(out_dir, data_dir, own_folder)
+    check_cache_dir(cache_dir)
     infos = [read_run_info(run_dir) for run_dir in run_dirs]  # a broken run fails now, before any work
     labels = run_labels([info["config"] for info in infos])
     evaluation = Evaluation(data_dir, features, inception_weights, identity_judge, face_detector, few_max_images,
@@ -335,6 +359,7 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path, out_dir: str
     samples_for = {n: num_images_few if n in evaluation.few else num_images for n in evaluation.names}
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EVALUATION_MARK).touch()
     results, generated, generated_features, psi, psi_summaries = {}, {}, {}, {}, {}
     label_stems, name_stems = file_stems(labels), file_stems(evaluation.names)
     for run_dir, info, label in zip(run_dirs, infos, labels):
