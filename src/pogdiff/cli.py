@@ -157,6 +157,10 @@ def _benchmark(args) -> None:
                   cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
+COMPILE_HELP = ("torch.compile the UNet (inductor; CUDA graphs on a GPU, where the small backbone's steps are bound "
+                "by kernel launches); on a CPU the first step takes minutes and later ones are no faster")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pogdiff.options import OneLineErrorParser, accept_underscores, install_rules
 
@@ -240,6 +244,7 @@ def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--validation-prompts", nargs="+", metavar="PROMPT",
                    help="sample these prompts every --validation-steps into OUTPUT_DIR/validation (default: none)")
     p.add_argument("--validation-steps", type=int, help="steps between validation images (default: 500)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
     p.add_argument("--release-dir", metavar="DIR", help="when done, write fp16 weights and a manifest there "
                    f"(the shipped backbone: src/pogdiff/weights/{SHIPPED_DIR.name}) (default: no release)")
@@ -351,6 +356,7 @@ def add_train_options(t: argparse.ArgumentParser, func) -> None:
            group=model, action="store_true")
     option("--gradient-checkpointing", "recompute activations in the backward pass: less memory, slower",
            group=model, action="store_true")
+    option("--compile", COMPILE_HELP, group=model, action="store_true")
     option("--use-ema", "keep an exponential moving average of the weights and save it", group=model,
            action="store_true")
     option("--ema-decay", "EMA decay (with warm-up)", group=model, type=float)

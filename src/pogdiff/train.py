@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors import SafetensorError
@@ -108,6 +108,7 @@ class TrainConfig:
     mixed_precision: str | None = None  # None: accelerate's (accelerate launch --mixed_precision, accelerate config)
     allow_tf32: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the UNet (accelerate's dynamo plugin; CUDA graphs on a GPU)
     use_ema: bool = False
     ema_decay: float = 0.9999
     snr_gamma: float | None = None
@@ -147,6 +148,8 @@ PAPER_PRESETS = {
 
 
 DEFAULT_MAX_TRAIN_STEPS = 500
+LOSS_EVERY = 10  # steps between reading the loss back (a host synchronisation) for the bar, the log and NaN
+HELD_MAX_BYTES = 4 * 2**30  # the small backbone's tables are held on the device up to this size
 TRACKER_EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # module, extra
 
 
@@ -189,6 +192,8 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     encoded, x0_tables = encode_for_training(dataset, backbone, config, accelerator.mixed_precision,
                                              neighbours_of(config))
     encoded = encoded.to(accelerator.device)
+    if backbone.kind == PixelBackbone.kind:  # small tables: held on the device, nothing copied per step
+        x0_tables, encoded = held_on(accelerator.device, x0_tables, encoded)
     with accelerator.local_main_process_first():
         loss_fn = make_loss(config, backbone, encoded)  # PoGDiff's neighbour table (Eq. 8) is read here
     sampling_weights = row_weights(sampler_of(config), encoded, config.density_max_ratio)
@@ -264,13 +269,14 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
         global_step += 1
         if ema is not None:
             ema.step(trained)
-        loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-        if not math.isfinite(loss_value):
-            raise PogdiffError(f"training diverged at step {global_step} (loss {loss_value}); "
-                               "lower --learning-rate or check the data")
         bar.update()
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+        if global_step % LOSS_EVERY == 0 or global_step == config.max_train_steps:  # .item() waits for the GPU
+            loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+            if not math.isfinite(loss_value):
+                raise PogdiffError(f"training diverged by step {global_step} (loss {loss_value}); "
+                                   "lower --learning-rate or check the data")
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
                 and global_step < config.max_train_steps:
             save_checkpoint(accelerator, out, global_step, config.checkpoints_total_limit, started_with)
@@ -326,9 +332,13 @@ def make_accelerator(config: TrainConfig, out: Path | None = None) -> Accelerato
     # earlier run's (the Python API trains several runs in one process), keeping the process group of a launch
     AcceleratorState._reset_state(reset_partial_state=False)
     # mixed_precision None leaves accelerate's own setting (accelerate launch --mixed_precision, accelerate config)
+    # --compile: inductor, with CUDA graphs on a GPU ("reduce-overhead": the small backbone's steps are bound by
+    # kernel launches there); on a CPU it only costs its first step (docs/pretrained-backbone.md)
+    dynamo = TorchDynamoPlugin(backend="inductor", mode="reduce-overhead" if torch.cuda.is_available() else "default") \
+        if config.compile else None
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                               mixed_precision=config.mixed_precision, log_with=config.report_to if out else None,
-                              project_config=project,
+                              project_config=project, dynamo_plugin=dynamo,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))])
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise PogdiffError("accelerate's mixed precision is fp16 (accelerate launch --mixed_precision or accelerate "
@@ -665,14 +675,16 @@ def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
 
 
 def make_optimizer(config: TrainConfig, trained: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW with diffusers' options (betas, epsilon, weight decay); bitsandbytes' 8-bit AdamW with --use-8bit-adam."""
-    adamw = torch.optim.AdamW
+    """AdamW with diffusers' options (betas, epsilon, weight decay), fused on a GPU; bitsandbytes' 8-bit AdamW
+    with --use-8bit-adam."""
     if config.use_8bit_adam:
         import bitsandbytes
 
-        adamw = bitsandbytes.optim.AdamW8bit
+        adamw, fused = bitsandbytes.optim.AdamW8bit, {}
+    else:  # one kernel for all parameters instead of several per parameter
+        adamw, fused = torch.optim.AdamW, {"fused": True} if trained[0].is_cuda else {}
     return adamw(trained, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                 eps=config.adam_epsilon, weight_decay=config.adam_weight_decay)
+                 eps=config.adam_epsilon, weight_decay=config.adam_weight_decay, **fused)
 
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
@@ -688,7 +700,7 @@ def make_ema(accelerator: Accelerator, trained: list[torch.nn.Parameter], config
     """An exponential moving average of the trained weights (with warm-up), saved with each checkpoint."""
     from diffusers.training_utils import EMAModel
 
-    ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True)
+    ema = EMAModel(trained, decay=config.ema_decay, use_ema_warmup=True, foreach=True)  # one kernel per update
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
     return ema
@@ -728,18 +740,34 @@ def describe_hardware(device: torch.device) -> str:
 
 # --- loop ---
 
+def held_on(device, x0_tables: list, encoded: EncodedDataset) -> tuple[list, EncodedDataset]:
+    """The x0 tables and caption states as tensors on ``device`` (when they fit HELD_MAX_BYTES): a batch is then
+    gathered there, with no copy from the host and no synchronisation per step."""
+    tables = [*x0_tables, encoded.caption_table]
+    if sum(math.prod(t.shape) * t.dtype.itemsize for t in tables) > HELD_MAX_BYTES:
+        return x0_tables, encoded
+    held = [t.to(device) if isinstance(t, torch.Tensor) else torch.cat(t.chunks()).to(device) for t in tables]
+    return held[:-1], replace(encoded, caption_table=held[-1])
+
+
 def draw_batch(rows: torch.Tensor, backbone, x0_tables: list, encoded: EncodedDataset, config: TrainConfig,
                device) -> TrainBatch:
     """x0 of each row (of its mirror image, drawn at random under --random-flip) and its caption states,
-    the empty caption's where it is dropped for classifier-free guidance."""
+    the empty caption's where it is dropped for classifier-free guidance. Tables on disk are read for the
+    batch's rows; tables held on the device (:func:`held_on`) are indexed there."""
     flipped = torch.rand(len(rows), device=rows.device) < 0.5 if config.random_flip \
         else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-    variant, cpu_rows = flipped.long().cpu(), rows.cpu()
-    cached = torch.empty((len(rows), *x0_tables[0].row_shape), dtype=x0_tables[0].dtype)
-    for v, table in enumerate(x0_tables):
-        where = (variant == v).nonzero().squeeze(1)
-        if len(where):
-            cached[where] = table[cpu_rows[where]]
+    if isinstance(x0_tables[0], torch.Tensor):
+        cached = x0_tables[0][rows]
+        if len(x0_tables) > 1:
+            cached = torch.where(flipped.view(-1, *[1] * (cached.dim() - 1)), x0_tables[1][rows], cached)
+    else:
+        variant, cpu_rows = flipped.long().cpu(), rows.cpu()
+        cached = torch.empty((len(rows), *x0_tables[0].row_shape), dtype=x0_tables[0].dtype)
+        for v, table in enumerate(x0_tables):
+            where = (variant == v).nonzero().squeeze(1)
+            if len(where):
+                cached[where] = table[cpu_rows[where]]
     x0 = backbone.x0_from_cache(cached.to(device))
     dropped = torch.rand(len(rows), device=x0.device) < config.caption_dropout
     cond = torch.where(dropped[:, None, None], encoded.uncond_states.expand(len(rows), -1, -1),
