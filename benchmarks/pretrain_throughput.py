@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}  # this checkout's pogdiff
+
 
 def train_seconds(corpus: Path, out: Path, batch: int, steps: int, compiled: bool, precision: str) -> float:
     """Seconds of the training loop of a fresh ``pogdiff pretrain`` run of ``steps`` steps at ``batch``."""
@@ -35,8 +37,7 @@ def train_seconds(corpus: Path, out: Path, batch: int, steps: int, compiled: boo
                "--train-batch-size", str(batch), "--max-train-steps", str(steps), "--checkpointing-steps", "1000000",
                "--lr-warmup-steps", "0", "--mixed-precision", precision, "--cache-dir", str(out.parent / "cache"),
                "--no-progress", *(["--compile"] if compiled else [])]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
     return json.loads((out / "pogdiff_run.json").read_text())["train_seconds"]
@@ -59,8 +60,7 @@ def main() -> None:
     if not (corpus / "metadata.jsonl").is_file():  # enough rows for one batch of the largest size
         people = max(args.batch_sizes) // 4 + 1
         subprocess.run([sys.executable, "-m", "pogdiff.cli", "data", "synth", str(corpus), "--preset", "pretrain",
-                        "--people", str(people), "--images-per-person", "4"], check=True,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+                        "--people", str(people), "--images-per-person", "4"], check=True, env=ENV)
     device = torch.cuda.get_device_name() if gpu else f"CPU, {os.cpu_count()} cores"
     print(f"{device}; runs of {s1} and {s2} steps; precision {precision}")
     print("| batch | mode | seconds (S1 / S2) | images/s |")

@@ -252,6 +252,11 @@ class StableDiffusionBackbone:
         pipeline.save_pretrained(run_dir, safe_serialization=True)
 
 
+def precision_dtype(precision: str | None) -> torch.dtype:
+    """The dtype of accelerate's mixed precision ``no``, ``fp16`` or ``bf16``."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
 def move_frozen_to(device, dtype: torch.dtype, *modules: torch.nn.Module) -> None:
     """Move modules to ``device``; parameters not being trained go to ``dtype`` (half precision
     under mixed precision), trained ones stay float32, as diffusers' training scripts keep them."""

@@ -35,6 +35,7 @@ from accelerate import PartialState
 
 from pogdiff.cache import Tensors, cached
 from pogdiff.data.dataset import ImageTextDataset
+from pogdiff.backbone import precision_dtype
 from pogdiff.data.image_files import ImageFiles, pixels_to_float
 from pogdiff.encoders import TextEncoder
 from pogdiff.errors import PogdiffError
@@ -143,11 +144,8 @@ class EncodedDataset:
         return len(self.identity)
 
     def caption_states(self, rows: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) float32 caption states y of ``rows``, on their device."""
-        captions = self.caption_index[rows]
-        if isinstance(self.caption_table, ShardedTable):
-            captions = captions.cpu()
-        return self.caption_table[captions].to(rows.device, torch.float32)
+        """(B, L, D) float32 caption states y of ``rows``, on their device (a table on disk reads them on the CPU)."""
+        return self.caption_table[self.caption_index[rows]].to(rows.device, torch.float32)
 
     def identity_counts(self) -> torch.Tensor:
         """(N,) images of each row's identity."""
@@ -220,25 +218,29 @@ def encode_dataset(
                           density["elbo"][caption_index], image_features)
 
 
+def _not_finite(values: torch.Tensor) -> torch.Tensor:
+    """(len(values),) whether each entry (a row of any shape) holds NaN or inf."""
+    return (~torch.isfinite(values.flatten(1) if values.dim() > 1 else values[:, None])).any(dim=1)
+
+
+def _refuse_rows(bad_rows: torch.Tensor, dataset: ImageTextDataset, what: str, fix: str) -> None:
+    """Raise naming the first of the dataset rows ``bad_rows`` (if any) and counting them."""
+    if len(bad_rows):
+        row = int(bad_rows[0])
+        raise PogdiffError(f"{dataset.root / dataset.files[row]}: NaN or inf in {what} (row {row + 1} of "
+                           f"{len(dataset)}, {len(bad_rows)} rows in all); {fix}")
+
+
 def _check_rows(values: torch.Tensor, dataset: ImageTextDataset, rows: range, what: str, fix: str) -> None:
     """Raise naming the first of ``rows`` whose ``values`` hold NaN or inf."""
-    bad = (~torch.isfinite(values.flatten(1) if values.dim() > 1 else values[:, None])).any(dim=1).nonzero()
-    if len(bad):
-        row = rows[int(bad[0])]
-        raise PogdiffError(f"{dataset.root / dataset.files[row]}: NaN or inf in {what} (row {row + 1} of "
-                           f"{len(dataset)}, {len(bad)} rows in all); {fix}")
+    _refuse_rows(torch.tensor(list(rows))[_not_finite(values)], dataset, what, fix)
 
 
 def _check_captions(values: torch.Tensor, captions: range, caption_index: torch.Tensor, dataset: ImageTextDataset,
                     what: str, fix: str) -> None:
     """Raise naming the first row whose caption (one of ``captions``) has NaN or inf in ``values``."""
-    bad = (~torch.isfinite(values.flatten(1) if values.dim() > 1 else values[:, None])).any(dim=1)
-    if bad.any():
-        bad_captions = torch.tensor(list(captions))[bad]
-        rows = torch.isin(caption_index, bad_captions).nonzero().squeeze(1)
-        row = int(rows[0])
-        raise PogdiffError(f"{dataset.root / dataset.files[row]}: NaN or inf in {what} (row {row + 1} of "
-                           f"{len(dataset)}, {len(rows)} rows in all); {fix}")
+    bad_captions = torch.tensor(list(captions))[_not_finite(values)]
+    _refuse_rows(torch.isin(caption_index, bad_captions).nonzero().squeeze(1), dataset, what, fix)
 
 
 def training_latents(backbone, images: ImageFiles, random_flip: bool, cache_dir: str | Path | None = None,
@@ -268,7 +270,7 @@ def training_latents(backbone, images: ImageFiles, random_flip: bool, cache_dir:
     return tables
 
 
-def encode_for_training(dataset: ImageTextDataset, backbone, config, precision: str = "no",
+def encode_for_training(dataset: ImageTextDataset, backbone, config, device, precision: str = "no",
                         neighbours: tuple[str, int] | None = None) -> tuple[EncodedDataset, list[ShardedTable]]:
     """Everything a run trains from, as ``pogdiff encode`` and ``pogdiff train`` compute it: the x0 tables
     (:func:`training_latents`), the encoded dataset, and with ``neighbours = (space, k)`` Eq. 8's features
@@ -276,14 +278,15 @@ def encode_for_training(dataset: ImageTextDataset, backbone, config, precision: 
     neighbours) are built by the local main process while the others wait, then read from its cache.
 
     ``config`` holds the data options of :class:`pogdiff.train.TrainConfig`. The frozen encoders run in
-    float32 on the backbone's device; the 'unet' neighbour features run under ``precision``, after the
-    backbone is cast to it, as the training loop will.
+    float32 on ``device``; the 'unet' neighbour features run under ``precision``, after the backbone is
+    cast to it, as the training loop will.
     """
     state = PartialState()
+    backbone.to(device)
     images = ImageFiles(dataset, config.resolution, config.center_crop, config.dataloader_num_workers,
                         config.cache_dir, config.progress and state.is_local_main_process)
     with state.local_main_process_first():
-        _ = images.digest  # hashes each file once; the other processes read the hashes it remembered
+        images.file_digests  # noqa: B018 -- hashed here once; the other processes read what this one remembered
     x0 = training_latents(backbone, images, config.random_flip, config.cache_dir, config.progress)
     encoded = encode_dataset(dataset, backbone.text_encoder, images, vae_latent_dim=config.vae_latent_dim,
                              seed=config.seed, cache_dir=config.cache_dir,
@@ -291,7 +294,7 @@ def encode_for_training(dataset: ImageTextDataset, backbone, config, precision: 
                              progress=config.progress)
     if neighbours:
         encoded.image_features.name(neighbours[0])  # before the cast: the unet space fingerprints the weights as loaded
-    backbone.to(backbone.unet.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32))
+    backbone.to(device, precision_dtype(precision))
     if neighbours:
         encoded.image_features.fill(neighbours[0])
         with state.local_main_process_first():

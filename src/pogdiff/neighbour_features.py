@@ -39,6 +39,7 @@ import warnings
 
 import torch
 
+from pogdiff.backbone import precision_dtype
 from pogdiff.encoders import HuggingFaceImageFeatures, ImageEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, PogdiffWarning
 
@@ -104,7 +105,7 @@ class UNetSpace:
 
     def __init__(self, backbone, x0, precision: str = "no", timestep: int = UNET_TIMESTEP):
         self.backbone, self.x0, self.timestep = backbone, x0, timestep
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        self.dtype = precision_dtype(precision)
         self.name = (f"unet-{weights_fingerprint(backbone.unet, base_only=True)}-mid-t{timestep}-{precision}"
                      f"-on-{backbone.image_cache_name}")  # x0 comes from the backbone's image encoder
 

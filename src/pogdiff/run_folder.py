@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pogdiff import psi
 from pogdiff.errors import PogdiffError
-from pogdiff.files import write_text_atomic
+from pogdiff.files import sha256, write_text_atomic
 from pogdiff.pretrained import PIPELINE_FILE
 
 RUN_FILE = "pogdiff_run.json"
@@ -53,8 +53,6 @@ def is_run_entry(name: str, logging_dir: str = "logs") -> bool:
 
 def write_checkpoint_record(checkpoint: Path, options: dict) -> None:
     """The options a run was started with, and the sha256 of each file of the checkpoint (read on resume)."""
-    from pogdiff.shipped import sha256
-
     files = sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != CHECKPOINT_RECORD)
     record = {"options": options, "sha256": {str(p.relative_to(checkpoint)): sha256(p) for p in files}}
     write_text_atomic(checkpoint / CHECKPOINT_RECORD, json.dumps(record, indent=2, default=str))
@@ -71,8 +69,6 @@ def read_checkpoint_record(checkpoint: Path) -> dict | None:
 
 def changed_checkpoint_file(checkpoint: Path) -> str | None:
     """The first file of a checkpoint that is missing or differs from the sha256 its record holds."""
-    from pogdiff.shipped import sha256
-
     record = read_checkpoint_record(checkpoint)
     for name, digest in (record or {}).get("sha256", {}).items():
         path = checkpoint / name

@@ -191,9 +191,9 @@ class ShardedCache:
                 self._write(s, tensors, f"process {state.process_index} of {state.num_processes}")
             bar.update(len(self.rows(s)))
         bar.close()
+        # a collective: it returns once every process has encoded its shards (no barrier needed besides)
         failures = gather_object([(s, type(e).__name__, getattr(e, "first_message", str(e)), getattr(e, "files", None))
                                   for s, e in errors])
-        state.wait_for_everyone()
         if failures:
             raise_first(sorted(failures, key=lambda f: f[0]))
 

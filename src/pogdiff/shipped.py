@@ -10,7 +10,6 @@ starts from it, and :data:`SHIPPED_NAME` names it wherever a run folder is expec
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from pogdiff.errors import PogdiffError
+from pogdiff.files import sha256
 
 SHIPPED_NAME = "pogdiff-small-people"
 SHIPPED_DIR = Path(__file__).parent / "weights" / SHIPPED_NAME
@@ -25,14 +25,6 @@ MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 SHIPPED_RESOLUTION = 32
 SHIPPED_FIX = "reinstall pogdiff, or train with --from-scratch (`pogdiff pretrain` makes such weights again)"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shipped_backbone_dir(folder: Path = SHIPPED_DIR) -> Path:

@@ -43,7 +43,7 @@ from pogdiff.cache import check_cache_dir, default_cache_dir
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, load_dataset
 from pogdiff.encoded_dataset import EncodedDataset, encode_for_training
 from pogdiff.errors import DatasetError, Interrupted, PogdiffError, PogdiffWarning, first_line
-from pogdiff.files import apply_umask_to_tree, incomplete, remove_quietly, write_errors_as_os_errors
+from pogdiff.files import apply_umask_to_tree, incomplete, remove_quietly, sha256, write_errors_as_os_errors
 from pogdiff.images import save_grid
 from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch, options_in_effect
 from pogdiff.neighbour_features import UNET_SPACE
@@ -173,7 +173,7 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     out = check_output_dir(config)
     started_with = options_to_keep(config)  # what a resumed run must be given again (each checkpoint records it)
     if config.resume_from_checkpoint:
-        check_resume_options(resume_checkpoint(config), started_with, config)
+        check_resume(resume_checkpoint(config), started_with, config)
     accelerator = make_accelerator(config, out)
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     global_batch = config.train_batch_size * accelerator.num_processes
@@ -188,9 +188,8 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
 
     # Encoded dataset (Eqs. 8, 10), loss and row sampler: the frozen encoders run once, each process encoding
     # its share of the rows into the on-disk caches (pogdiff encode); the loop reads them a batch at a time.
-    backbone.to(accelerator.device)
-    encoded, x0_tables = encode_for_training(dataset, backbone, config, accelerator.mixed_precision,
-                                             neighbours_of(config))
+    encoded, x0_tables = encode_for_training(dataset, backbone, config, accelerator.device,
+                                             accelerator.mixed_precision, neighbours_of(config))
     encoded = encoded.to(accelerator.device)
     if backbone.kind == PixelBackbone.kind:  # small tables: held on the device, nothing copied per step
         x0_tables, encoded = held_on(accelerator.device, x0_tables, encoded)
@@ -319,8 +318,8 @@ def encode(config: TrainConfig) -> EncodedDataset:
     METHODS[config.method].check_dataset(dataset, **config.method_options)
     backbone = make_backbone(config)
     config = replace(config, resolution=config.resolution or backbone.resolution)
-    backbone.to(accelerator.device)
-    encoded, _ = encode_for_training(dataset, backbone, config, accelerator.mixed_precision, neighbours_of(config))
+    encoded, _ = encode_for_training(dataset, backbone, config, accelerator.device, accelerator.mixed_precision,
+                                     neighbours_of(config))
     return encoded
 
 
@@ -498,17 +497,14 @@ def resume_checkpoint(config: TrainConfig) -> Path:
 
 
 def checkpoint_damage(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be loaded (its weights missing, a file cut short, or one that differs from the
-    sha256 the checkpoint recorded), None when it is whole."""
+    """Why a checkpoint cannot be loaded (its weights missing, or a file cut short), None when it looks whole.
+    Reads headers only: the folder's state is checked several times (:func:`check_resume` reads the bytes once)."""
     if not (checkpoint / TRAINED_WEIGHTS_FILE).is_file():
         return f"no {TRAINED_WEIGHTS_FILE}"
     for file in sorted(p for p in checkpoint.iterdir() if p.is_file()):
         reason = incomplete(file)
         if reason:
             return f"{file.name} is damaged ({reason})"
-    changed = changed_checkpoint_file(checkpoint)
-    if changed:
-        return f"{changed} is damaged (missing, or its bytes differ from the sha256 in {CHECKPOINT_RECORD})"
     return None
 
 
@@ -522,15 +518,18 @@ RESUMABLE_CHANGES = {"output_dir", "data_dir", "max_train_steps", "num_train_epo
 
 def options_to_keep(config: TrainConfig) -> dict:
     """The options, as given, that a resumed run must be given again, and the dataset's metadata (its sha256)."""
-    from pogdiff.shipped import sha256
-
     options = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
     metadata = Path(config.data_dir) / METADATA_FILE
     return {**options, "data": sha256(metadata) if metadata.is_file() else None}
 
 
-def check_resume_options(checkpoint: Path, given: dict, config: TrainConfig) -> None:
-    """Refuse a resume whose options or data differ from the run's own, or that would stop before the checkpoint."""
+def check_resume(checkpoint: Path, given: dict, config: TrainConfig) -> None:
+    """Refuse, before any work, a resume from a checkpoint whose bytes changed since it was saved, whose run was
+    started with other options or data, or that is past --max-train-steps."""
+    changed = changed_checkpoint_file(checkpoint)
+    if changed:
+        raise PogdiffError(f"{checkpoint}: {changed} is damaged (missing, or its bytes differ from the sha256 in "
+                           f"{CHECKPOINT_RECORD}); {restart_from_before(checkpoint)}")
     record = read_checkpoint_record(checkpoint)
     if record is not None:
         started = json.loads(json.dumps(record["options"]))

@@ -12,6 +12,7 @@ with ``num_workers`` worker processes (``--dataloader-num-workers``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,10 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from pogdiff.cache import default_cache_dir
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, and_more, load_image
 from pogdiff.errors import DatasetError, PogdiffWarning
-from pogdiff.files import write_text_atomic
+from pogdiff.files import sha256, write_text_atomic
 
 DECODER_VERSION = 1  # bump when load_image turns the same file into other pixels
-_READ_BYTES = 1 << 20
 
 
 class UnreadableImages(DatasetError):
@@ -70,22 +70,17 @@ class ImageFiles:
     cache_dir: str | Path | None = None
     progress: bool = False
 
-    def __post_init__(self):
-        self._file_digests: list[str] | None = None
-
-    @property
+    @functools.cached_property
     def file_digests(self) -> list[str]:
         """sha256 of each row's image file (hashed once, then remembered: :func:`file_digests`)."""
-        if self._file_digests is None:
-            self._file_digests = file_digests(self.dataset, self.cache_dir, self.progress)
-        return self._file_digests
+        return file_digests(self.dataset, self.cache_dir, self.progress)
 
     @property
     def transform(self) -> dict:
         """How a file becomes pixels: with the file digests, the key of everything computed from the images."""
         return {"resolution": self.resolution, "center_crop": self.center_crop, "decoder": DECODER_VERSION}
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """One key for all the images (for tables built from every row, such as the neighbours)."""
         return hashlib.sha256(json.dumps({"files": self.file_digests, **self.transform}).encode()).hexdigest()
@@ -104,7 +99,6 @@ class ImageFiles:
             raise UnreadableImages(failures)
 
 
-
 def read_images(dataset: ImageTextDataset, resolution: int, center_crop: bool = True) -> torch.Tensor:
     """Every image of ``dataset`` as one float tensor (N, 3, resolution, resolution) in [-1, 1]: for the small
     sets that evaluation and the pretraining's held-out loss score, never for training."""
@@ -119,7 +113,7 @@ def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
 
 def dataset_digest(dataset: ImageTextDataset, cache_dir: str | Path | None = None) -> str:
     """What a dataset holds: the bytes of its metadata.jsonl and of its image files."""
-    metadata = hashlib.sha256((dataset.root / METADATA_FILE).read_bytes()).hexdigest()
+    metadata = sha256(dataset.root / METADATA_FILE)
     return hashlib.sha256(json.dumps({"metadata": metadata, "images": file_digests(dataset, cache_dir)}).encode()
                           ).hexdigest()
 
@@ -141,7 +135,7 @@ def file_digests(dataset: ImageTextDataset, cache_dir: str | Path | None = None,
         seen = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         known = memo.get(file)
         if not (isinstance(known, list) and known[:3] == seen and len(known) == 4):
-            known = [*seen, _sha256(dataset.root / file)]
+            known = [*seen, sha256(dataset.root / file)]
             memo[file], changed = known, True
         digests.append(known[3])
     if changed:
@@ -152,11 +146,3 @@ def file_digests(dataset: ImageTextDataset, cache_dir: str | Path | None = None,
             warnings.warn(f"{memo_path}: cannot write ({error.strerror or error}); image files will be hashed again "
                           "next time (free space or pass --cache-dir)", PogdiffWarning)
     return digests
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_READ_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
