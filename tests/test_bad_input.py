@@ -483,8 +483,8 @@ def test_identity_names_are_never_paths(toy_data, tmp_path, shared_cache, capsys
                            "--num-inference-steps", 1, "--cache-dir", shared_cache, "--no-progress")
     assert code == 0, err
     assert {p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(out)} == before  # only in --out
-    samples = sorted(p.name for p in (out / "samples" / "pogdiff").iterdir())
-    assert len(samples) == 6 and len({name.rsplit("_", 1)[0] for name in samples}) == 3  # one stem per identity
+    folders = sorted((out / "samples" / "pogdiff").iterdir())
+    assert len(folders) == 3 and all(len(list(f.iterdir())) == 2 for f in folders)  # one folder per identity
     assert set(json.loads((out / "metrics.json").read_text())["methods"]["pogdiff"]["per_identity"]) == set(
         names.values())
 

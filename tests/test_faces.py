@@ -47,7 +47,7 @@ def descriptor():
 @pytest.fixture(scope="module")
 def judge(faces, descriptor):
     """Centroids of the first 4 images of each identity; the last 4 are held out."""
-    return FaceJudge({name: images[:4] for name, images in faces.items()}, descriptor)
+    return FaceJudge([(name, images[:4]) for name, images in faces.items()], descriptor)
 
 
 def test_faces_judge_recognises_held_out_images_of_each_identity(faces, judge):
@@ -87,7 +87,8 @@ def test_evaluation_with_the_faces_judge_reports_images_without_a_face(faces, tm
     evaluation = Evaluation(root, lambda x: x.flatten(1), None, "faces", "hog", 5, tmp_path / "cache",
                             progress=False)
     generated = {name: torch.cat([images[4:6], torch.zeros(1, 3, 64, 64)]) for name, images in faces.items()}
-    per_identity, _ = evaluation.score(generated, recall_threshold=0.9)
+    per_identity, _ = evaluation.score({name: (lambda x=x: [x]) for name, x in generated.items()}, 64,
+                                       recall_threshold=0.9)
     assert evaluation.real(64).judge.name.startswith("nearest identity centroid of dlib")
     for name in NAMES:
         assert per_identity[name]["no_face"] == 1

@@ -360,17 +360,17 @@ def test_a_real_saved_dataset_trains(toy_data, tmp_path, cache_dir, capsys):
 # --- --prompt-template ---
 
 def test_evaluate_samples_and_records_the_prompt_template(small_synth, tmp_path, capsys, monkeypatch):
-    from pogdiff.evaluation import evaluate as evaluate_module
+    from pogdiff.evaluation import samples as samples_module
 
     data, cache = small_synth
     template, out, prompts = "A portrait of {name}, smiling.", tmp_path / "eval", []
-    generate = evaluate_module.generate
+    sample_rows = samples_module.sample_rows
 
     def spy(backbone, asked, *args, **kwargs):
         prompts.extend(asked)
-        return generate(backbone, asked, *args, **kwargs)
+        return sample_rows(backbone, asked, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "generate", spy)
+    monkeypatch.setattr(samples_module, "sample_rows", spy)
     code, _, err = run_cli(capsys, "evaluate", "pogdiff-small-people", "--data", data, "--out", out,
                            "--prompt-template", template, "--num-images", 1, "--num-inference-steps", 2,
                            "--identity-judge", "features", "--cache-dir", cache, "--no-progress")

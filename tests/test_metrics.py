@@ -12,7 +12,7 @@ from pogdiff.data.synth import load_identities
 from pogdiff.encoders import ImageEncoder
 from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.evaluation import metrics as m
-from pogdiff.evaluation.evaluate import Evaluation, average, by_identity, identity_summary
+from pogdiff.evaluation.evaluate import Evaluation, average, identity_summary
 from pogdiff.evaluation.features import HuggingFaceImageFeatures, InceptionFeatures, load_feature_extractor
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge, _renders
 from pogdiff.data.image_files import read_images
@@ -29,6 +29,16 @@ def toy(tmp_path_factory):
     root = write_toy_dataset(tmp_path_factory.mktemp("toy") / "data")
     write_toy_dataset(root / "heldout", counts=(4, 4), seed=1)
     return root
+
+
+def by_identity(images: torch.Tensor, identity_names: list[str]) -> dict[str, torch.Tensor]:
+    return {name: images[[i for i, n in enumerate(identity_names) if n == name]]
+            for name in dict.fromkeys(identity_names)}
+
+
+def as_batches(images: dict[str, torch.Tensor]) -> dict:
+    """Images per identity as :meth:`Evaluation.score` reads them: a function yielding batches."""
+    return {name: (lambda x=x: [x]) for name, x in images.items()}
 
 
 @pytest.fixture(scope="module")
@@ -116,19 +126,18 @@ def test_identity_accuracy_counts_no_prediction_as_wrong():
 
 def test_centroid_judge_recognises_held_out_real_images(encoder, toy_images):
     train, heldout = toy_images
-    judge = CentroidJudge(encoder, train)
+    judge = CentroidJudge(encoder, {name: encoder(images) for name, images in train.items()})
     for name, images in heldout.items():
         assert m.identity_accuracy(judge.predict(images), name) >= 0.75
 
 
-def test_evaluation_scores_each_identity_against_its_references(encoder, toy):
+def test_evaluation_scores_each_identity_against_its_references(encoder, toy, toy_images):
     evaluation = Evaluation(toy, encoder, None, "features", "hog", 5, toy / "cache", progress=False)
-    real = evaluation.real(32)
     # "generated" images: the held-out ones for Anna and Bruno, copies of the training images for Chen
     generated = {"Anna": load_heldout(toy, "Anna"), "Bruno": load_heldout(toy, "Bruno"),
-                 "Chen": real.training["Chen"].clone()}
-    per_identity, features = evaluation.score(generated, recall_threshold=0.9)
-    assert set(per_identity) == {"Anna", "Bruno", "Chen"} and features["Chen"].shape == (2, 1280)
+                 "Chen": toy_images[0]["Chen"].clone()}
+    per_identity, described = evaluation.score(as_batches(generated), 32, recall_threshold=0.9)
+    assert set(per_identity) == {"Anna", "Bruno", "Chen"} and described["Chen"].features["sim"].shape == (2, 1280)
     assert per_identity["Chen"]["sim"] is None  # no held-out image of Chen
     assert per_identity["Chen"]["recall"] == 1.0
     assert per_identity["Anna"]["fd_reference_images"] == 16 and per_identity["Anna"]["sim_reference_images"] == 4
@@ -145,9 +154,10 @@ def test_evaluation_skips_fd_of_an_identity_with_one_image(encoder, tmp_path):
     root = write_toy_dataset(tmp_path / "data", counts=(6, 1))
     with pytest.warns(PogdiffWarning, match="single image"):
         evaluation = Evaluation(root, encoder, None, "features", "hog", 5, tmp_path / "cache", progress=False)
-    real = evaluation.real(32)
-    per_identity, _ = evaluation.score({"Anna": real.training["Anna"], "Bruno": real.training["Bruno"].repeat(3, 1, 1, 1)},
-                                       recall_threshold=0.9)
+    dataset = evaluation.dataset
+    real = by_identity(read_images(dataset, 32), dataset.identity_names)
+    per_identity, _ = evaluation.score(as_batches({"Anna": real["Anna"], "Bruno": real["Bruno"].repeat(3, 1, 1, 1)}),
+                                       32, recall_threshold=0.9)
     assert per_identity["Bruno"]["fd"] is None and per_identity["Anna"]["fd"] == pytest.approx(0.0, abs=1e-6)
     assert evaluation.references()["sim"].startswith("training")  # no DATA/heldout: training images stand in
     assert per_identity["Bruno"]["sim"] == pytest.approx(1.0)
@@ -256,17 +266,17 @@ def test_a_pogdiff_run_whose_neighbours_share_the_judges_space_is_warned_about()
         info = {"config": {"method": method, "method_options": options}}
         return {**info, "loss_options": options_in_effect(method, options)} if recorded else info
 
-    by_features = SimpleNamespace(judge_kind="features", features="efficientnet-lite0")
+    by_features = SimpleNamespace(judge_kind="features", sim_features="efficientnet-lite0")
     with pytest.warns(PogdiffWarning, match="found its neighbours in efficientnet-lite0, the space the identity judge"):
         warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", "efficientnet-lite0"), by_features)
     with pytest.warns(PogdiffWarning, match="found its neighbours in efficientnet-lite0"):  # the default back then
         warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", recorded=False), by_features)
     with pytest.warns(PogdiffWarning, match="found its neighbours in faces"):
         warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", "faces"),
-                                             SimpleNamespace(judge_kind="faces", features="efficientnet-lite0"))
+                                             SimpleNamespace(judge_kind="faces", sim_features="efficientnet-lite0"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_judge_shares_neighbour_space("vanilla", run("vanilla"), by_features)
         warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", "unet"), by_features)
         warn_if_judge_shares_neighbour_space("pogdiff", run("pogdiff", "efficientnet-lite0"),
-                                             SimpleNamespace(judge_kind="synth", features="efficientnet-lite0"))
+                                             SimpleNamespace(judge_kind="synth", sim_features="efficientnet-lite0"))

@@ -69,7 +69,8 @@ def evaluated(tmp_path_factory):
 def test_metrics_json_has_every_metric_for_all_and_few_and_names_its_spaces(evaluated):
     metrics, out = evaluated
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert metrics["feature_space"] == "avg-pooled pixels 8x8" and metrics["recall_threshold"] == 0.8
+    assert metrics["feature_spaces"] == {"fd": "avg-pooled pixels 8x8", "sim": "avg-pooled pixels 8x8"}
+    assert metrics["recall_threshold"] == 0.8
     assert metrics["identity_judge"] == "nearest identity centroid in avg-pooled pixels 8x8 features"
     assert metrics["num_identities"] == {"all": 3, "few": 1}
     for result in metrics["methods"].values():
@@ -79,7 +80,7 @@ def test_metrics_json_has_every_metric_for_all_and_few_and_names_its_spaces(eval
         assert result["few"]["recall"] == per["Chen"]["recall"]
         assert result["all"]["fd"] == pytest.approx(sum(per[n]["fd"] for n in per) / 3)
         assert result["skipped"] == {"fd": [], "sim": []}
-    assert (out / "samples" / "pogdiff" / "Chen_003.png").is_file()
+    assert (out / "samples" / "pogdiff" / "Chen" / "003.png").is_file()
     assert "| pogdiff |" in format_table(metrics) and "| real (look-alike) |" in format_table(metrics)
 
 
@@ -152,7 +153,7 @@ def test_max_identities_scores_a_sample_but_the_judge_and_look_alikes_see_everyo
     scored = set(result["per_identity"])
     assert len(scored) == 2 and sampled["num_identities"] == {"all": 2, "few": int("Chen" in scored)}
     assert sampled["identity_sample"]["of"] == 3 and sampled["identity_sample"]["few_of"] == 1
-    assert {p.name.split("_")[0] for p in (tmp_path / "samples").rglob("*.png")} == scored
+    assert {p.parent.name for p in (tmp_path / "samples").rglob("*.png")} == scored
     look_alike = sampled["calibration"]["real (look-alike)"]["look_alike_of"]
     assert set(look_alike) == scored
     # the full evaluation's look-alikes, whether or not the look-alike itself is scored

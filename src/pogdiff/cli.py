@@ -27,9 +27,21 @@ def _data_synth(args) -> None:
     print(f"wrote {out}")
 
 
+def _data_paper(args) -> None:
+    from pogdiff.data.paper_datasets import build_paper_dataset, load_captioner
+
+    captioner = load_captioner(args.captioner, args.captioner_batch_size) if args.captioner else None
+    out = build_paper_dataset(args.data_command, args.source_dir, args.out, preset=args.preset, seed=args.seed,
+                              max_heldout=args.max_heldout, captioner=captioner)
+    print(f"wrote {out}")
+
+
 def _train(args) -> None:
     from pogdiff.train import train
 
+    if getattr(args, "dry_run", False):
+        _print_training_plan(args, "train")
+        return
     out = train(train_config(args))
     print(f"run saved to {out}")
 
@@ -37,11 +49,20 @@ def _train(args) -> None:
 def _encode(args) -> None:
     from pogdiff.train import encode
 
+    if getattr(args, "dry_run", False):
+        _print_training_plan(args, "encode")
+        return
     config = train_config(args)
     encoded = encode(config)
     cache = config.cache_dir or "the default cache folder (see --cache-dir)"
     print(f"encoded {len(encoded)} rows ({len(encoded.caption_table)} distinct captions) into {cache}; "
           f"`pogdiff train` with the same options reads them")
+
+
+def _print_training_plan(args, command: str) -> None:
+    from pogdiff.dry_run import training_plan
+
+    print(training_plan(train_config(args), command))
 
 
 def train_config(args):
@@ -122,16 +143,22 @@ def _sample(args) -> None:
 
 def _evaluate(args) -> None:
     from pogdiff.evaluation.evaluate import evaluate_runs, format_table
+    from pogdiff.evaluation.results_table import feature_spaces_text
 
     metrics = evaluate_runs(args.runs, args.data, args.out, num_images=args.num_images,
                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                             seed=args.seed, few_max_images=args.few_max_images, cache_dir=args.cache_dir,
-                            progress=not args.no_progress, features=args.features,
+                            progress=not args.no_progress, features=args.features, fd_features=args.fd_features,
+                            sim_features=args.sim_features, samples=args.samples,
                             inception_weights=args.inception_weights, recall_threshold=args.recall_threshold,
                             identity_judge=args.identity_judge, face_detector=args.face_detector,
                             num_images_few=args.num_images_few, paper_protocol=args.paper_protocol,
-                            max_identities=args.max_identities, prompt_template=args.prompt_template)
-    print(f"fd, sim, recall in {metrics['feature_space']} features; id_acc by {metrics['identity_judge']}")
+                            max_identities=args.max_identities, prompt_template=args.prompt_template,
+                            caption_column=args.caption_column, identity_column=args.identity_column,
+                            image_column=args.image_column, dataset_name=args.dataset_name)
+    if metrics is None:  # another process than the main one of `accelerate launch`: it sampled its share
+        return
+    print(f"{feature_spaces_text(metrics['feature_spaces'])}; id_acc by {metrics['identity_judge']}")
     print(format_table(metrics))
     print(f"metrics written to {Path(args.out) / 'metrics.json'}, report to {Path(args.out) / 'report.html'}")
 
@@ -147,14 +174,30 @@ def _demo(args) -> None:
 def _benchmark(args) -> None:
     from pogdiff.comparison import DEFAULT_METHODS, DEFAULT_SEEDS, QUICK_SEEDS, budget_from, run_benchmark
 
-    budget = budget_from(args.quick, max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size,
-                         learning_rate=args.learning_rate, num_images=args.num_images,
-                         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                         few_max_images=args.few_max_images, max_identities=args.max_identities,
-                         from_scratch=args.from_scratch or None, prompt_template=args.prompt_template)
+    budget = budget_from(args.quick, args.preset, max_train_steps=args.max_train_steps,
+                         train_batch_size=args.train_batch_size, learning_rate=args.learning_rate,
+                         num_images=args.num_images, num_images_few=args.num_images_few,
+                         num_inference_steps=args.num_inference_steps,
+                         guidance_scale=args.guidance_scale, few_max_images=args.few_max_images,
+                         max_identities=args.max_identities, from_scratch=args.from_scratch or None,
+                         prompt_template=args.prompt_template, pretrained=args.pretrained, lora_rank=args.lora_rank,
+                         lora_alpha=args.lora_alpha, resolution=args.resolution,
+                         mixed_precision=args.mixed_precision,
+                         gradient_accumulation_steps=args.gradient_accumulation_steps,
+                         gradient_checkpointing=args.gradient_checkpointing or None, use_ema=args.use_ema or None,
+                         fd_features=args.fd_features or args.features,
+                         sim_features=args.sim_features or args.features, inception_weights=args.inception_weights,
+                         identity_judge=args.identity_judge)
     seeds = args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS
-    run_benchmark(args.out, args.methods or DEFAULT_METHODS, seeds, budget, data=args.data, preset=args.preset,
-                  cache_dir=args.cache_dir, progress=not args.no_progress)
+    if args.dry_run:
+        from pogdiff.comparison import parse_methods
+        from pogdiff.dry_run import benchmark_plan
+
+        print(benchmark_plan(parse_methods(args.methods or DEFAULT_METHODS), list(dict.fromkeys(seeds)), budget,
+                             args.data, args.data_preset))
+        return
+    run_benchmark(args.out, args.methods or DEFAULT_METHODS, seeds, budget, data=args.data,
+                  data_preset=args.data_preset, cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
 COMPILE_HELP = ("torch.compile the UNet (inductor; CUDA graphs on a GPU, where the small backbone's steps are bound "
@@ -193,12 +236,34 @@ def prompt_template_help() -> str:
             f"captions (default: \"{PROMPT}\", the paper's App. B)")
 
 
+JUDGE_HELP = ("id_acc judge: synth (CNN on fresh renders of a `pogdiff data synth` set), faces (dlib face descriptors, "
+              "nearest identity; no face = wrong), features (nearest identity centroid in --sim-features); auto: "
+              "synth when DATA/synth.json exists, else features")
+
+
+def add_feature_space_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """The feature spaces of evaluate's metrics (fd apart from sim and recall), shared by evaluate and benchmark."""
+    from pogdiff.evaluation.features import DEFAULT_FEATURES
+
+    parser.add_argument("--features", default=default, metavar="SPACE",
+                        help=f"feature space of fd, sim and recall: {DEFAULT_FEATURES} (offline), inception (with "
+                        "--inception-weights), or a Hugging Face image model id or folder (CLIP, DINOv2, ViT/DINO, "
+                        f"SigLIP), e.g. facebook/dinov2-base (default: {DEFAULT_FEATURES})")
+    parser.add_argument("--fd-features", metavar="SPACE", help="feature space of fd alone, e.g. inception as in the "
+                        "paper (default: --features)")
+    parser.add_argument("--sim-features", metavar="SPACE", help="feature space of sim and recall (and of the features "
+                        "judge and the look-alikes), e.g. facebook/dinov2-base as in the paper (default: --features)")
+    parser.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth, for the "
+                        "inception space (needs torch-fidelity: pip install 'pogdiff[inception]') (default: none)")
+
+
 def docs(*pages: str) -> str:
     """A command's epilog: the pages of the repository's docs/ that describe it."""
     return f"Documentation: {', '.join(f'docs/{page}' for page in pages)} in the pogdiff repository."
 
 
 def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
+    from pogdiff.data.paper_datasets import DEFAULT_MAX_HELDOUT, PAPER_SIZES, SOURCES
     from pogdiff.data.synth import PRESETS
 
     data = sub.add_parser("data", help="datasets", epilog=docs("dataset-format.md", "cli.md")).add_subparsers(
@@ -215,6 +280,29 @@ def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
     synth.add_argument("--people", type=int, default=5000, help="pretrain: people in the corpus (default: 5000)")
     synth.add_argument("--images-per-person", type=int, default=4, help="pretrain: images per person (default: 4)")
     synth.set_defaults(func=_data_synth)
+    for name, source in SOURCES.items():  # the paper's sets from the public downloads
+        sizes = PAPER_SIZES[name]
+        default = max(sizes, key=lambda preset: sizes[preset][0])
+        command = data.add_parser(
+            name, parents=[seed], help=f"build the paper's {source.label} sets from the download",
+            description=f"Sample the paper's long-tailed {source.label} set ("
+            + ", ".join(f"{preset}: {n} identities / {m} images" for preset, (n, m) in sizes.items())
+            + ") from the download, real names replaced by random first names (the mapping in OUT/names.json), "
+            "the chosen people's other images in OUT/heldout.", epilog=docs("dataset-format.md", "cli.md"))
+        command.add_argument("source_dir", metavar=f"{name.upper()}_DIR", help=f"the download's {source.layout}")
+        command.add_argument("out", help="new, empty folder")
+        command.add_argument("--preset", choices=list(sizes), default=default,
+                             help=f"which of the paper's sets (default: {default})")
+        command.add_argument("--max-heldout", type=int, default=DEFAULT_MAX_HELDOUT,
+                             help="at most this many other images per chosen identity in OUT/heldout, 0 for none "
+                             f"(default: {DEFAULT_MAX_HELDOUT})")
+        command.add_argument("--captioner", metavar="MODEL",
+                             help="transformers image-text-to-text model (folder or hub id; the paper used "
+                             "LLaVA-1.6-7b) that describes each training image, on CUDA when there is one "
+                             "(default: none, captions from the file's metadata)")
+        command.add_argument("--captioner-batch-size", type=int, default=8,
+                             help="images per captioner batch (default: 8)")
+        command.set_defaults(func=_data_paper)
 
 
 def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -325,7 +413,7 @@ def add_train_options(t: argparse.ArgumentParser, func) -> None:
     option("--caption-dropout", "probability of the empty caption, for classifier-free guidance", group=data,
            type=float)
     option("--dataloader-num-workers", "processes decoding images while the dataset is encoded (0: the main "
-           "process)", group=data, type=int)
+           "process)", group=data, type=int, default="the CPUs per local process, at most 8")
     budget = t.add_argument_group("steps and learning rate")
     option("--train-batch-size", "batch size per device", group=budget, type=int)
     option("--gradient-accumulation-steps", "micro-batches per optimizer step", group=budget, type=int)
@@ -375,6 +463,9 @@ def add_train_options(t: argparse.ArgumentParser, func) -> None:
     option("--validation-steps", "steps between validation images", group=books, type=int)
     option("--num-validation-images", "images per validation prompt", group=books, type=int)
     option("--overwrite", "replace a run already in --output-dir", group=books, action="store_true")
+    option("--dry-run", "print the rows, distinct captions, steps, images to sample, cache size on disk and an "
+           "estimated time per measured GPU, then stop: nothing is encoded or written", group=books,
+           action="store_true")
     option("--report-to", "log loss, learning rate and validation images to this tracker (wandb: pip install "
            "'pogdiff[wandb]')", group=books, choices=TRACKERS, default="none")
     option("--logging-dir", "the tracker's folder, under --output-dir", group=books)
@@ -437,10 +528,21 @@ def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.evaluation.evaluate import JUDGES, MAX_IDENTITIES_HELP, PROMPT
     from pogdiff.evaluation.features import DEFAULT_FEATURES
 
-    e = sub.add_parser("evaluate", parents=parents, help="score runs per identity, All and Few",
+    e = sub.add_parser("evaluate", parents=parents, help="score runs (or folders of images) per identity, All and Few",
                        epilog=docs("evaluation.md", "cli.md"))
-    e.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or Stable Diffusion pipeline folders")
-    e.add_argument("--data", required=True, help="the dataset the runs were trained on")
+    e.add_argument("runs", nargs="*", metavar="RUN", help="run folders, or Stable Diffusion pipeline folders "
+                   "(none when --samples is given)")
+    e.add_argument("--samples", nargs="+", action="extend", default=[], metavar="DIR",
+                   help="also score images that already exist, DIR/<identity>/*.png (docs/evaluation.md), each "
+                   "labelled by its folder name; no model needed (default: none)")
+    e.add_argument("--data", help="the dataset the runs were trained on (default: none: --dataset-name)")
+    e.add_argument("--dataset-name", metavar="FOLDER", help="a local Hugging Face datasets folder instead of --data, "
+                   "read as `pogdiff train --dataset-name` reads it (default: none: --data)")
+    e.add_argument("--caption-column", default="text", help="metadata column holding the caption (default: text)")
+    e.add_argument("--identity-column", default="identity",
+                   help="metadata column holding the identity, which evaluate needs (default: identity)")
+    e.add_argument("--image-column", default="file_name",
+                   help="metadata column holding the image path (default: file_name)")
     e.add_argument("--out", required=True, help="folder to write metrics.json, report.html and the samples into")
     e.add_argument("--prompt-template", default=PROMPT, metavar="TEMPLATE", help=prompt_template_help())
     e.add_argument("--num-images", type=int, default=8, help="generated images per identity (default: 8; "
@@ -453,18 +555,10 @@ def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     e.add_argument("--few-max-images", type=int, default=FEW_MAX_IMAGES,
                    help=f"Few = identities with at most this many training images (default: {FEW_MAX_IMAGES})")
     e.add_argument("--max-identities", type=int, metavar="N", help=f"{MAX_IDENTITIES_HELP} (default: all)")
-    e.add_argument("--features", default=DEFAULT_FEATURES, metavar="SPACE",
-                   help=f"feature space of fd, sim and recall: {DEFAULT_FEATURES} (offline), inception (with "
-                   "--inception-weights), or a Hugging Face image model id or folder, e.g. facebook/dinov2-base "
-                   f"(default: {DEFAULT_FEATURES})")
-    e.add_argument("--inception-weights", metavar="FILE", help="pt_inception-2015-12-05-6726825d.pth, for --features "
-                   "inception (needs torch-fidelity: pip install 'pogdiff[inception]') (default: none)")
+    add_feature_space_options(e, default=DEFAULT_FEATURES)
     e.add_argument("--recall-threshold", type=float, default=0.9,
                    help="Eq. 17: cosine similarity that covers a training image (default: 0.9)")
-    e.add_argument("--identity-judge", choices=JUDGES, default="auto",
-                   help="id_acc judge: synth (CNN on fresh renders of a `pogdiff data synth` set), faces (dlib face "
-                   "descriptors, nearest identity; no face = wrong), features (nearest identity centroid in --features); "
-                   "auto: synth when DATA/synth.json exists, else features (default: auto)")
+    e.add_argument("--identity-judge", choices=JUDGES, default="auto", help=f"{JUDGE_HELP} (default: auto)")
     e.add_argument("--face-detector", choices=["hog", "cnn"], default="hog",
                    help="dlib detector of the faces judge (default: hog)")
     e.set_defaults(func=_evaluate)
@@ -473,20 +567,22 @@ def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.comparison import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
     from pogdiff.data.synth import PRESETS
-    from pogdiff.evaluation.evaluate import MAX_IDENTITIES_HELP
+    from pogdiff.evaluation.evaluate import JUDGES, MAX_IDENTITIES_HELP
     from pogdiff.losses import METHODS
+    from pogdiff.train import PAPER_PRESETS
 
     full = Budget()
     b = sub.add_parser("benchmark", parents=parents,
                        help="every method x seed on one dataset and budget: tables with 95%% intervals",
                        description="Train and evaluate methods x seeds with one budget; write OUT/metrics.json, "
                        "OUT/benchmark.md and OUT/benchmark.html. Re-running the same command skips finished cells. "
-                       "Without --data: the embedded small preset (2 people, 30 + 2 photos), not the medium one "
-                       "of demo and data synth.", epilog=docs("results.md", "cli.md"))
+                       "Without --data: the embedded small preset (2 people, 30 + 2 photos; --data-preset), not the "
+                       "medium one of demo and data synth. With --pretrained, every cell fine-tunes that checkpoint; "
+                       "under accelerate launch, each cell trains and samples on every process.", epilog=docs("results.md", "cli.md"))
     b.add_argument("--out", default="benchmark-out", help="benchmark folder (default: benchmark-out)")
     b.add_argument("--data", help="dataset folder (default: the embedded synthetic set of --preset, written into "
                    "OUT/data)")
-    b.add_argument("--preset", choices=sorted(PRESETS), default="small", help="embedded set without --data "
+    b.add_argument("--data-preset", choices=sorted(PRESETS), default="small", help="embedded set without --data "
                    "(default: small)")
     b.add_argument("--methods", nargs="+", metavar="METHOD",
                    help=f"rows: {', '.join(METHODS)}, the ablations {', '.join(ABLATIONS)}, or METHOD:option=value,... "
@@ -502,13 +598,37 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--learning-rate", type=float, help="AdamW learning rate of every run (default: the backbone's)")
     b.add_argument("--from-scratch", action="store_true", help="the small backbone from random weights instead of "
                    "the shipped pretrained one (the from-scratch regime of docs/results.md)")
+    real = b.add_argument_group("a real backbone (docs/reproduce-the-paper.md); each option as in `pogdiff train`")
+    real.add_argument("--pretrained", "--pretrained_model_name_or_path", metavar="PATH_OR_HUB_ID",
+                      help="diffusers Stable Diffusion checkpoint every cell fine-tunes, a folder or hub id; its files' "
+                      "sha256 is recorded, and a rerun on other weights is refused (default: the small backbone)")
+    real.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="the paper's Sec. 4.1 budget: lr 1e-5, batch 8, "
+                      "6,000 steps (paper-small) or 12,000 steps with 4 accumulation steps (paper-large); typed "
+                      "options still win (default: none)")
+    real.add_argument("--lora-rank", "--rank", type=int, metavar="R", help="train LoRA adapters of this rank instead "
+                      "of the whole UNet (default: none: the whole UNet)")
+    real.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="LoRA alpha (default: the rank)")
+    real.add_argument("--resolution", type=int, help="training resolution (default: the backbone's)")
+    real.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="fp16 (CUDA GPU) or bf16: frozen weights in half "
+                      f"precision in every cell (default: {ACCELERATE_PRECISION})")
+    real.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step "
+                      f"(default: {full.gradient_accumulation_steps})")
+    real.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
+                      "pass: less memory, slower")
+    real.add_argument("--use-ema", action="store_true", help="train with an EMA of the weights and evaluate it")
+    b.add_argument("--dry-run", action="store_true", help="print the cells, steps, images to sample, cache size on "
+                   "disk and an estimated time per measured GPU, then stop: nothing is trained or written")
     b.add_argument("--num-images", type=int, help=f"generated images per identity (default: {full.num_images})")
+    b.add_argument("--num-images-few", type=int, help="generated images per Few identity (default: --num-images; "
+                   "the paper's App. B draws 500)")
     b.add_argument("--num-inference-steps", type=int, help=f"DDIM steps (default: {full.num_inference_steps})")
     b.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the backbone's)")
     b.add_argument("--few-max-images", type=int, help=f"Few = identities with at most this many training images "
                    f"(default: {full.few_max_images})")
     b.add_argument("--max-identities", type=int, metavar="N", help=f"{MAX_IDENTITIES_HELP} (default: all)")
     b.add_argument("--prompt-template", metavar="TEMPLATE", help=prompt_template_help())
+    add_feature_space_options(b, default=None)
+    b.add_argument("--identity-judge", choices=JUDGES, help=f"{JUDGE_HELP} (default: auto)")
     b.set_defaults(func=_benchmark)
 
 
@@ -539,6 +659,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before a run folder exists (a run's own says how to continue it)
         print("pogdiff: error: interrupted; run the command again", file=sys.stderr)
         return Interrupted.exit_code
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """End the process group of `accelerate launch`, if a command started one (torch warns at exit otherwise)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def run(args) -> int:

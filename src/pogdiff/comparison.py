@@ -37,20 +37,23 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from pogdiff.backbone import check_pipeline_folder
 from pogdiff.data.dataset import FEW_MAX_IMAGES, load_dataset
 from pogdiff.data.image_files import dataset_digest
 from pogdiff.data.synth import write_dataset
 from pogdiff.cache import check_cache_dir
 from pogdiff.errors import Interrupted, PogdiffError
 from pogdiff.evaluation.evaluate import PROMPT, evaluate_runs
-from pogdiff.evaluation.results_table import all_few_table, html_table, markdown_table
+from pogdiff.evaluation.results_table import all_few_table, feature_spaces_text, html_table, markdown_table
 from pogdiff.files import atomic_path, safe_stem, write_text_atomic
 from pogdiff.losses import METHODS, method_parameters
+from pogdiff.pretrained import local_pipeline_folder, pipeline_fingerprint
+from pogdiff.processes import on_main_process, process_state
 from pogdiff.options import check_values
 from pogdiff.row_sampler import SAMPLERS
 from pogdiff.run_folder import is_finished
 from pogdiff.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
-from pogdiff.train import TrainConfig, train
+from pogdiff.train import PAPER_PRESETS, TrainConfig, train
 
 DEFAULT_METHODS = ("vanilla", "cbdm", "t2h", "resample", "pogdiff")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -74,11 +77,35 @@ class Budget:
     learning_rate: float | None = None  # the backbone's default
     from_scratch: bool = False  # the small backbone from random weights instead of the shipped pretrained one
     num_images: int = 8
+    num_images_few: int | None = None  # per Few identity (None: num_images); App. B draws 500
     num_inference_steps: int = 50
     guidance_scale: float | None = None
     few_max_images: int = FEW_MAX_IMAGES
     max_identities: int | None = None  # score a fixed stratified sample of the identities (None: all)
     prompt_template: str = PROMPT  # sampled for every identity, {name} replaced by its name
+    # evaluate's feature spaces (None: its default) and identity judge
+    fd_features: str | None = None
+    sim_features: str | None = None
+    inception_weights: str | None = None
+    identity_judge: str = "auto"
+    # a diffusers checkpoint (folder or hub id) instead of the small backbone, and how it is trained
+    pretrained: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    resolution: int | None = None  # the backbone's own
+    mixed_precision: str | None = None  # accelerate's setting
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    use_ema: bool = False
+
+    def train_options(self) -> dict:
+        """The fields of :class:`pogdiff.train.TrainConfig` this budget sets, for every cell alike."""
+        return {name: value for name, value in asdict(self).items() if name in TRAINED_BY_BUDGET}
+
+
+TRAINED_BY_BUDGET = ("max_train_steps", "train_batch_size", "learning_rate", "from_scratch", "pretrained", "lora_rank",
+                     "lora_alpha", "resolution", "mixed_precision", "gradient_accumulation_steps",
+                     "gradient_checkpointing", "use_ema")
 
 
 QUICK = Budget(max_train_steps=20, train_batch_size=8, num_images=2, num_inference_steps=10)
@@ -155,40 +182,58 @@ def cell_path(out: Path, spec: MethodSpec, seed: int) -> Path:
 
 
 def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: list[int] = DEFAULT_SEEDS,
-                  budget: Budget = Budget(), data: str | Path | None = None, preset: str = "small",
+                  budget: Budget = Budget(), data: str | Path | None = None, data_preset: str = "small",
                   cache_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Train and evaluate every (method, seed) cell not yet done; write metrics.json, benchmark.md and .html."""
+    """Train and evaluate every (method, seed) cell not yet done; write metrics.json, benchmark.md and .html.
+
+    Under ``accelerate launch`` every process runs this: each cell trains and samples on all of them, while
+    the folder's settings, the cells' records and the reports are written by the main process alone.
+    """
     out = Path(out)
+    specs, seeds, settings = plan_benchmark(methods, seeds, budget, data, data_preset, cache_dir)
+    state = process_state()
+
+    def prepare_folder() -> Path:
+        check_settings(out, settings)
+        return Path(data) if data else embedded_dataset(out, data_preset)
+
+    data_dir = on_main_process(prepare_folder)
+    start = time.time()
+    cells = [(spec, seed) for seed in seeds for spec in specs]
+    results: dict[str, dict[int, dict]] = {spec.name: {} for spec in specs}
+    for number, (spec, seed) in enumerate(cells, 1):
+        cell, fresh = run_cell(out, spec, seed, data_dir, budget, cache_dir, progress, settings["backbone"])
+        took = ", ".join(f"{step} {s:.0f} s" for step, s in cell["seconds"].items()) if fresh else "done earlier"
+        if state.is_main_process:
+            print(f"[{number}/{len(cells)}] {spec.name}, seed {seed}: {took}", flush=True)
+        results[spec.name][seed] = cell
+
+    metrics = summarise(specs, seeds, results, settings)
+    if state.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "benchmark.md").write_text(markdown_report(metrics))
+        (out / "benchmark.html").write_text(html_report(metrics))
+        print(markdown_report(metrics))
+        print(f"written: {out / 'metrics.json'}, {out / 'benchmark.md'}, {out / 'benchmark.html'}   "
+              f"wall time of this invocation: {time.time() - start:.0f} s")
+    return metrics
+
+
+def plan_benchmark(methods: list[str], seeds: list[int], budget: Budget, data: str | Path | None, data_preset: str,
+                   cache_dir: str | Path | None) -> tuple[list[MethodSpec], list[int], dict]:
+    """The rows, the seeds and the settings benchmark.json records, every input checked; nothing is written."""
     specs = parse_methods(methods)
     seeds = list(dict.fromkeys(seeds))
     if not specs or not seeds:
         raise PogdiffError("nothing to run: give at least one of --methods and one of --seeds")
     check_values({"prompt_template": budget.prompt_template}, command="benchmark")
+    check_values(budget.train_options())
     check_cache_dir(cache_dir)
-    settings = {"data": str(Path(data).resolve()) if data else f"embedded synthetic '{preset}' preset, seed 0",
+    settings = {"data": str(Path(data).resolve()) if data else f"embedded synthetic '{data_preset}' preset, seed 0",
                 "budget": asdict(budget), "backbone": backbone_weights(budget)}
     if data:  # a bad dataset fails here, before the folder is committed to these settings
         settings["data_content"] = dataset_digest(load_dataset(data), cache_dir)
-    check_settings(out, settings)
-    data_dir = Path(data) if data else embedded_dataset(out, preset)
-
-    start = time.time()
-    cells = [(spec, seed) for seed in seeds for spec in specs]
-    results: dict[str, dict[int, dict]] = {spec.name: {} for spec in specs}
-    for number, (spec, seed) in enumerate(cells, 1):
-        cell, fresh = run_cell(out, spec, seed, data_dir, budget, cache_dir, progress)
-        took = ", ".join(f"{step} {s:.0f} s" for step, s in cell["seconds"].items()) if fresh else "done earlier"
-        print(f"[{number}/{len(cells)}] {spec.name}, seed {seed}: {took}", flush=True)
-        results[spec.name][seed] = cell
-
-    metrics = summarise(specs, seeds, results, settings)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "benchmark.md").write_text(markdown_report(metrics))
-    (out / "benchmark.html").write_text(html_report(metrics))
-    print(markdown_report(metrics))
-    print(f"written: {out / 'metrics.json'}, {out / 'benchmark.md'}, {out / 'benchmark.html'}   "
-          f"wall time of this invocation: {time.time() - start:.0f} s")
-    return metrics
+    return specs, seeds, settings
 
 
 def summarise_finished(out: str | Path, methods: list[str], seeds: list[int]) -> dict:
@@ -205,8 +250,12 @@ def summarise_finished(out: str | Path, methods: list[str], seeds: list[int]) ->
 
 
 def backbone_weights(budget: Budget) -> dict:
-    """The weights every cell starts from, as benchmark.json records them: a new release of the shipped
-    backbone (another sha256) must not continue a benchmark begun on the old one."""
+    """The weights every cell starts from, as benchmark.json and each cell record them: other weights (a new
+    release of the shipped backbone, another checkpoint at the same path) must not continue a benchmark."""
+    if budget.pretrained:
+        folder = local_pipeline_folder(budget.pretrained)
+        check_pipeline_folder(folder)  # a wrong model folder is refused now, not when the first cell loads it
+        return {"name": budget.pretrained, "sha256": pipeline_fingerprint(folder)}
     if budget.from_scratch:
         return {"name": "random weights"}
     return {"name": SHIPPED_NAME, "sha256": shipped_manifest()["sha256"][WEIGHTS_FILE]}
@@ -222,11 +271,12 @@ def check_settings(out: Path, settings: dict) -> None:
         stored.setdefault("backbone", settings["backbone"])  # a folder from before the weights were recorded
         if "data_content" in settings:  # (and from before the data's content was)
             stored.setdefault("data_content", settings["data_content"])
-        if stored != settings:
+        if {**stored, "backbone": None} != {**settings, "backbone": None} or \
+                stored["backbone"].get("sha256") != settings["backbone"].get("sha256"):
             changed = [k for k in settings["budget"] if stored["budget"].get(k) != settings["budget"][k]]
             if stored.get("data_content") != settings.get("data_content"):
                 changed.append("the data's content: its metadata.jsonl or images changed since the cells were scored")
-            if stored["backbone"] != settings["backbone"]:
+            if stored["backbone"].get("sha256") != settings["backbone"].get("sha256"):
                 then, now = (" ".join(b.values()) for b in (stored["backbone"], settings["backbone"]))
                 changed.append(f"backbone weights: {then} then, {now} now")
             what = ", ".join(changed) or "data"
@@ -249,10 +299,11 @@ def embedded_dataset(out: Path, preset: str) -> Path:
 
 
 def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Budget,
-             cache_dir: str | Path | None, progress: bool) -> tuple[dict, bool]:
+             cache_dir: str | Path | None, progress: bool, backbone: dict) -> tuple[dict, bool]:
     """Train (unless the run is finished) and evaluate one (method, seed); a finished cell is read back.
 
-    Returns the cell's results and whether anything ran now.
+    Returns the cell's results and whether anything ran now. ``backbone`` (:func:`backbone_weights`) is
+    recorded in the cell.
     """
     run = out / "runs" / spec.folder / f"seed-{seed}"
     cell_file = cell_path(out, spec, seed)
@@ -261,13 +312,11 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
         return json.loads(cell_file.read_text()), False
     seconds = {}
     if not is_finished(run):
-        shutil.rmtree(run, ignore_errors=True)  # an interrupted run of this benchmark: start it again
+        on_main_process(lambda: shutil.rmtree(run, ignore_errors=True))  # an interrupted run: start it again
         began = time.time()
         try:
             train(TrainConfig(str(data_dir), str(run), method=spec.method, method_options=dict(spec.options),
-                              seed=seed, sampler=spec.sampler, **spec.sampler_options,
-                              max_train_steps=budget.max_train_steps, train_batch_size=budget.train_batch_size,
-                              learning_rate=budget.learning_rate, from_scratch=budget.from_scratch,
+                              seed=seed, sampler=spec.sampler, **spec.sampler_options, **budget.train_options(),
                               cache_dir=str(cache_dir) if cache_dir else None, progress=progress))
         except Interrupted:  # train's own advice (--overwrite, --resume-from-checkpoint) is not a benchmark's
             raise Interrupted(f"{out}: interrupted while training {spec.folder}, seed {seed}; run the same command "
@@ -275,20 +324,30 @@ def run_cell(out: Path, spec: MethodSpec, seed: int, data_dir: Path, budget: Bud
         seconds["train"] = round(time.time() - began, 1)
     began = time.time()
     metrics = evaluate_runs([run], data_dir, evaluation, num_images=budget.num_images,
+                            num_images_few=budget.num_images_few,
                             num_inference_steps=budget.num_inference_steps, guidance_scale=budget.guidance_scale,
                             seed=seed, few_max_images=budget.few_max_images, max_identities=budget.max_identities,
                             cache_dir=cache_dir, progress=progress, prompt_template=budget.prompt_template,
+                            fd_features=budget.fd_features, sim_features=budget.sim_features,
+                            inception_weights=budget.inception_weights, identity_judge=budget.identity_judge,
                             own_folder=True)
     seconds["evaluate"] = round(time.time() - began, 1)
-    (result,) = metrics["methods"].values()
-    cell = {"method": spec.method, "options": spec.options, "sampler": spec.sampler,
-            "sampler_options": spec.sampler_options, "seed": seed, "label": next(iter(metrics["methods"])),
-            "all": result["all"], "few": result["few"], "per_identity": result["per_identity"], "seconds": seconds,
-            "identity_judge": metrics["identity_judge"], "num_identities": metrics["num_identities"],
-            "identity_sample": metrics["identity_sample"],
-            "calibration": {label: {"all": row["all"], "few": row["few"]} for label, row in metrics["calibration"].items()}}
-    write_text_atomic(cell_file, json.dumps(cell, indent=2))
-    return cell, True
+
+    def write_cell() -> dict:
+        (result,) = metrics["methods"].values()
+        cell = {"method": spec.method, "options": spec.options, "sampler": spec.sampler,
+                "sampler_options": spec.sampler_options, "seed": seed, "label": next(iter(metrics["methods"])),
+                "backbone": backbone, "all": result["all"], "few": result["few"],
+                "per_identity": result["per_identity"], "seconds": seconds,
+                "identity_judge": metrics["identity_judge"], "feature_spaces": metrics["feature_spaces"],
+                "num_identities": metrics["num_identities"],
+                "identity_sample": metrics["identity_sample"],
+                "calibration": {label: {"all": row["all"], "few": row["few"]}
+                                for label, row in metrics["calibration"].items()}}
+        write_text_atomic(cell_file, json.dumps(cell, indent=2))
+        return cell
+
+    return on_main_process(write_cell), True
 
 
 def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> dict:
@@ -352,7 +411,8 @@ def summarise(specs: list[MethodSpec], seeds: list[int], results: dict[str, dict
     # Real images scored as if generated: the same in every cell (no training, no sampling), so one value each.
     calibration = {label: aggregate({0: row}) for label, row in any_cell.get("calibration", {}).items()}
     return {"settings": settings, "seeds": seeds, "confidence": CONFIDENCE,
-            "identity_judge": any_cell["identity_judge"], "num_identities": any_cell["num_identities"],
+            "identity_judge": any_cell["identity_judge"], "feature_spaces": any_cell.get("feature_spaces"),
+            "num_identities": any_cell["num_identities"],
             "identity_sample": any_cell.get("identity_sample"),
             "methods": methods, "calibration": calibration, "paired_vs_vanilla": paired}
 
@@ -382,20 +442,36 @@ def describe(metrics: dict) -> str:
     s, b = metrics["settings"], metrics["settings"]["budget"]
     ids = metrics["num_identities"]
     guidance = b["guidance_scale"] if b["guidance_scale"] is not None else "backbone default"
-    backbone = "small, from scratch" if b.get("from_scratch") else "small, shipped pretrained"
-    if "sha256" in s.get("backbone", {}):  # not recorded in folders older than the record
-        backbone += f" (sha256 {s['backbone']['sha256'][:12]})"
+    backbone = describe_backbone(b, s.get("backbone", {}))
     lr = b["learning_rate"] if b["learning_rate"] is not None else "backbone default"
+    accumulated = f" x {b['gradient_accumulation_steps']} accumulated" if b.get("gradient_accumulation_steps", 1) > 1 else ""
+    extras = "".join(f", {text}" for text in (
+        b.get("resolution") and f"{b['resolution']} px", b.get("mixed_precision") and f"{b['mixed_precision']} mixed precision",
+        b.get("use_ema") and "EMA weights") if text)
+    few_images = f" ({b['num_images_few']} per Few identity)" if b.get("num_images_few") else ""
+    spaces = f", {feature_spaces_text(metrics['feature_spaces'])}" if metrics.get("feature_spaces") else ""
     sample = metrics.get("identity_sample")
     scored = (f"a fixed sample of {ids['all']} of its {sample['of']} identities, stratified by training images, "
               f"Few = {ids['few']} of {sample['few_of']}" if sample else f"{ids['all']} identities, Few = {ids['few']}")
     return (f"Data: {s['data']} ({scored} with <= {b['few_max_images']} training "
             f"images). Same budget for every method: {backbone} backbone, {b['max_train_steps']} steps, batch "
-            f"{b['train_batch_size']}, lr {lr}. Evaluation: {b['num_images']} images per identity of the prompt "
+            f"{b['train_batch_size']}{accumulated}, lr {lr}{extras}. Evaluation: {b['num_images']} images per identity"
+            f"{few_images} of the prompt "
             f"\"{b.get('prompt_template', PROMPT)}\", DDIM "
-            f"{b['num_inference_steps']} steps, guidance {guidance}, judge {metrics['identity_judge']}. "
+            f"{b['num_inference_steps']} steps, guidance {guidance}, judge {metrics['identity_judge']}{spaces}. "
             f"Seeds {', '.join(map(str, metrics['seeds']))}: mean ± half-width of the "
             f"{metrics['confidence']:.0%} Student-t interval over seeds.")
+
+
+def describe_backbone(budget: dict, weights: dict) -> str:
+    """The backbone of a benchmark in words, with its weights' sha256 where recorded (folders older than the record
+    have none)."""
+    if budget.get("pretrained"):
+        text = (f"{budget['pretrained']}, LoRA rank {budget['lora_rank']}" if budget.get("lora_rank")
+                else f"{budget['pretrained']}, full fine-tuning")
+    else:
+        text = "small, from scratch" if budget.get("from_scratch") else "small, shipped pretrained"
+    return text + (f" (sha256 {weights['sha256'][:12]})" if "sha256" in weights else "")
 
 
 def results_rows(metrics: dict) -> dict:
@@ -431,6 +507,11 @@ def html_report(metrics: dict) -> str:
             f"<p>{html.escape(CALIBRATION_NOTE)}</p>{paired}</body></html>\n")
 
 
-def budget_from(quick: bool, **typed) -> Budget:
-    """The default or --quick budget, with the options given on the command line winning."""
-    return replace(QUICK if quick else Budget(), **{k: v for k, v in typed.items() if v is not None})
+def budget_from(quick: bool, preset: str | None = None, **typed) -> Budget:
+    """The default or --quick budget, then the paper's ``preset`` (:data:`pogdiff.train.PAPER_PRESETS`), with the
+    options given on the command line winning. Local files and folders are recorded by their absolute paths."""
+    for path in ("pretrained", "inception_weights", "fd_features", "sim_features"):  # a folder, or a hub id
+        if typed.get(path) and Path(typed[path]).exists():
+            typed[path] = str(Path(typed[path]).resolve())
+    given = {k: v for k, v in typed.items() if v is not None}
+    return replace(QUICK if quick else Budget(), **{**PAPER_PRESETS.get(preset, {}), **given})

@@ -14,6 +14,7 @@ from pathlib import Path
 from pogdiff.data.synth import write_dataset
 from pogdiff.errors import PogdiffError
 from pogdiff.evaluation.evaluate import evaluate_runs, format_table
+from pogdiff.evaluation.results_table import feature_spaces_text
 from pogdiff.run_folder import is_finished
 from pogdiff.train import TrainConfig, train
 
@@ -45,7 +46,7 @@ def run_demo(out: str | Path = "demo-out", preset: str = "medium", seed: int = 0
                             seed=seed, cache_dir=cache_dir, progress=progress, own_folder=True)
     print(f"\n{metrics['num_identities']['all']} identities, Few = {metrics['num_identities']['few']} with "
           f"<= {metrics['few_max_images']} training images; {num_images} samples each, DDIM "
-          f"{metrics['num_inference_steps']} steps. fd/sim/recall in {metrics['feature_space']} features; "
+          f"{metrics['num_inference_steps']} steps. {feature_spaces_text(metrics['feature_spaces'])}; "
           f"id_acc by the {metrics['identity_judge']}.\n")
     print(format_table(metrics))
     print(f"\nreport: {out / 'report.html'}   metrics: {out / 'metrics.json'}   samples: {out}/samples-*.png   "

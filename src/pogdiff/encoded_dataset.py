@@ -299,4 +299,5 @@ def encode_for_training(dataset: ImageTextDataset, backbone, config, device, pre
         encoded.image_features.fill(neighbours[0])
         with state.local_main_process_first():
             encoded.image_features.neighbours(*neighbours)
+    images.close()
     return encoded, x0

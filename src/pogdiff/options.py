@@ -124,6 +124,8 @@ RULES: dict[str, Rule] = {
     "num_inference_steps": integer(1, TRAIN_TIMESTEPS, why="DDIM steps, at most the training timesteps"),
     "guidance_scale": number(0), "recall_threshold": number(-1, 1, why="a cosine similarity"),
     "prompt_template": PROMPT_TEMPLATE,
+    # data agedb, digiface, vggface2
+    "max_heldout": integer(0), "captioner_batch_size": integer(1),
 }
 
 COMMAND_RULES: dict[str, dict[str, Rule]] = {

@@ -1,4 +1,4 @@
-"""Checks on a local diffusers pipeline folder (``--pretrained``) before anything loads from it.
+"""Checks on a local diffusers pipeline folder (``--pretrained``) before anything loads from it, and its fingerprint.
 
 ``from_pretrained`` on a partial download fails deep inside diffusers or transformers,
 minutes into a run, with a message about some class. These checks name the folder,
@@ -7,10 +7,12 @@ the missing piece and the fix instead; they read only file names and a few bytes
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from pogdiff.errors import PogdiffError
+from pogdiff.files import sha256
 
 PIPELINE_FILE = "model_index.json"
 CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json")
@@ -61,3 +63,32 @@ def _check_component(path: Path) -> None:
             if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
                 raise PogdiffError(f"{file}: a Git LFS pointer, not the weights; run `git lfs pull` in the "
                                    "pipeline's repository, or download it again")
+
+
+def local_pipeline_folder(path_or_hub_id: str | Path) -> Path:
+    """The local folder of a pipeline given as a folder or a hub id: for a hub id, the snapshot in the Hugging
+    Face cache (downloaded first where the hub can be reached, as ``from_pretrained`` would)."""
+    if Path(path_or_hub_id).is_dir() or Path(path_or_hub_id).is_file():
+        return Path(path_or_hub_id)
+    from diffusers import DiffusionPipeline
+
+    try:
+        return Path(DiffusionPipeline.download(str(path_or_hub_id)))
+    except Exception as error:  # huggingface_hub raises several kinds: offline, unknown id, gated, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PogdiffError(f"{path_or_hub_id}: not a local folder, and the hub id cannot be fetched ({reason}); "
+                           "pass a local diffusers pipeline folder, or a hub id the machine can download") from None
+
+
+def pipeline_fingerprint(folder: str | Path) -> str:
+    """sha256 over ``model_index.json`` and every file of the components it lists, by relative path: the
+    same weights give the same fingerprint wherever the folder lies; other weights at the same path do not."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = [folder / PIPELINE_FILE] + sorted(
+        file for name, entry in json.loads((folder / PIPELINE_FILE).read_text()).items()
+        if not name.startswith("_") and isinstance(entry, list) and None not in entry
+        for file in (folder / name).rglob("*") if file.is_file())
+    for file in files:
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{sha256(file)}\n".encode())
+    return digest.hexdigest()

@@ -43,18 +43,37 @@ def row_weights(sampler: str, encoded: EncodedDataset, density_max_ratio: float 
     return (weights / weights.sum()).float()
 
 
+class RowSchedule:
+    """Rows of each global batch of a run: a fresh seeded shuffle each epoch (drop-last), or with ``weights``
+    (the balanced sampler) rows drawn with replacement in proportion to them.
+
+    Stateless in what it draws: the rows of micro-step m depend only on (seed, m, weights), so a resumed run
+    draws exactly the rows an uninterrupted one would. The epoch's order is drawn at once and kept while
+    the steps stay in that epoch, so a step costs O(batch) and each epoch one draw of O(N log N).
+    """
+
+    def __init__(self, num_rows: int, global_batch: int, seed: int, weights: torch.Tensor | None = None):
+        self.num_rows, self.global_batch, self.seed, self.weights = num_rows, global_batch, seed, weights
+        self.per_epoch = num_rows // global_batch
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Every row of ``epoch``'s batches, in order (drawn once per epoch)."""
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(self.num_rows, generator=generator) if self.weights is None else \
+                torch.multinomial(self.weights, self.per_epoch * self.global_batch, replacement=True,
+                                  generator=generator)
+            self._epoch = epoch
+        return self._order
+
+    def __getitem__(self, micro_step: int) -> torch.Tensor:
+        """Rows of the ``micro_step``-th global batch."""
+        epoch, position = divmod(micro_step, self.per_epoch)
+        return self.epoch_order(epoch)[position * self.global_batch:(position + 1) * self.global_batch]
+
+
 def batch_rows(num_rows: int, global_batch: int, micro_step: int, seed: int,
                weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of the ``micro_step``-th global batch: a fresh seeded shuffle each epoch (drop-last).
-
-    With ``weights`` (the balanced sampler) rows are drawn with replacement in proportion to them.
-    Stateless: a resumed run draws exactly the rows an uninterrupted one would.
-    """
-    per_epoch = num_rows // global_batch
-    epoch, position = divmod(micro_step, per_epoch)
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if weights is None:
-        order = torch.randperm(num_rows, generator=generator)
-    else:
-        order = torch.multinomial(weights, per_epoch * global_batch, replacement=True, generator=generator)
-    return order[position * global_batch:(position + 1) * global_batch]
+    """Rows of the ``micro_step``-th global batch (:class:`RowSchedule`, for one step)."""
+    return RowSchedule(num_rows, global_batch, seed, weights)[micro_step]

@@ -17,7 +17,6 @@ def generate(backbone, prompts: list[str], num_images: int = 1, num_inference_st
                                            batch_size, progress)))
 
 
-@torch.no_grad()
 def generate_batches(backbone, prompts: list[str], num_images: int = 1, num_inference_steps: int = 50,
                      guidance_scale: float | None = None, seed: int = 0, batch_size: int | None = None,
                      progress: bool = True) -> Iterator[torch.Tensor]:
@@ -30,6 +29,21 @@ def generate_batches(backbone, prompts: list[str], num_images: int = 1, num_infe
     the same images on any device and batch size, and the global random state is left alone
     (training's validation images do not change its draws).
     """
+    for _, images in sample_rows(backbone, prompts, num_images, num_inference_steps, guidance_scale, seed,
+                                 batch_size, progress):
+        yield images
+
+
+@torch.no_grad()
+def sample_rows(backbone, prompts: list[str], num_images: int = 1, num_inference_steps: int = 50,
+                guidance_scale: float | None = None, seed: int = 0, batch_size: int | None = None,
+                progress: bool = True, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[range, torch.Tensor]]:
+    """(rows, images) of :func:`generate_batches`' batches that process ``shard[0]`` of ``shard[1]`` owns:
+    batch b when b % shard[1] == shard[0]. The noise of the other batches is drawn and discarded, so
+    every row is the same image for any number of processes. Rows index the prompt-major order of
+    :func:`generate` (row r is prompt r // num_images).
+    """
+    process, processes = shard
     guidance = backbone.default_guidance_scale if guidance_scale is None else guidance_scale
     batch_size = batch_size or backbone.sample_batch_size
     unet = backbone.unet.eval()
@@ -42,12 +56,15 @@ def generate_batches(backbone, prompts: list[str], num_images: int = 1, num_infe
     size = unet.config.sample_size
     total = len(prompts) * num_images
     batches = range(0, total, batch_size)
-    bar = tqdm(total=len(batches) * num_inference_steps, desc="sampling", unit="step", disable=not progress)
-    for start in batches:
-        rows = torch.arange(start, min(start + batch_size, total))
-        x = (torch.randn((len(rows), unet.config.in_channels, size, size), generator=generator)
-             * scheduler.init_noise_sigma).to(device, dtype)
-        cond = prompt_states[rows // num_images].to(device, dtype)
+    owned = [b for b in range(len(batches)) if b % processes == process]
+    bar = tqdm(total=len(owned) * num_inference_steps, desc="sampling", unit="step", disable=not progress)
+    for b, start in enumerate(batches):
+        rows = range(start, min(start + batch_size, total))
+        noise = torch.randn((len(rows), unet.config.in_channels, size, size), generator=generator)
+        if b % processes != process:
+            continue
+        x = (noise * scheduler.init_noise_sigma).to(device, dtype)
+        cond = prompt_states[torch.tensor(rows) // num_images].to(device, dtype)
         if guidance != 1.0:
             cond = torch.cat([uncond.to(device, dtype).expand_as(cond), cond])
         for t in scheduler.timesteps:
@@ -58,5 +75,5 @@ def generate_batches(backbone, prompts: list[str], num_images: int = 1, num_infe
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             x = scheduler.step(eps, t, x).prev_sample
             bar.update()
-        yield backbone.decode(x).float().cpu()
+        yield rows, backbone.decode(x).float().cpu()
     bar.close()

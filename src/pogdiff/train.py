@@ -13,6 +13,7 @@ optimizer, resume, loop, save; the helpers follow in the order it calls them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -22,7 +23,8 @@ import platform
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
@@ -50,11 +52,12 @@ from pogdiff.neighbour_features import UNET_SPACE
 from pogdiff.options import check_values
 from pogdiff.ownership import MARK_FILE, claimed, entries, is_marked, refuse_if_in_use
 from pogdiff.row_log import RowLog
-from pogdiff.row_sampler import SAMPLERS, batch_rows, row_weights
+from pogdiff.row_sampler import SAMPLERS, RowSchedule, row_weights
 from pogdiff.run_folder import (CHECKPOINT_PREFIX, CHECKPOINT_RECORD, PSI_FILE, RUN_FILE, changed_checkpoint_file,
                                 checkpoint_step, checkpoints, is_run_entry, latest_checkpoint, read_checkpoint_record,
                                 save_psi, write_checkpoint_record, write_run_info)
 from pogdiff.sampling import generate
+from pogdiff.shards import ShardedTable
 from pogdiff.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, loading_shipped, shipped_backbone_dir
 
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
@@ -88,7 +91,8 @@ class TrainConfig:
     identity_column: str = "identity"
     image_column: str = "file_name"
     caption_dropout: float = 0.1
-    dataloader_num_workers: int = 0  # processes decoding images while encoding (0: the main process)
+    dataloader_num_workers: int | None = None  # processes decoding images while encoding (0: the main process;
+    # None: the CPUs per local process, at most 8: pogdiff.data.image_files.decode_workers)
     # optimisation
     train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -150,6 +154,7 @@ PAPER_PRESETS = {
 DEFAULT_MAX_TRAIN_STEPS = 500
 LOSS_EVERY = 10  # steps between reading the loss back (a host synchronisation) for the bar, the log and NaN
 HELD_MAX_BYTES = 4 * 2**30  # the small backbone's tables are held on the device up to this size
+READ_AHEAD = 1  # micro-steps read on a background thread while the current one trains (0: read in the loop)
 TRACKER_EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # module, extra
 
 
@@ -248,14 +253,17 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     bar = tqdm(total=config.max_train_steps, initial=global_step, desc=f"train {config.method}", unit="step",
                disable=not (config.progress and accelerator.is_local_main_process))
     micro_step = global_step * config.gradient_accumulation_steps
+    read = batch_reader(RowSchedule(len(dataset), global_batch, config.seed, sampling_weights), x0_tables, encoded,
+                        accelerator)
+    reads = run_folder.enter_context(contextlib.closing(
+        read_ahead(read, range(micro_step, config.max_train_steps * config.gradient_accumulation_steps))))
     while global_step < config.max_train_steps:
-        rows = batch_rows(len(dataset), global_batch, micro_step, config.seed, sampling_weights)
-        rows = rows[accelerator.process_index::accelerator.num_processes].to(accelerator.device)
+        step_reads = next(reads)
         micro_step += 1
         if row_log:
-            row_log.step(micro_step, rows)
+            row_log.step(micro_step, step_reads.rows)
         with accelerator.accumulate(unet):
-            batch = draw_batch(rows, backbone, x0_tables, encoded, config, accelerator.device)
+            batch = draw_batch(step_reads, backbone, x0_tables, encoded, config, accelerator.device)
             loss = loss_fn(denoiser, batch).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
@@ -303,7 +311,9 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
                 if is_run_entry(entry.name, config.logging_dir):
                     apply_umask_to_tree(entry)
             write_run_info(out, info)
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # every process returns a finished run (a benchmark evaluates it next)
+    for tracker in accelerator.trackers:  # not end_training(), which also ends the process group: a benchmark
+        tracker.finish()                  # trains its next cell in it (pogdiff.cli ends it at exit)
     return out
 
 
@@ -749,28 +759,72 @@ def held_on(device, x0_tables: list, encoded: EncodedDataset) -> tuple[list, Enc
     return held[:-1], replace(encoded, caption_table=held[-1])
 
 
-def draw_batch(rows: torch.Tensor, backbone, x0_tables: list, encoded: EncodedDataset, config: TrainConfig,
+@dataclass
+class BatchReads:
+    """A micro-step's rows and what is read for them on the host (:func:`batch_reader`), for :func:`draw_batch`."""
+
+    rows: torch.Tensor                        # this process's rows, on the CPU
+    x0: list[torch.Tensor] | None = None      # their rows of each x0 table on disk; None: tables held on the device
+    states: torch.Tensor | None = None        # their caption states from disk; None: the table is on the device
+
+
+def batch_reader(schedule: RowSchedule, x0_tables: list, encoded: EncodedDataset,
+                 accelerator: Accelerator) -> Callable[[int], BatchReads]:
+    """``read(micro_step)``: this process's share of the step's rows and their values in the tables on disk,
+    pinned for an asynchronous copy on CUDA. It draws nothing from the global RNG, so it can run ahead of
+    the loop; under --random-flip both variants are read, as the flips are drawn at the step."""
+    caption_index = encoded.caption_index.cpu()
+    on_disk = not isinstance(x0_tables[0], torch.Tensor)
+    pinned = torch.Tensor.pin_memory if accelerator.device.type == "cuda" else (lambda tensor: tensor)
+
+    def read(micro_step: int) -> BatchReads:
+        rows = schedule[micro_step][accelerator.process_index::accelerator.num_processes]
+        x0 = [pinned(table[rows]) for table in x0_tables] if on_disk else None
+        states = pinned(encoded.caption_table[caption_index[rows]]) \
+            if isinstance(encoded.caption_table, ShardedTable) else None
+        return BatchReads(pinned(rows), x0, states)
+
+    return read
+
+
+def read_ahead(read: Callable[[int], BatchReads], steps: range, ahead: int | None = None) -> Iterator[BatchReads]:
+    """``read(m)`` for each micro-step m of ``steps``, in order, the next ``ahead`` (default READ_AHEAD) read on a
+    background thread while the caller trains on the current one. An exception of ``read`` is raised here,
+    at the step it belongs to; closing the iterator waits for the read in flight."""
+    ahead = READ_AHEAD if ahead is None else ahead
+    if ahead == 0:
+        yield from map(read, steps)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="pogdiff-reads")
+    try:
+        pending = collections.deque(pool.submit(read, m) for m in steps[:ahead])
+        for m in steps[ahead:]:
+            pending.append(pool.submit(read, m))
+            yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def draw_batch(reads: BatchReads, backbone, x0_tables: list, encoded: EncodedDataset, config: TrainConfig,
                device) -> TrainBatch:
     """x0 of each row (of its mirror image, drawn at random under --random-flip) and its caption states,
-    the empty caption's where it is dropped for classifier-free guidance. Tables on disk are read for the
-    batch's rows; tables held on the device (:func:`held_on`) are indexed there."""
+    the empty caption's where it is dropped for classifier-free guidance. Values read from the tables on disk
+    (``reads``) are copied to ``device`` without waiting; tables held there (:func:`held_on`) are indexed there."""
+    non_blocking = reads.rows.is_pinned()
+    rows = reads.rows.to(device, non_blocking=non_blocking)
     flipped = torch.rand(len(rows), device=rows.device) < 0.5 if config.random_flip \
         else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
-    if isinstance(x0_tables[0], torch.Tensor):
-        cached = x0_tables[0][rows]
-        if len(x0_tables) > 1:
-            cached = torch.where(flipped.view(-1, *[1] * (cached.dim() - 1)), x0_tables[1][rows], cached)
-    else:
-        variant, cpu_rows = flipped.long().cpu(), rows.cpu()
-        cached = torch.empty((len(rows), *x0_tables[0].row_shape), dtype=x0_tables[0].dtype)
-        for v, table in enumerate(x0_tables):
-            where = (variant == v).nonzero().squeeze(1)
-            if len(where):
-                cached[where] = table[cpu_rows[where]]
-    x0 = backbone.x0_from_cache(cached.to(device))
+    variants = [table[rows] for table in x0_tables] if reads.x0 is None \
+        else [x0.to(device, non_blocking=non_blocking) for x0 in reads.x0]
+    cached = variants[0] if len(variants) == 1 \
+        else torch.where(flipped.view(-1, *[1] * (variants[0].dim() - 1)), variants[1], variants[0])
+    x0 = backbone.x0_from_cache(cached)
     dropped = torch.rand(len(rows), device=x0.device) < config.caption_dropout
-    cond = torch.where(dropped[:, None, None], encoded.uncond_states.expand(len(rows), -1, -1),
-                       encoded.caption_states(rows))
+    states = encoded.caption_states(rows) if reads.states is None \
+        else reads.states.to(device, non_blocking=non_blocking).float()
+    cond = torch.where(dropped[:, None, None], encoded.uncond_states.expand(len(rows), -1, -1), states)
     return TrainBatch(x0, cond, rows, dropped)
 
 

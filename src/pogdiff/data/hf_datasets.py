@@ -29,6 +29,18 @@ SAVED_TO_DISK = ("dataset_dict.json", "state.json")  # what DatasetDict / Datase
 PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")
 
 
+def data_folder(data_dir: str | Path | None, dataset_name: str | Path | None, image_column: str = "file_name",
+                cache_dir: str | Path | None = None) -> Path:
+    """The dataset folder named by DATA or by ``--dataset-name`` (:func:`dataset_folder`): one line when both or
+    neither is given."""
+    if data_dir and dataset_name:
+        raise PogdiffError(f"DATA {data_dir} and --dataset-name {dataset_name} both name the dataset; pass one of them")
+    if not data_dir and not dataset_name:
+        raise PogdiffError("no dataset: pass --data DATA (a folder with metadata.jsonl and images) or --dataset-name "
+                           "FOLDER")
+    return Path(data_dir) if data_dir else dataset_folder(dataset_name, image_column, cache_dir)
+
+
 def dataset_folder(name: str | Path, image_column: str = "file_name", cache_dir: str | Path | None = None) -> Path:
     """The pogdiff dataset folder of ``--dataset-name name``: the folder itself, or its conversion (see above).
 

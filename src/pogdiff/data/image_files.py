@@ -6,8 +6,10 @@ of rows) and the transform (:attr:`ImageFiles.transform`: resolution, crop), so 
 moving or copying the dataset folder recomputes nothing and editing one image recomputes
 the shard it is in and what is built from all rows. Hashes are
 remembered per file by (size, mtime, inode) in the cache folder, so a warm start reads
-no image at all. Images are decoded only while encoding, by a torch ``DataLoader``
-with ``num_workers`` worker processes (``--dataloader-num-workers``).
+no image at all. Images are decoded only while encoding, JPEGs at a reduced scale (draft decoding,
+:func:`pogdiff.data.dataset.load_image`), by one torch ``DataLoader`` per :class:`ImageFiles` whose
+``num_workers`` worker processes (``--dataloader-num-workers``; by default the CPUs of this process:
+:func:`decode_workers`) stay up from one batch request to the next (e.g. from shard to shard).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -23,14 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pogdiff.cache import default_cache_dir
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, and_more, load_image
 from pogdiff.errors import DatasetError, PogdiffWarning
 from pogdiff.files import sha256, write_text_atomic
 
-DECODER_VERSION = 1  # bump when load_image turns the same file into other pixels
+DECODER_VERSION = 2  # bump when load_image turns the same file into other pixels (2: JPEG draft decoding)
+MAX_DECODE_WORKERS = 8  # the default's cap: each worker holds batches in flight, so memory grows with them
 
 
 class UnreadableImages(DatasetError):
@@ -42,21 +46,42 @@ class UnreadableImages(DatasetError):
 
 
 class _Decoded(Dataset):
-    """Row ``i`` of ``rows`` as (row, uint8 array (H, W, 3)), or (row, the error message) when it cannot be read:
-    errors travel back from the worker processes as values, so that they stay one line."""
+    """Row ``row`` of ``dataset`` as (row, uint8 array (H, W, 3)), or (row, the error message) when it cannot be
+    read: errors travel back from the worker processes as values, so that they stay one line."""
 
-    def __init__(self, dataset: ImageTextDataset, rows: Sequence[int], resolution: int, center_crop: bool):
-        self.dataset, self.rows, self.resolution, self.center_crop = dataset, list(rows), resolution, center_crop
+    def __init__(self, dataset: ImageTextDataset, resolution: int, center_crop: bool):
+        self.dataset, self.resolution, self.center_crop = dataset, resolution, center_crop
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        row = self.rows[i]
+    def __getitem__(self, row: int):
         try:
             return row, load_image(self.dataset.root / self.dataset.files[row], self.resolution, self.center_crop)
         except DatasetError as error:
             return row, str(error)
+
+
+class _Requested(Sampler):
+    """The rows of the current request in batches: set before each pass over the one loader of an
+    :class:`ImageFiles`, whose persistent workers then decode them."""
+
+    def __init__(self):
+        self.rows, self.batch_size = [], 1
+
+    def __iter__(self):
+        return (self.rows[i:i + self.batch_size] for i in range(0, len(self.rows), self.batch_size))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+
+def decode_workers(requested: int | None) -> int:
+    """Worker processes decoding images: ``requested`` (``--dataloader-num-workers``), else the CPUs this process
+    may use, shared with the other processes of this machine (``LOCAL_WORLD_SIZE``), at most MAX_DECODE_WORKERS."""
+    if requested is not None:
+        return requested
+    return min(MAX_DECODE_WORKERS, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass
@@ -66,7 +91,7 @@ class ImageFiles:
     dataset: ImageTextDataset
     resolution: int
     center_crop: bool = True
-    num_workers: int = 0
+    num_workers: int | None = 0  # None: decode_workers' default
     cache_dir: str | Path | None = None
     progress: bool = False
 
@@ -85,18 +110,31 @@ class ImageFiles:
         """One key for all the images (for tables built from every row, such as the neighbours)."""
         return hashlib.sha256(json.dumps({"files": self.file_digests, **self.transform}).encode()).hexdigest()
 
+    @functools.cached_property
+    def _requested(self) -> _Requested:
+        return _Requested()
+
+    @functools.cached_property
+    def _loader(self) -> DataLoader:
+        workers = decode_workers(self.num_workers)
+        return DataLoader(_Decoded(self.dataset, self.resolution, self.center_crop), batch_sampler=self._requested,
+                          num_workers=workers, persistent_workers=workers > 0, collate_fn=list)
+
     def batches(self, rows: Sequence[int], batch_size: int) -> Iterator[torch.Tensor]:
-        """uint8 batches (B, 3, H, W) of ``rows`` in order. Every row is tried: when some cannot be read,
-        :class:`UnreadableImages` names the first and lists all, after the last batch."""
-        loader = DataLoader(_Decoded(self.dataset, rows, self.resolution, self.center_crop), batch_size=batch_size,
-                            num_workers=self.num_workers, collate_fn=list)
+        """uint8 batches (B, 3, H, W) of ``rows`` in order (one request at a time). Every row is tried: when some
+        cannot be read, :class:`UnreadableImages` names the first and lists all, after the last batch."""
+        self._requested.rows, self._requested.batch_size = list(rows), batch_size
         failures: list[tuple[str, str]] = []
-        for items in loader:
+        for items in self._loader:
             failures += [(self.dataset.files[row], item) for row, item in items if isinstance(item, str)]
             if not failures:
                 yield torch.from_numpy(np.stack([item for _, item in items])).permute(0, 3, 1, 2).contiguous()
         if failures:
             raise UnreadableImages(failures)
+
+    def close(self) -> None:
+        """Stop the decode workers (a later :meth:`batches` starts them again)."""
+        self.__dict__.pop("_loader", None)
 
 
 def read_images(dataset: ImageTextDataset, resolution: int, center_crop: bool = True) -> torch.Tensor:

@@ -7,6 +7,8 @@ nearest. An image where no face is found gets no identity, which the accuracy co
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from pogdiff.errors import PogdiffError
@@ -16,17 +18,22 @@ from pogdiff.face_descriptor import FaceDescriptor
 class FaceJudge:
     """Nearest identity (Euclidean, as dlib's descriptor is trained for) among centroids of real-image descriptors."""
 
-    def __init__(self, real_images: dict[str, torch.Tensor], descriptor: FaceDescriptor | None = None):
+    def __init__(self, real_images: Iterable[tuple[str, torch.Tensor]], descriptor: FaceDescriptor | None = None):
+        """``real_images``: (identity, images) pairs, an identity's images in one or several batches."""
         self.descriptor = descriptor or FaceDescriptor()
         self.name = (f"nearest identity centroid of dlib 128-d face descriptors ({self.descriptor.detector} "
                      f"detector; no face found = wrong)")
+        found_by_identity: dict[str, list[torch.Tensor]] = {}
+        for name, images in real_images:
+            descriptors, found = self.descriptor(images)
+            found_by_identity.setdefault(name, []).append(descriptors[found])
         self.names, centroids = [], []
         self.faceless = []  # identities with no face found in any real image: never predicted
-        for name, images in real_images.items():
-            descriptors, found = self.descriptor(images)
-            if found.any():
+        for name, descriptors in found_by_identity.items():
+            descriptors = torch.cat(descriptors)
+            if len(descriptors):
                 self.names.append(name)
-                centroids.append(descriptors[found].mean(0))
+                centroids.append(descriptors.mean(0))
             else:
                 self.faceless.append(name)
         if not self.names:

@@ -10,11 +10,14 @@ Eq. 8); the others load when the user has their weights:
   Inception v3) through torchmetrics' ``NoTrainInceptionV3``, which needs
   ``torch-fidelity`` (extra ``pogdiff[inception]``; it imports torchvision) and the
   weights file ``pt_inception-2015-12-05-6726825d.pth`` given by ``inception_weights``.
-- anything else: a Hugging Face image model id or folder (e.g. ``facebook/dinov2-base``),
-  :class:`pogdiff.encoders.HuggingFaceImageFeatures`.
+- anything else: a Hugging Face DINOv2, CLIP, SigLIP or ViT/DINO v1 model id or folder (e.g.
+  ``facebook/dinov2-base``), :class:`pogdiff.encoders.HuggingFaceImageFeatures`.
 
 Each extractor has a ``name``, written next to every number measured in its space. Any
 object with a ``name`` and ``__call__(images) -> (N, D)`` can be passed instead of a name.
+
+An evaluation measures fd in one space and sim and recall in another (the paper: Inception,
+then DINOv2): :class:`FeatureSpaces` holds both, one extractor when both name the same space.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pogdiff.errors import PogdiffError
 from pogdiff.images import to_uint8
 
 DEFAULT_FEATURES = "efficientnet-lite0"
+ROLES = ("fd", "sim")  # fd's space; sim's, which recall and the features judge share
 
 
 def load_feature_extractor(spec=DEFAULT_FEATURES, inception_weights: str | Path | None = None,
@@ -70,3 +74,26 @@ class InceptionFeatures:
         device = next(self.model.parameters()).device
         return torch.cat([self.model(to_uint8(chunk).to(device)).float().cpu()
                           for chunk in images.split(batch_size)])
+
+
+class FeatureSpaces:
+    """The extractors of fd (``fd``) and of sim and recall (``sim``), built once on ``device``: one object
+    when both name the same space, so its features are computed once.
+
+    ``__call__`` maps images to ``{"fd": (N, D_fd), "sim": (N, D_sim)}``.
+    """
+
+    def __init__(self, fd=DEFAULT_FEATURES, sim=DEFAULT_FEATURES, inception_weights: str | Path | None = None,
+                 device: str | torch.device = "cpu"):
+        self.specs = {"fd": fd, "sim": sim}
+        self.fd = load_feature_extractor(fd, inception_weights, device)
+        self.sim = self.fd if sim is fd or sim == fd else load_feature_extractor(sim, inception_weights, device)
+
+    @property
+    def names(self) -> dict[str, str]:
+        """Each role's space, as metrics.json records it (``feature_spaces``)."""
+        return {"fd": self.fd.name, "sim": self.sim.name}
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        fd = self.fd(images)
+        return {"fd": fd, "sim": fd if self.sim is self.fd else self.sim(images)}

@@ -155,16 +155,23 @@ def _renders(identities, per_identity: int, seed: int, size: int, progress: bool
 
 
 class CentroidJudge:
-    """Nearest identity centroid (cosine) of real images' features in a frozen feature space."""
+    """Nearest identity centroid (cosine) of real images' features in a frozen feature space.
 
-    def __init__(self, extractor, real_images: dict[str, torch.Tensor]):
+    Built from the real images' features (``real_features``: identity -> (n, D), in ``extractor``'s space).
+    """
+
+    def __init__(self, extractor, real_features: dict[str, torch.Tensor]):
         self.extractor = extractor
         self.name = f"nearest identity centroid in {extractor.name} features"
-        self.names = list(real_images)
-        self.centroids = F.normalize(torch.stack([F.normalize(extractor(real_images[n]), dim=1).mean(0)
+        self.names = list(real_features)
+        self.centroids = F.normalize(torch.stack([F.normalize(real_features[n].float(), dim=1).mean(0)
                                                   for n in self.names]), dim=1)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> list[str]:
-        features = F.normalize(self.extractor(images), dim=1)
+        return self.predict_features(self.extractor(images))
+
+    def predict_features(self, features: torch.Tensor) -> list[str]:
+        """Identity name for each image, from its features in the extractor's space."""
+        features = F.normalize(features.float(), dim=1)
         return [self.names[i] for i in (features @ self.centroids.T).argmax(1).tolist()]

@@ -45,7 +45,8 @@ def frechet_distance(generated: torch.Tensor, real: torch.Tensor) -> float | Non
     if len(span) < x.shape[1]:
         basis = torch.linalg.qr(span.T).Q
         x, y = x @ basis, y @ basis
-    metric = FrechetInceptionDistance(feature=_GivenFeatures(x.shape[1]))
+    # one process's own sets: no gathering from the others of `accelerate launch`, which are done by then
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(x.shape[1]), sync_on_compute=False)
     metric.update(y, real=True)
     metric.update(x, real=False)
     return max(metric.compute().item(), 0.0)  # round-off can leave -1e-12 for identical sets

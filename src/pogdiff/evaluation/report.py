@@ -23,7 +23,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pogdiff.evaluation.results_table import SPLITS, all_few_columns, format_value
+from pogdiff.evaluation.results_table import SPLITS, all_few_columns, feature_spaces_text, format_value
 from pogdiff.images import labelled_grid
 from pogdiff.run_folder import IS_FEW_KEY, NEIGHBOUR_SPACE_KEY, PSI_FILE, PSI_KEYS
 
@@ -39,10 +39,10 @@ class ReportData:
     names: list[str]  # identities, minority first
     counts: dict[str, int]  # training images per identity
     few: set[str]
-    training_images: dict[str, torch.Tensor]
-    training_features: dict[str, torch.Tensor]
-    generated: dict[str, dict[str, torch.Tensor]]  # method -> identity -> images
-    generated_features: dict[str, dict[str, torch.Tensor]]
+    training_images: dict[str, torch.Tensor]  # a few per identity, thumbnails are enough
+    training_features: dict[str, torch.Tensor]  # every image's, in the sim space
+    generated: dict[str, dict[str, torch.Tensor]]  # method -> identity -> a few images
+    generated_features: dict[str, dict[str, torch.Tensor]]  # method -> identity -> every image's
     psi: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # method -> its run's psi.safetensors
     psi_summary: dict[str, dict] = field(default_factory=dict)  # method -> its run's psi_summary.json
 
@@ -58,7 +58,8 @@ def write_report(path: str | Path, metrics: dict, data: ReportData, images_per_c
         "<h2>Training set</h2>" + _image(identity_histogram(data), "identity-count histogram"),
         "<h2>PoGDiff weights and neighbours</h2>" + _pogdiff_section(data),
         "<h2>Features of minority identities</h2>"
-        f"<p>PCA of {html.escape(metrics['feature_space'])} features, fitted on all training images.</p>"
+        f"<p>PCA of {html.escape(metrics['feature_spaces']['sim'])} features (sim's space), fitted on all training "
+        "images.</p>"
         + _image(feature_projection(data), "PCA of real and generated features"),
     ]
     page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>pogdiff evaluation</title>"
@@ -82,18 +83,24 @@ def _settings(metrics: dict) -> str:
     items = {
         "dataset": metrics.get("data", ""),
         "prompt (each identity's name for {name})": metrics["prompt_template"],
-        "feature space (fd, sim, recall)": metrics["feature_space"],
+        "feature spaces": feature_spaces_text(metrics["feature_spaces"]),
         "identity judge (id_acc)": metrics["identity_judge"],
         "fd reference": metrics["references"]["fd"],
         "sim reference": metrics["references"]["sim"],
         "recall": f"training image covered when cosine similarity >= {metrics['recall_threshold']}",
         "identities": f"{counts['all']} (Few: {counts['few']}, at most {metrics['few_max_images']} training images)"
                       + _sample_note(metrics.get("identity_sample")),
-        "samples per identity": f"{metrics['num_images_per_identity']} (Few: {metrics['num_images_per_few_identity']}), "
-                                f"DDIM {metrics['num_inference_steps']} steps",
+        "samples per identity": _samples_note(metrics),
     }
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in items.items())
     return f"<dl>{rows}</dl>"
+
+
+def _samples_note(metrics: dict) -> str:
+    if metrics["num_images_per_identity"] is None:
+        return "the images of each --samples folder"
+    return (f"{metrics['num_images_per_identity']} (Few: {metrics['num_images_per_few_identity']}), "
+            f"DDIM {metrics['num_inference_steps']} steps")
 
 
 def _sample_note(sample: dict | None) -> str:

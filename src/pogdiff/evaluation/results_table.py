@@ -41,3 +41,10 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def format_value(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def feature_spaces_text(spaces: dict[str, str]) -> str:
+    """Where the metrics were measured, in words, from metrics.json's ``feature_spaces``."""
+    if spaces["fd"] == spaces["sim"]:
+        return f"fd, sim and recall in {spaces['fd']} features"
+    return f"fd in {spaces['fd']} features, sim and recall in {spaces['sim']} features"

@@ -1,0 +1,88 @@
+"""Generated images on disk: ``FOLDER/<identity>/<NNN>.png``, written as they are made and read back in batches.
+
+``pogdiff evaluate`` writes each run's samples to ``OUT/samples/<label>/<identity stem>/<NNN>.png``
+and scores them from there, the same way it scores a ``--samples FOLDER`` of images made elsewhere
+(by an earlier evaluation, or by the user's own pipeline). An identity's folder is named after the
+identity, or after the safe file stem :func:`pogdiff.files.file_stems` gives it (what evaluate
+writes); its ``*.png`` files are read in natural order (``2.png`` before ``10.png``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pogdiff.data.dataset import load_image
+from pogdiff.data.image_files import pixels_to_float
+from pogdiff.errors import PogdiffError
+from pogdiff.files import file_stems
+from pogdiff.images import to_pil
+from pogdiff.sampling import sample_rows
+
+SUFFIX = ".png"
+READ_BATCH = 32  # images decoded and scored at a time
+
+
+def write_samples(backbone, samples_for: dict[str, int], folder: Path, stems: dict[str, str], prompt_template: str,
+                  num_inference_steps: int, guidance_scale: float | None, seed: int, progress: bool,
+                  shard: tuple[int, int] = (0, 1)) -> None:
+    """``samples_for[name]`` images of ``prompt_template`` per identity into ``folder/<stem>/<NNN>.png`` (``stems``:
+    :func:`pogdiff.files.file_stems` of every identity of the dataset), each batch as soon as it is done;
+    identities with the same count are sampled together, with the noise stream of
+    :func:`pogdiff.sampling.generate`. ``shard``: this process's batches (:func:`sample_rows`)."""
+    for count in sorted(set(samples_for.values())):
+        group = [n for n in samples_for if samples_for[n] == count]
+        for identity in group:
+            (folder / stems[identity]).mkdir(parents=True, exist_ok=True)
+        for rows, images in sample_rows(backbone, [prompt_template.format(name=n) for n in group], count,
+                                        num_inference_steps, guidance_scale, seed, progress=progress, shard=shard):
+            for row, image in zip(rows, images):
+                to_pil(image).save(folder / stems[group[row // count]] / f"{row % count:03d}{SUFFIX}")
+
+
+def find_samples(folder: Path, identities: list[str], scored: list[str]) -> dict[str, list[Path]]:
+    """The images of every ``scored`` identity in ``folder``, by identity; ``identities``: every identity of the
+    dataset (a folder of one that is not scored is left alone). One line for a folder that names no identity,
+    and for a scored identity without a folder or without an image."""
+    if not folder.is_dir():
+        raise PogdiffError(f"{folder}: --samples folder not found; pass a folder holding one folder of "
+                           f"{SUFFIX} images per identity")
+    by_folder = {**{stem: name for name, stem in file_stems(identities).items()}, **{n: n for n in identities}}
+    found: dict[str, list[Path]] = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if sub.name not in by_folder:
+            raise PogdiffError(f"{sub}: no identity of the dataset is called {sub.name!r}; name each folder after "
+                               "its identity (or the file stem evaluate gives it), or move it away")
+        found[by_folder[sub.name]] = sorted(sub.glob(f"*{SUFFIX}"), key=_natural)
+    for name in scored:
+        if not found.get(name):
+            where = folder / file_stems(identities)[name]
+            raise PogdiffError(f"{where}: no {SUFFIX} image of identity {name!r}; add its samples as "
+                               f"{where}/<N>{SUFFIX}, or pass --max-identities to score fewer identities")
+    return {name: found[name] for name in scored}
+
+
+def _natural(path: Path) -> list:
+    """Sort key: digit runs as numbers (``2.png`` before ``10.png``)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+
+
+def resolution_of(files: list[Path]) -> int:
+    """The side of the square the images are scored at: the shorter side of the first one."""
+    with Image.open(files[0]) as image:
+        return min(image.size)
+
+
+def batches_of(files: list[Path], resolution: int) -> Callable[[], Iterator[torch.Tensor]]:
+    """A function yielding ``files`` as float batches (B, 3, resolution, resolution) in [-1, 1], decoded like
+    the dataset's images (:func:`pogdiff.data.dataset.load_image`: a square image of that size is read as is)."""
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(files), READ_BATCH):
+            pixels = np.stack([load_image(f, resolution) for f in files[start:start + READ_BATCH]])
+            yield pixels_to_float(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+    return batches
