@@ -29,7 +29,8 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from pogdiff.losses import METHODS, TrainBatch
+from pogdiff.loss_tables import loss_tables
+from pogdiff.losses import METHODS, TrainBatch, neighbour_request
 from pogdiff.neighbours import find_neighbours
 from pogdiff.encoded_dataset import EncodedDataset
 
@@ -71,7 +72,7 @@ class Bench:
         scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         tables = EncodedDataset.of_rows(torch.randn(ROWS, tokens, dim), torch.randn(tokens, dim), torch.arange(ROWS) // 4,
                                 torch.randn(ROWS), RandomNeighbours()).to(device)
-        self.loss_fn = METHODS[method](scheduler, tables)
+        self.loss_fn = METHODS[method](scheduler, loss_tables(tables, neighbour_request(method, {})))
         self.tables, self.device, self.batch, self.size = tables, device, batch, size
         self.autocast_dtype = autocast_dtype
         self.scaler = torch.amp.GradScaler(device) if autocast_dtype == torch.float16 else None

@@ -1,10 +1,10 @@
 """Host milliseconds per training step spent choosing and reading a batch's rows, at 100k and 1M rows.
 
 What the training loop's background thread runs each micro-step (``pogdiff.train.batch_reader``): the row
-sampler's draw (``RowSchedule``, uniform or balanced) and the reads of the batch's rows from memory-mapped
+sampler's draw (``RowSchedule``, uniform or balanced) and the reads of the batch's rows from the cache's
 shards (x0 and caption states), no model. The shards are synthetic and shaped as Stable Diffusion v1.5's at
 512 px (latent mean and log-variance 8x64x64, caption states 77x768, float16, 1,024 rows a shard); one shard
-file of each is written and every shard of the table maps it, so 1M rows need no 64 GB on disk and the
+file of each is written and every shard of the table reads it, so 1M rows need no 64 GB on disk and the
 reads are warm (page cache: the host's cost, not the storage's). Identities are long-tailed (Zipf) for the
 balanced sampler's weights.
 
@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the reads run on one background thread
     process = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
-    print(f"batch {args.batch}; x0 {LATENT} and caption states {STATES} float16 from memory-mapped shards; ms a step")
+    print(f"batch {args.batch}; x0 {LATENT} and caption states {STATES} float16 from cache shards; ms a step")
     print(f"{'rows':>9} {'sampler':>8} {'draw':>6} | draw + reads: {'in epoch':>8} {'epoch start':>11} "
           f"{'over an epoch':>13} | draw before")
     with tempfile.TemporaryDirectory() as tmp:

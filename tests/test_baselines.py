@@ -11,6 +11,7 @@ from pogdiff.backbone import load_backbone
 from pogdiff.cli import build_parser, main
 from pogdiff.encoded_dataset import EncodedDataset
 from pogdiff.errors import PogdiffError
+from pogdiff.loss_tables import loss_tables
 from pogdiff.losses import METHODS, CBDMLoss, T2HLoss, TrainBatch, method_parameters
 from pogdiff.run_folder import run_label
 from pogdiff.shipped import SHIPPED_NAME
@@ -23,7 +24,7 @@ def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
     batch = make_batch(tables)  # rows 0, 2, 3; the third caption was dropped
     model = TinyDenoiser()
     torch.manual_seed(7)
-    loss = CBDMLoss(scheduler, tables, tau=2.0, balance="rows")(model, batch)
+    loss = CBDMLoss(scheduler, loss_tables(tables), tau=2.0, balance="rows")(model, batch)
     loss.sum().backward()
 
     torch.manual_seed(7)  # replay the draws: eps, t, then the balanced caption y_b
@@ -52,8 +53,9 @@ def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
 
 def t2h_tables(elbo, identity=None):
     n = len(elbo)
-    return EncodedDataset.of_rows(torch.zeros(n, 2, 3), torch.zeros(2, 3),
-                          torch.arange(n) if identity is None else torch.tensor(identity), torch.tensor(elbo))
+    return loss_tables(EncodedDataset.of_rows(torch.zeros(n, 2, 3), torch.zeros(2, 3),
+                                              torch.arange(n) if identity is None else torch.tensor(identity),
+                                              torch.tensor(elbo)))
 
 
 def test_t2h_transfer_probabilities_follow_the_gaussian_posterior():
@@ -122,13 +124,13 @@ def test_cbdm_draws_y_b_uniformly_over_identities_by_default_and_over_rows_as_an
     tables.identity = torch.tensor([0, 0, 0, 1])  # three rows of one person, one of another
     scheduler = DDPMScheduler(num_train_timesteps=100)
     torch.manual_seed(0)
-    by_identity = CBDMLoss(scheduler, tables).draw_balanced(20000, "cpu")
-    by_row = CBDMLoss(scheduler, tables, balance="rows").draw_balanced(20000, "cpu")
+    by_identity = CBDMLoss(scheduler, loss_tables(tables)).draw_balanced(20000, "cpu")
+    by_row = CBDMLoss(scheduler, loss_tables(tables), balance="rows").draw_balanced(20000, "cpu")
     share = [[(drawn == row).float().mean().item() for row in range(4)] for drawn in (by_identity, by_row)]
     assert torch.allclose(torch.tensor(share[0]), torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]), atol=0.015)
     assert torch.allclose(torch.tensor(share[1]), torch.tensor([1 / 4] * 4), atol=0.015)
     with pytest.raises(PogdiffError, match="balance='classes': choose one of identities, rows"):
-        CBDMLoss(scheduler, tables, balance="classes")
+        CBDMLoss(scheduler, loss_tables(tables), balance="classes")
 
 
 def test_t2h_frequency_is_the_identity_count_by_default_and_text_density_as_an_option():
@@ -146,7 +148,7 @@ def test_t2h_frequency_is_the_identity_count_by_default_and_text_density_as_an_o
     assert moved["text_density"] == ([True] * 3, False)  # rare captions borrow from the dense one
     # Without an identity column the default falls back to the text density.
     loss_fn = T2HLoss(scheduler, t2h_tables([-3.0, -3.0, -3.0, 5.0]))
-    assert torch.equal(loss_fn.condition_frequency, loss_fn.encoded.elbo)
+    assert torch.equal(loss_fn.condition_frequency, loss_fn.tables.elbo)
 
 
 @pytest.fixture(scope="module")

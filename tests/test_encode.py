@@ -221,7 +221,7 @@ def test_two_processes_each_encode_their_shards(toy_data, tmp_path, four_row_sha
     done = subprocess.run([str(a) for a in launch], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     for kind, shards in (("latents", 5), ("image-features", 5), ("text", 2)):
-        writers = [shards_module._open(path)[0]["__metadata__"]["written_by"] for path in shard_files(cache, kind)]
+        writers = [shards_module._open(path)[0]["written_by"] for path in shard_files(cache, kind)]
         assert writers == [f"process {s % 2} of 2" for s in range(shards)], kind
     assert len(list(cache.glob("neighbours-*"))) == 1 and len(list(cache.glob("text-density-*"))) == 1
     # the tables are those one process computes

@@ -32,8 +32,8 @@ from pogdiff.files import incomplete
 from pogdiff.cache import cache_path
 from pogdiff.encoded_dataset import encode_dataset
 from pogdiff.ownership import claimed
-from pogdiff.run_folder import latest_checkpoint
-from pogdiff.train import TrainConfig, check_output_dir, claimed_output_dir, save_checkpoint
+from pogdiff.run_folder import latest_checkpoint, save_checkpoint
+from pogdiff.train import TrainConfig, check_output_dir, claimed_output_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

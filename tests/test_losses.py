@@ -4,8 +4,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from pogdiff.loss_tables import loss_tables
 from pogdiff.losses import PoGDiffLoss, TrainBatch, VanillaLoss
-from pogdiff.neighbours import NeighbourTable
+from pogdiff.neighbours import NeighbourRequest, NeighbourTable
 from pogdiff.encoded_dataset import EncodedDataset
 
 
@@ -40,6 +41,7 @@ class GivenNeighbours:
         return f"given:{space}"
 
 
+GIVEN = NeighbourRequest("unet", 2)  # the table GivenNeighbours holds, as the encode stage would build it
 SEED_DRAWING_ANOTHER_IDENTITY = 2  # of seeds 0-9 only 2 and 5 draw one (asserted below)
 
 
@@ -67,7 +69,7 @@ def test_pogdiff_loss_matches_hand_computation(prediction_type):
     tables = make_tables()
     batch = make_batch(tables)
     model = TinyDenoiser()
-    loss_fn = PoGDiffLoss(scheduler, tables, a1=1.0, a2=2.0, a3=1.0, psi_txt_max_ratio=100.0)
+    loss_fn = PoGDiffLoss(scheduler, loss_tables(tables, GIVEN), a1=1.0, a2=2.0, a3=1.0, psi_txt_max_ratio=100.0)
     torch.manual_seed(SEED_DRAWING_ANOTHER_IDENTITY)
     loss = loss_fn(model, batch)
 
@@ -96,7 +98,7 @@ def test_pogdiff_loss_matches_hand_computation(prediction_type):
 def test_expected_psi_per_row_matches_hand_computation():
     """Eq. 12 in expectation over Eq. 8's draw, with the defaults (a1 = 1, a2 = 10, a3 = 1, clip 2)."""
     tables = make_tables()
-    psi = PoGDiffLoss(DDPMScheduler(num_train_timesteps=100), tables).psi_per_row()
+    psi = PoGDiffLoss(DDPMScheduler(num_train_timesteps=100), loss_tables(tables, GIVEN)).psi_per_row()
     # make_tables: ELBO -1, 0, 1, 2 around the median 0 -> exp(1), 1, exp(-1), exp(-2), clipped to [1/2, 2]
     psi_txt = torch.tensor([2.0, 1.0, 0.5, 0.5])
     # each row: (weight, similarity) of its same-identity neighbour, then of its other-identity one
@@ -128,14 +130,14 @@ def test_target_branch_has_no_gradient_by_default():
     batch = make_batch(tables)
     model = TinyDenoiser()
     torch.manual_seed(3)
-    PoGDiffLoss(scheduler, tables)(model, batch).sum().backward()
+    PoGDiffLoss(scheduler, loss_tables(tables, GIVEN))(model, batch).sum().backward()
     assert model.calls_with_grad == [True, False]
     default_grad = model.v.grad.clone()
 
     model.v.grad = None
     model.w.grad = None
     torch.manual_seed(3)
-    PoGDiffLoss(scheduler, tables, target_grad=True)(model, batch).sum().backward()
+    PoGDiffLoss(scheduler, loss_tables(tables, GIVEN), target_grad=True)(model, batch).sum().backward()
     assert model.calls_with_grad[2:] == [True, True]
     assert not torch.allclose(model.v.grad, default_grad)
 
@@ -146,7 +148,7 @@ def test_pogdiff_with_zero_psi_equals_vanilla():
     tables.image_features.table.similarity.zero_()  # psi_img = 0 everywhere
     batch = make_batch(tables)
     torch.manual_seed(5)
-    pog = PoGDiffLoss(scheduler, tables)(TinyDenoiser(), batch)
+    pog = PoGDiffLoss(scheduler, loss_tables(tables, GIVEN))(TinyDenoiser(), batch)
     torch.manual_seed(5)
     vanilla = VanillaLoss(scheduler, tables)(TinyDenoiser(), batch)
     assert torch.allclose(pog, vanilla)
@@ -156,9 +158,10 @@ def test_ablations_switch_factors_off():
     scheduler = DDPMScheduler(num_train_timesteps=100)
     tables = make_tables()
     rows, nbrs, sims = torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([0.4, 0.4])
-    full = PoGDiffLoss(scheduler, tables, a2=1.0, psi_txt_max_ratio=100.0)  # the paper's footnote: a1 = a2 = 1
-    no_img = PoGDiffLoss(scheduler, tables, a2=1.0, use_psi_img=False, psi_txt_max_ratio=100.0)
-    no_txt = PoGDiffLoss(scheduler, tables, a2=1.0, use_psi_txt=False)
+    given = loss_tables(tables, GIVEN)
+    full = PoGDiffLoss(scheduler, given, a2=1.0, psi_txt_max_ratio=100.0)  # the paper's footnote: a1 = a2 = 1
+    no_img = PoGDiffLoss(scheduler, given, a2=1.0, use_psi_img=False, psi_txt_max_ratio=100.0)
+    no_txt = PoGDiffLoss(scheduler, given, a2=1.0, use_psi_txt=False)
     txt = torch.exp(torch.tensor(1.0))  # elbo -1 against the (lower) median 0
     assert torch.allclose(full.psi(rows, nbrs, sims), torch.stack([0.4 * txt, 0.16 * txt]))
     assert torch.allclose(no_img.psi(rows, nbrs, sims), torch.stack([txt, txt]))

@@ -13,18 +13,19 @@ from pogdiff.losses import METHODS, method_parameters
 from pogdiff.train import TrainConfig, make_loss
 
 BACKBONE = SimpleNamespace(scheduler=DDPMScheduler(num_train_timesteps=100))
+ENCODED = make_tables()  # its GivenNeighbours records which table of Eq. 8 the loss's tables were built with
 SAME, OTHER = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0.4])), (torch.tensor([0]), torch.tensor([2]),
                                                                             torch.tensor([0.4]))
 
 
 def loss_from_flags(method, *flags):
     args = build_parser().parse_args(["train", "DATA", "--output-dir", "RUN", "--method", method, *flags])
-    return make_loss(train_config(args), BACKBONE, make_tables())
+    return make_loss(train_config(args), BACKBONE, ENCODED)
 
 
 def loss_from_benchmark(row):
     spec = parse_method(row)
-    return make_loss(TrainConfig("", "", method=spec.method, method_options=spec.options), BACKBONE, make_tables())
+    return make_loss(TrainConfig("", "", method=spec.method, method_options=spec.options), BACKBONE, ENCODED)
 
 
 def psi_txt_of_row_0(loss):  # ELBO -1 against the median 0: exp(1) before the clip and a3
@@ -33,15 +34,15 @@ def psi_txt_of_row_0(loss):  # ELBO -1 against the median 0: exp(1) before the c
 
 def target_branch_has_gradient(loss):
     model = TinyDenoiser()
-    loss(model, make_batch(loss.encoded)).sum().backward()
+    loss(model, make_batch(ENCODED)).sum().backward()
     return model.calls_with_grad[1]
 
 
 # (method, flags, benchmark options, what the loss shows, its value with the default, with the option)
 KNOBS = [
-    ("pogdiff", ["--k", "1"], "k=1", lambda loss: loss.encoded.image_features.asked[-1][1], 10, 1),
+    ("pogdiff", ["--k", "1"], "k=1", lambda loss: ENCODED.image_features.asked[-1][1], 10, 1),
     ("pogdiff", ["--neighbour-features", "efficientnet-lite0"], "neighbour_features=efficientnet-lite0",
-     lambda loss: loss.encoded.image_features.asked[-1][0], "unet", "efficientnet-lite0"),
+     lambda loss: ENCODED.image_features.asked[-1][0], "unet", "efficientnet-lite0"),
     ("pogdiff", ["--a1", "2"], "a1=2", lambda loss: loss.psi(*SAME).div(psi_txt_of_row_0(loss)).item(), 0.4, 0.16),
     ("pogdiff", ["--a2", "2"], "a2=2", lambda loss: loss.psi(*OTHER).div(psi_txt_of_row_0(loss)).item(), 0.4 ** 11,
      0.064),

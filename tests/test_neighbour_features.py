@@ -14,7 +14,7 @@ from pogdiff.data.image_files import ImageFiles, pixels_to_float
 from pogdiff.encoded_dataset import encode_dataset, training_latents
 from pogdiff.errors import PogdiffError
 from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES, UNetSpace, neighbour_feature_space
-from pogdiff.neighbours import NeighbourTable, other_identity_share, similarity_by_identity
+from pogdiff.neighbours import NeighbourRequest, NeighbourTable, other_identity_share, similarity_by_identity
 from pogdiff.psi import summarise, summarise_similarity
 from pogdiff.run_folder import save_psi
 
@@ -110,12 +110,14 @@ def test_similarity_by_identity_splits_pairs_and_is_summarised_with_a_histogram(
 def test_pogdiff_writes_the_diagnostics_into_psi_summary(tmp_path):
     from diffusers import DDPMScheduler
 
+    from pogdiff.loss_tables import loss_tables, neighbour_space
     from pogdiff.losses import PoGDiffLoss
 
     tables = make_tables()
     tables.image_features = GivenNeighbours(tables.image_features.table, torch.eye(4))
-    loss = PoGDiffLoss(DDPMScheduler(num_train_timesteps=100), tables, k=2)
-    save_psi(tmp_path, loss.psi_per_row(), torch.tensor([False, False, True, True]), loss.neighbour_space())
+    wanted = NeighbourRequest(DEFAULT_NEIGHBOUR_FEATURES, 2)
+    loss = PoGDiffLoss(DDPMScheduler(num_train_timesteps=100), loss_tables(tables, wanted), k=2)
+    save_psi(tmp_path, loss.psi_per_row(), torch.tensor([False, False, True, True]), neighbour_space(tables, wanted))
     summary = json.loads((tmp_path / "psi_summary.json").read_text())
     # make_tables: rows 0, 1 are identity 0, rows 2, 3 identity 1; row 0 draws row 2 with weight 0.2, row 1
     # draws row 2 half the time, row 2 draws row 0 with 0.1, row 3 draws row 1 with 0.4

@@ -28,15 +28,16 @@ CACHE_VERSION = 3  # bump when a cached quantity is computed differently
 Tensors = dict[str, torch.Tensor]
 
 
-def default_cache_dir() -> Path:
-    """$POGDIFF_CACHE, else $XDG_CACHE_HOME/pogdiff, else ~/.cache/pogdiff."""
-    base = os.environ.get("POGDIFF_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pogdiff"
-    return Path(base)
+def cache_folder(cache_dir: str | Path | None = None) -> Path:
+    """The cache folder: ``cache_dir`` (--cache-dir) when given, else $POGDIFF_CACHE, else $XDG_CACHE_HOME/pogdiff,
+    else ~/.cache/pogdiff."""
+    return Path(cache_dir or os.environ.get("POGDIFF_CACHE")
+                or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pogdiff")
 
 
 def check_cache_dir(cache_dir: str | Path | None) -> None:
     """A --cache-dir that is a file is one line before any work (each cache write would warn about it)."""
-    path = Path(cache_dir or default_cache_dir())
+    path = cache_folder(cache_dir)
     if path.exists() and not path.is_dir():
         raise PogdiffError(f"{path}: --cache-dir is a file; pass a folder (or leave --cache-dir out)")
 
@@ -49,7 +50,7 @@ def cache_key(kind: str, params: dict) -> str:
 
 def cache_path(cache_dir: str | Path | None, kind: str, params: dict) -> Path:
     """Where the ``kind`` tensors computed with ``params`` are cached."""
-    return Path(cache_dir or default_cache_dir()) / f"{kind}-{cache_key(kind, params)}.safetensors"
+    return cache_folder(cache_dir) / f"{kind}-{cache_key(kind, params)}.safetensors"
 
 
 def cached(cache_dir: str | Path | None, kind: str, params: dict, compute: Callable[[], Tensors]) -> Tensors:

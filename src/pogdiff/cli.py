@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pogdiff.errors import Interrupted, PogdiffError, PogdiffWarning
 
-ACCELERATE_PRECISION = "accelerate's setting (accelerate launch --mixed_precision, accelerate config), else no"
 DIFFUSERS_NAMES = ("Every option is also accepted with underscores (--output_dir, --train_batch_size, ...), and "
                    "diffusers' train_text_to_image.py names that differ are accepted too: "
                    "--pretrained_model_name_or_path, --train_data_dir, --rank, --validation_prompt.")
@@ -68,7 +67,7 @@ def _print_training_plan(args, command: str) -> None:
 def train_config(args):
     """The TrainConfig of parsed ``pogdiff train`` arguments: a method's flags go into its method_options."""
     from pogdiff.losses import method_parameters
-    from pogdiff.train import PAPER_PRESETS, TrainConfig, config_fields
+    from pogdiff.options import PAPER_PRESETS, TrainConfig, config_fields
 
     typed = vars(args)
     preset = PAPER_PRESETS.get(typed.get("preset"), {})
@@ -103,7 +102,8 @@ def data_dir_of(typed: dict) -> str:
 
 def _pretrain(args) -> None:
     from pogdiff.pretraining import PRETRAINING, check_release_dir, previous_release_dir, write_release
-    from pogdiff.train import TrainConfig, config_fields, train
+    from pogdiff.options import TrainConfig, config_fields
+    from pogdiff.train import train
 
     if getattr(args, "release_dir", None):
         check_release_dir(args.release_dir, args.output_dir)  # before hours of training, not after
@@ -119,17 +119,14 @@ def _pretrain(args) -> None:
 
 def _sample(args) -> None:
     from pogdiff.backbone import load_backbone
-    from pogdiff.files import check_writable_folder
     from pogdiff.images import to_pil
+    from pogdiff.ownership import SAMPLES
+    from pogdiff.run_folder import RunFolder
     from pogdiff.sampling import generate_batches
 
-    out = Path(args.out)
-    files = [out / f"{i:04d}.png" for i in range(args.num_images)]
-    taken = [file for file in files if file.exists()]
-    if taken:
-        raise PogdiffError(f"{taken[0]}: already exists ({len(taken)} of the {len(files)} files to write do); "
-                           "choose another --out, or move them away")
-    check_writable_folder(out, "--out")  # before sampling, not after
+    names = tuple(f"{i:04d}.png" for i in range(args.num_images))
+    out = RunFolder(args.out, SAMPLES, "--out", outputs=names).check()  # before sampling, not after
+    files = [out / name for name in names]
     backbone = load_backbone(args.run)
     written = 0
     for images in generate_batches(backbone, [args.prompt], args.num_images, args.num_inference_steps,
@@ -198,10 +195,6 @@ def _benchmark(args) -> None:
         return
     run_benchmark(args.out, args.methods or DEFAULT_METHODS, seeds, budget, data=args.data,
                   data_preset=args.data_preset, cache_dir=args.cache_dir, progress=not args.no_progress)
-
-
-COMPILE_HELP = ("torch.compile the UNet (inductor; CUDA graphs on a GPU, where the small backbone's steps are bound "
-                "by kernel launches); on a CPU the first step takes minutes and later ones are no faster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,6 +299,7 @@ def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
 
 
 def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from pogdiff.options import ACCELERATE_PRECISION
     from pogdiff.pretraining import PRETRAINING
     from pogdiff.shipped import SHIPPED_DIR
 
@@ -314,26 +308,23 @@ def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                        epilog=docs("pretrained-backbone.md", "cli.md"))
     p.add_argument("data_dir", metavar="DATA", help="the pretraining corpus (or any dataset folder)")
     p.add_argument("--output-dir", required=True, help="run folder to write")
-    for flag, kind, what in (("--train-batch-size", int, "batch size per device"),
-                             ("--max-train-steps", int, "optimizer steps"),
-                             ("--learning-rate", float, "AdamW learning rate"),
-                             ("--lr-warmup-steps", int, "linear warm-up steps"),
-                             ("--ema-decay", float, "EMA decay (with warm-up)"),
-                             ("--checkpointing-steps", int, "save the training state every N steps"),
-                             ("--checkpoints-total-limit", int, "keep at most this many checkpoints"),
-                             ("--text-max-length", int, "caption tokens the UNet attends to")):
-        p.add_argument(flag, type=kind, help=f"{what} (default: {PRETRAINING[flag[2:].replace('-', '_')]})")
-    p.add_argument("--resume-from-checkpoint", help="'latest' or a checkpoint folder (default: start afresh)")
+    for name, what in (("train_batch_size", "batch size per device"), ("max_train_steps", "optimizer steps"),
+                       ("learning_rate", "AdamW learning rate"), ("lr_warmup_steps", "linear warm-up steps"),
+                       ("ema_decay", "EMA decay (with warm-up)"),
+                       ("checkpointing_steps", "save the training state every N steps"),
+                       ("checkpoints_total_limit", "keep at most this many checkpoints"),
+                       ("text_max_length", "caption tokens the UNet attends to")):
+        add_training_option(p, name, what, PRETRAINING[name])
+    add_training_option(p, "resume_from_checkpoint", "'latest' or a checkpoint folder", "start afresh")
     p.add_argument("--from-shipped", dest="from_scratch", action="store_false",
                    help=f"continue from the shipped {SHIPPED_DIR.name} weights instead of random ones (a new "
                    "optimizer and EMA; a release's manifest keeps the earlier one under continued_from)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
-                   help=f"fp16 (CUDA GPU) or bf16: frozen weights in half precision (default: {ACCELERATE_PRECISION})")
+    add_training_option(p, "mixed_precision", "fp16 (CUDA GPU) or bf16: frozen weights in half precision",
+                        ACCELERATE_PRECISION)
     p.add_argument("--validation-prompts", nargs="+", metavar="PROMPT",
                    help="sample these prompts every --validation-steps into OUTPUT_DIR/validation (default: none)")
-    p.add_argument("--validation-steps", type=int, help="steps between validation images (default: 500)")
-    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    for name in ("validation_steps", "compile", "overwrite"):
+        add_training_option(p, name)
     p.add_argument("--release-dir", metavar="DIR", help="when done, write fp16 weights and a manifest there "
                    f"(the shipped backbone: src/pogdiff/weights/{SHIPPED_DIR.name}) (default: no release)")
     p.set_defaults(func=_pretrain)
@@ -355,134 +346,83 @@ def add_train_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def add_train_options(t: argparse.ArgumentParser, func) -> None:
-    """The options of `pogdiff train` (and of `pogdiff encode`, which takes the same)."""
-    from pogdiff.losses import METHODS
-    from pogdiff.options import PREDICTION_TYPES, TRACKERS
-    from pogdiff.row_sampler import SAMPLERS
-    from pogdiff.shipped import SHIPPED_NAME
-    from pogdiff.train import DEFAULT_MAX_TRAIN_STEPS, PAPER_PRESETS, TrainConfig
+    """The options of `pogdiff train` (and of `pogdiff encode`, which takes the same): each TrainConfig field's, as
+    :mod:`pogdiff.options` declares it, the command's own (--train-data-dir, --preset, --dry-run), then each
+    method's (:func:`add_method_options`)."""
+    from dataclasses import MISSING, fields, replace
 
-    defaults = TrainConfig("", "")
+    from pogdiff.options import BOOKS, PAPER_PRESETS, Declared, TrainConfig
 
-    def option(name, help, group=t, aliases=(), default=None, **kwargs):
-        """An option whose help ends with its default: ``default`` in words, else TrainConfig's (flags: none)."""
-        field = kwargs.get("dest", name[2:].replace("-", "_"))
-        shown = default if default is not None else getattr(defaults, field, None)
-        if shown is not None and shown is not False and kwargs.get("action") not in ("store_true", "store_false"):
-            help += f" (default: {shown})"
-        return group.add_argument(name, *aliases, help=help, **kwargs)
-
-    t.add_argument("data_dir", metavar="DATA", nargs="?",
-                   help="folder with metadata.jsonl and images; or --train_data_dir, or --dataset-name")
-    option("--train-data-dir", "DATA under diffusers' name", metavar="DATA", default="DATA")
-    option("--dataset-name", "a local Hugging Face datasets folder (written by save_to_disk, or an imagefolder) "
-           "instead of DATA, converted once into the cache (needs pip install 'pogdiff[datasets]' unless it holds "
-           "metadata.jsonl)", metavar="FOLDER", default="none: DATA")
-    t.add_argument("--output-dir", required=func is _train,
-                   help="run folder to write" if func is _train else "ignored by encode (default: none)")
-    option("--method", "training objective", choices=sorted(METHODS))
-    option("--preset", "the paper's Sec. 4.1 hyper-parameters (typed options still win)", choices=sorted(PAPER_PRESETS),
-           default="none")
-    option("--pretrained", "diffusers Stable Diffusion checkpoint to fine-tune, a folder or hub id",
-           aliases=("--pretrained_model_name_or_path",), metavar="PATH_OR_HUB_ID",
-           default=f"the small CPU backbone, pretrained and shipped as {SHIPPED_NAME}")
-    option("--from-scratch", "the small CPU backbone from random weights instead of the shipped pretrained one",
-           action="store_true")
-    option("--prediction-type", "what the UNet learns to predict, registered on the noise scheduler and saved with "
-           "the run", choices=PREDICTION_TYPES, default="the checkpoint scheduler's, epsilon for SD v1.5 and the "
-           "small backbone")
-    lora = t.add_argument_group("LoRA (with --pretrained)")
-    option("--lora-rank", "train LoRA adapters of this rank instead of the whole UNet", group=lora, aliases=("--rank",),
-           type=int, metavar="R", default="none: the whole UNet")
-    option("--lora-alpha", "LoRA alpha: the adapters' output is scaled by alpha / rank", group=lora, type=float,
-           metavar="ALPHA", default="the rank")
-    option("--lora-target-modules", "the UNet's modules (names or name suffixes) that get adapters", group=lora,
-           nargs="+", metavar="MODULE", default="to_k to_q to_v to_out.0, the attention projections")
-    data = t.add_argument_group("data")
-    option("--caption-column", "metadata column holding the caption", group=data)
-    option("--identity-column", "metadata column holding the identity (Eq. 9 indicator, All/Few split)", group=data)
-    option("--image-column", "metadata column holding the image path", group=data)
-    option("--resolution", "training resolution", group=data, type=int,
-           default="the backbone's, 32 small, 512 SD v1.5")
-    option("--center-crop", "crop images at the centre (pogdiff's default; diffusers crops at random without it)",
-           group=data, action="store_true")
-    option("--no-center-crop", "crop images at the top-left instead of the centre", group=data,
-           dest="center_crop", action="store_false")
-    option("--random-flip", "flip images horizontally at random (SD: the mirror image's latents are cached too)",
-           group=data, action="store_true")
-    option("--caption-dropout", "probability of the empty caption, for classifier-free guidance", group=data,
-           type=float)
-    option("--dataloader-num-workers", "processes decoding images while the dataset is encoded (0: the main "
-           "process)", group=data, type=int, default="the CPUs per local process, at most 8")
-    budget = t.add_argument_group("steps and learning rate")
-    option("--train-batch-size", "batch size per device", group=budget, type=int)
-    option("--gradient-accumulation-steps", "micro-batches per optimizer step", group=budget, type=int)
-    option("--max-train-steps", "optimizer steps", group=budget, type=int,
-           default=f"{DEFAULT_MAX_TRAIN_STEPS}, or --num-train-epochs' worth")
-    option("--num-train-epochs", "passes over the dataset; sets --max-train-steps when it is not given",
-           group=budget, type=int, default="none")
-    option("--learning-rate", "AdamW learning rate", group=budget, type=float,
-           default="1e-3 small, 1e-5 SD, 1e-4 SD LoRA")
-    option("--scale-lr", "multiply the learning rate by the images per optimizer step (batch x processes x "
-           "accumulation), as diffusers' --scale_lr", group=budget, action="store_true")
-    option("--lr-scheduler", "constant, linear, cosine, cosine_with_restarts, polynomial, constant_with_warmup",
-           group=budget)
-    option("--lr-warmup-steps", "warm-up steps of the learning-rate schedule", group=budget, type=int)
-    optimizer = t.add_argument_group("optimizer (AdamW)")
-    option("--adam-beta1", "AdamW beta1", group=optimizer, type=float)
-    option("--adam-beta2", "AdamW beta2", group=optimizer, type=float)
-    option("--adam-epsilon", "AdamW epsilon", group=optimizer, type=float)
-    option("--adam-weight-decay", "AdamW weight decay", group=optimizer, type=float)
-    option("--max-grad-norm", "clip the gradient to this norm", group=optimizer, type=float)
-    option("--use-8bit-adam", "bitsandbytes' 8-bit AdamW: less optimizer memory on a GPU (pip install "
-           "'pogdiff[bitsandbytes]')", group=optimizer, action="store_true")
-    model = t.add_argument_group("precision, memory and noise")
-    option("--mixed-precision", "fp16 (CUDA GPU only) or bf16: frozen weights in half precision, trained ones "
-           "float32; the run records the precision it trained in", group=model, choices=["no", "fp16", "bf16"],
-           default=ACCELERATE_PRECISION)
-    option("--allow-tf32", "TF32 matrix products on Ampere or newer GPUs: faster, slightly less precise",
-           group=model, action="store_true")
-    option("--gradient-checkpointing", "recompute activations in the backward pass: less memory, slower",
-           group=model, action="store_true")
-    option("--compile", COMPILE_HELP, group=model, action="store_true")
-    option("--use-ema", "keep an exponential moving average of the weights and save it", group=model,
-           action="store_true")
-    option("--ema-decay", "EMA decay (with warm-up)", group=model, type=float)
-    option("--snr-gamma", "Min-SNR weighting gamma (5.0 is usual)", group=model, type=float, default="none: off")
-    option("--noise-offset", "offset noise: each image and channel gets noise_offset x N(0, 1) added to its noise, "
-           "as diffusers' --noise_offset (0.1 is usual; 0: off)", group=model, type=float)
-    books = t.add_argument_group("checkpoints, validation and logs")
-    option("--checkpointing-steps", "save the training state every N steps", group=books, type=int,
-           default="none: no checkpoint")
-    option("--checkpoints-total-limit", "keep at most this many checkpoints", group=books, type=int,
-           default="none: all")
-    option("--resume-from-checkpoint", "'latest' or a checkpoint folder of the run in --output-dir", group=books,
-           default="none: start afresh")
-    option("--validation-prompts", "sample these prompts every --validation-steps into OUTPUT_DIR/validation",
-           group=books, aliases=("--validation-prompt",), nargs="+", metavar="PROMPT", default="none")
-    option("--validation-steps", "steps between validation images", group=books, type=int)
-    option("--num-validation-images", "images per validation prompt", group=books, type=int)
-    option("--overwrite", "replace a run already in --output-dir", group=books, action="store_true")
-    option("--dry-run", "print the rows, distinct captions, steps, images to sample, cache size on disk and an "
-           "estimated time per measured GPU, then stop: nothing is encoded or written", group=books,
-           action="store_true")
-    option("--report-to", "log loss, learning rate and validation images to this tracker (wandb: pip install "
-           "'pogdiff[wandb]')", group=books, choices=TRACKERS, default="none")
-    option("--logging-dir", "the tracker's folder, under --output-dir", group=books)
-    option("--tracker-project-name", "the project name the tracker logs under", group=books)
-    option("--ddp-timeout", "seconds a process of `accelerate launch` waits for the others (e.g. while one "
-           "builds the neighbour table)", group=books, type=int)
-    option("--log-rows", "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per micro-step and "
-           "digests of its tables and weights (checks multi-process runs)", group=books, action="store_true")
-    sampler = t.add_argument_group("row sampler (every method)")
-    option("--sampler", "which rows a batch holds: uniform (an epoch shuffle) or balanced (every identity equally "
-           "often; without identities, by inverse text density)", group=sampler, choices=SAMPLERS,
-           default="uniform; balanced for resample")
-    option("--density-max-ratio", "balanced sampler without identities: clip inverse text-density weights to "
-           "[1/r, r] x the median", group=sampler, type=float)
-    encoded = t.add_argument_group("text density (Eq. 10)")
-    option("--vae-latent-dim", "latent size of the text-density VAE, Eq. 10", group=encoded, type=int)
+    declarations = {f.name: (f.metadata["option"], f.default, f.type) for f in fields(TrainConfig)}
+    output_dir, default, kind = declarations.pop("output_dir")
+    output_dir = replace(output_dir, keywords={"required": True}) if func is _train else \
+        replace(output_dir, help="ignored by encode", shown="none")
+    listed_before = {  # --output-dir and the options that set no field, each listed before a field
+        "dataset_name": {"train_data_dir": (Declared("DATA under diffusers' name", shown="DATA",
+                                                     keywords={"metavar": "DATA"}), MISSING, "str")},
+        "method": {"output_dir": (output_dir, default, kind)},
+        "pretrained": {"preset": (Declared("the paper's Sec. 4.1 hyper-parameters (typed options still win)",
+                                           shown="none", keywords={"choices": sorted(PAPER_PRESETS)}), MISSING, "str")},
+        "report_to": {"dry_run": (Declared("print the rows, distinct captions, steps, images to sample, cache size on "
+                                           "disk and an estimated time per measured GPU, then stop: nothing is "
+                                           "encoded or written", group=BOOKS), False, "bool")},
+    }
+    groups = {None: t}
+    for field_name, declaration in declarations.items():
+        for name, (declared, default, kind) in [*listed_before.get(field_name, {}).items(), (field_name, declaration)]:
+            add_declared(t, groups, name, declared, default, kind)
     t.set_defaults(func=func, method_flags=add_method_options(t))
+
+
+def add_declared(parser: argparse.ArgumentParser, groups: dict, name: str, declared, default, kind: str) -> None:
+    """Add the option ``name`` as ``declared`` (:class:`pogdiff.options.Declared`) to its group of ``parser``
+    (``groups``: by title, made on first use), its help ending with its ``default`` or the one in words, what
+    argparse reads from ``kind`` (a field's annotation, :func:`kind_keywords`)."""
+    from dataclasses import MISSING
+
+    from pogdiff.options import flag_name
+
+    if declared.help is None:  # a field with no flag of its own
+        return
+    if declared.group not in groups:
+        groups[declared.group] = parser.add_argument_group(declared.group)
+    group = groups[declared.group]
+    keywords = {**kind_keywords(kind), **declared.keywords}
+    if callable(keywords.get("choices")):
+        keywords["choices"] = keywords["choices"]()
+    shown = declared.shown if declared.shown is not None else None if default is MISSING else default
+    help = declared.help if shown is None or "action" in keywords else f"{declared.help} (default: {shown})"
+    if declared.positional:
+        group.add_argument(name, help=help, **keywords)
+        return
+    group.add_argument(flag_name(name), *declared.aliases, dest=name, help=help, **keywords)
+    if declared.negation:
+        group.add_argument(f"--no-{name}".replace("_", "-"), dest=name, action="store_false", help=declared.negation)
+
+
+def kind_keywords(kind: str) -> dict:
+    """What argparse reads for an option of type ``kind`` (an annotation, e.g. ``int | None``): a flag for a bool,
+    one or more values for a tuple or list, an int or a float, else a string."""
+    base = kind.split(" | ")[0]
+    if base == "bool":
+        return {"action": "store_true"}
+    if base.startswith(("tuple[", "list[")):
+        return {"nargs": "+"}
+    return {"type": {"int": int, "float": float}[base]} if base in ("int", "float") else {}
+
+
+def add_training_option(parser, name: str, help: str | None = None, shown=None) -> None:
+    """TrainConfig's option ``name`` in another command (pretrain, benchmark): the flag, aliases, type and choices
+    it is declared with; that command's ``help``, ending with its default ``shown`` (no ``help``: as declared)."""
+    from dataclasses import MISSING, replace
+
+    from pogdiff.options import TrainConfig
+
+    field = TrainConfig.__dataclass_fields__[name]
+    declared, default = field.metadata["option"], field.default
+    if help is not None:
+        declared, default = replace(declared, help=help, shown=shown), MISSING
+    add_declared(parser, {declared.group: parser}, name, declared, default, field.type)
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -569,7 +509,7 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.data.synth import PRESETS
     from pogdiff.evaluation.evaluate import JUDGES, MAX_IDENTITIES_HELP
     from pogdiff.losses import METHODS
-    from pogdiff.train import PAPER_PRESETS
+    from pogdiff.options import ACCELERATE_PRECISION, PAPER_PRESETS
 
     full = Budget()
     b = sub.add_parser("benchmark", parents=parents,
@@ -592,30 +532,27 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--quick", action="store_true", help=f"smoke-test budget: {QUICK.max_train_steps} steps at batch "
                    f"{QUICK.train_batch_size}, {QUICK.num_images} images per identity, {QUICK.num_inference_steps} "
                    "DDIM steps; typed options still win")
-    b.add_argument("--max-train-steps", type=int,
-                   help=f"optimizer steps of every run (default: {full.max_train_steps})")
-    b.add_argument("--train-batch-size", type=int, help=f"batch size of every run (default: {full.train_batch_size})")
-    b.add_argument("--learning-rate", type=float, help="AdamW learning rate of every run (default: the backbone's)")
-    b.add_argument("--from-scratch", action="store_true", help="the small backbone from random weights instead of "
-                   "the shipped pretrained one (the from-scratch regime of docs/results.md)")
+    add_training_option(b, "max_train_steps", "optimizer steps of every run", full.max_train_steps)
+    add_training_option(b, "train_batch_size", "batch size of every run", full.train_batch_size)
+    add_training_option(b, "learning_rate", "AdamW learning rate of every run", "the backbone's")
+    add_training_option(b, "from_scratch", "the small backbone from random weights instead of the shipped pretrained "
+                        "one (the from-scratch regime of docs/results.md)")
     real = b.add_argument_group("a real backbone (docs/reproduce-the-paper.md); each option as in `pogdiff train`")
-    real.add_argument("--pretrained", "--pretrained_model_name_or_path", metavar="PATH_OR_HUB_ID",
-                      help="diffusers Stable Diffusion checkpoint every cell fine-tunes, a folder or hub id; its files' "
-                      "sha256 is recorded, and a rerun on other weights is refused (default: the small backbone)")
+    add_training_option(real, "pretrained", "diffusers Stable Diffusion checkpoint every cell fine-tunes, a folder or "
+                        "hub id; its files' sha256 is recorded, and a rerun on other weights is refused",
+                        "the small backbone")
     real.add_argument("--preset", choices=sorted(PAPER_PRESETS), help="the paper's Sec. 4.1 budget: lr 1e-5, batch 8, "
                       "6,000 steps (paper-small) or 12,000 steps with 4 accumulation steps (paper-large); typed "
                       "options still win (default: none)")
-    real.add_argument("--lora-rank", "--rank", type=int, metavar="R", help="train LoRA adapters of this rank instead "
-                      "of the whole UNet (default: none: the whole UNet)")
-    real.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="LoRA alpha (default: the rank)")
-    real.add_argument("--resolution", type=int, help="training resolution (default: the backbone's)")
-    real.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="fp16 (CUDA GPU) or bf16: frozen weights in half "
-                      f"precision in every cell (default: {ACCELERATE_PRECISION})")
-    real.add_argument("--gradient-accumulation-steps", type=int, help="micro-batches per optimizer step "
-                      f"(default: {full.gradient_accumulation_steps})")
-    real.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward "
-                      "pass: less memory, slower")
-    real.add_argument("--use-ema", action="store_true", help="train with an EMA of the weights and evaluate it")
+    add_training_option(real, "lora_rank")
+    add_training_option(real, "lora_alpha", "LoRA alpha", "the rank")
+    add_training_option(real, "resolution", "training resolution", "the backbone's")
+    add_training_option(real, "mixed_precision", "fp16 (CUDA GPU) or bf16: frozen weights in half precision in every "
+                        "cell", ACCELERATE_PRECISION)
+    add_training_option(real, "gradient_accumulation_steps", "micro-batches per optimizer step",
+                        full.gradient_accumulation_steps)
+    add_training_option(real, "gradient_checkpointing")
+    add_training_option(real, "use_ema", "train with an EMA of the weights and evaluate it")
     b.add_argument("--dry-run", action="store_true", help="print the cells, steps, images to sample, cache size on "
                    "disk and an estimated time per measured GPU, then stop: nothing is trained or written")
     b.add_argument("--num-images", type=int, help=f"generated images per identity (default: {full.num_images})")

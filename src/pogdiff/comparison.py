@@ -49,11 +49,11 @@ from pogdiff.files import atomic_path, safe_stem, write_text_atomic
 from pogdiff.losses import METHODS, method_parameters
 from pogdiff.pretrained import local_pipeline_folder, pipeline_fingerprint
 from pogdiff.processes import on_main_process, process_state
-from pogdiff.options import check_values
-from pogdiff.row_sampler import SAMPLERS
-from pogdiff.run_folder import is_finished
+from pogdiff.options import PAPER_PRESETS, check_sampler, check_values
+from pogdiff.ownership import BENCHMARK
+from pogdiff.run_folder import RunFolder, is_finished
 from pogdiff.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
-from pogdiff.train import PAPER_PRESETS, TrainConfig, train
+from pogdiff.train import TrainConfig, train
 
 DEFAULT_METHODS = ("vanilla", "cbdm", "t2h", "resample", "pogdiff")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -136,8 +136,8 @@ def parse_method(text: str) -> MethodSpec:
     if method not in METHODS:
         raise PogdiffError(f"unknown method {text!r}; choose from {', '.join([*METHODS, *ABLATIONS])}, "
                            "optionally with a sampler and options as METHOD+SAMPLER:option=value,...")
-    if plus and sampler not in SAMPLERS:
-        raise PogdiffError(f"{text!r}: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if plus:
+        check_sampler(sampler, where=f"{text!r}: ")
     implied = METHODS[method].SAMPLER
     if plus and implied != "uniform" and sampler != implied:
         raise PogdiffError(f"{text!r}: {method} implies the {implied} sampler")
@@ -283,9 +283,9 @@ def check_settings(out: Path, settings: dict) -> None:
             raise PogdiffError(f"{out}: holds a benchmark run with other settings ({what}); use the same settings "
                                "to continue it, or another --out")
         return
-    if out.exists() and any(out.iterdir()):
-        raise PogdiffError(f"{out}: folder exists and is not a pogdiff benchmark folder; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out, BENCHMARK, "--out")  # a new or empty folder, or one with only its mark
+    folder.check()
+    folder.create()
     path.write_text(json.dumps(settings, indent=2))
 
 
@@ -508,7 +508,7 @@ def html_report(metrics: dict) -> str:
 
 
 def budget_from(quick: bool, preset: str | None = None, **typed) -> Budget:
-    """The default or --quick budget, then the paper's ``preset`` (:data:`pogdiff.train.PAPER_PRESETS`), with the
+    """The default or --quick budget, then the paper's ``preset`` (:data:`pogdiff.options.PAPER_PRESETS`), with the
     options given on the command line winning. Local files and folders are recorded by their absolute paths."""
     for path in ("pretrained", "inception_weights", "fd_features", "sim_features"):  # a folder, or a hub id
         if typed.get(path) and Path(typed[path]).exists():

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from pogdiff.data.synth import write_dataset
-from pogdiff.errors import PogdiffError
 from pogdiff.evaluation.evaluate import evaluate_runs, format_table
 from pogdiff.evaluation.results_table import feature_spaces_text
-from pogdiff.run_folder import is_finished
+from pogdiff.ownership import DEMO
+from pogdiff.run_folder import RunFolder, is_finished
 from pogdiff.train import TrainConfig, train
 
 DEMO_METHODS = ("vanilla", "pogdiff")
@@ -28,22 +28,20 @@ DEMO_INFERENCE_STEPS = 25
 def run_demo(out: str | Path = "demo-out", preset: str = "medium", seed: int = 0, max_train_steps: int = DEMO_STEPS,
              num_images: int = 8, num_inference_steps: int = DEMO_INFERENCE_STEPS,
              methods: tuple[str, ...] = DEMO_METHODS, cache_dir: str | None = None, progress: bool = True) -> dict:
-    out = Path(out)
     start = time.time()
-    if out.exists() and any(out.iterdir()) and not (out / "data" / "synth.json").is_file():
-        raise PogdiffError(f"{out}: folder exists and is not a pogdiff demo folder; choose another --out")
-    data = out / "data"
-    if not (data / "synth.json").is_file():
-        write_dataset(data, preset=preset, seed=seed)
-    runs = []
-    for method in methods:
-        run = out / "runs" / method
-        if not is_finished(run):
-            train(TrainConfig(str(data), str(run), method=method, seed=seed, max_train_steps=max_train_steps,
-                              overwrite=True, cache_dir=cache_dir, progress=progress))
-        runs.append(run)
-    metrics = evaluate_runs(runs, data, out, num_images=num_images, num_inference_steps=num_inference_steps,
-                            seed=seed, cache_dir=cache_dir, progress=progress, own_folder=True)
+    with RunFolder(out, DEMO, "--out").claimed() as out:  # a demo folder, or a new or empty one
+        data = out / "data"
+        if not (data / "synth.json").is_file():
+            write_dataset(data, preset=preset, seed=seed)
+        runs = []
+        for method in methods:
+            run = out / "runs" / method
+            if not is_finished(run):
+                train(TrainConfig(str(data), str(run), method=method, seed=seed, max_train_steps=max_train_steps,
+                                  overwrite=True, cache_dir=cache_dir, progress=progress))
+            runs.append(run)
+        metrics = evaluate_runs(runs, data, out, num_images=num_images, num_inference_steps=num_inference_steps,
+                                seed=seed, cache_dir=cache_dir, progress=progress, own_folder=True)
     print(f"\n{metrics['num_identities']['all']} identities, Few = {metrics['num_identities']['few']} with "
           f"<= {metrics['few_max_images']} training images; {num_images} samples each, DDIM "
           f"{metrics['num_inference_steps']} steps. {feature_spaces_text(metrics['feature_spaces'])}; "

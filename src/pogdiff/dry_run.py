@@ -227,7 +227,7 @@ def dry_run_data_dir(config) -> str:
 
 def benchmark_plan(specs: list, seeds: list[int], budget, data: str | Path | None, data_preset: str) -> str:
     """``pogdiff benchmark --dry-run``: cells, steps and images to sample per cell, the cache, the time."""
-    from pogdiff.losses import options_in_effect
+    from pogdiff.losses import neighbour_request
 
     data_counts = DataCounts.of_folder(data) if data else DataCounts.of_preset(data_preset)
     shape = backbone_shape(budget.pretrained, budget.resolution)
@@ -249,7 +249,6 @@ def benchmark_plan(specs: list, seeds: list[int], budget, data: str | Path | Non
     sampling = sampling_seconds(shape.kind, images * cells, budget.num_inference_steps, shape.resolution)
     seconds = {"training": {m: sum(t[m] for t in training) for m in STEP_COSTS[shape.kind]},
                "sampling": {m: s / processes for m, s in sampling.items()}}
-    neighbours = next(((o["neighbour_features"], o["k"]) for spec in specs
-                       if "neighbour_features" in (o := options_in_effect(spec.method, spec.options))), None)
+    neighbours = next((n for spec in specs if (n := neighbour_request(spec.method, spec.options))), None)
     sizes = cache_bytes(shape, data_counts.rows, data_counts.captions, False, neighbours)
     return report("pogdiff benchmark", facts, sizes, seconds, shape.kind)

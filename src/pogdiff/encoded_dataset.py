@@ -4,7 +4,7 @@ Because phi and the image encoders are frozen, the caption states y, the image f
 and neighbour tables (Eq. 8) and the text density (Eq. 10) depend only on the dataset,
 the encoders and a few parameters. Each is cached on its own, keyed by exactly what it
 depends on (docs/bad-input.md, "Caches"); per-row tables too large to hold are sharded
-and memory-mapped (:mod:`pogdiff.shards`), the rest are single files (:mod:`pogdiff.cache`):
+and read by row (:mod:`pogdiff.shards`), the rest are single files (:mod:`pogdiff.cache`):
 
 | cache | key | per |
 |---|---|---|
@@ -107,7 +107,7 @@ class ImageFeatureSpaces:
         process, or after every process has called :meth:`fill`)."""
         if not self._cache(name).complete():
             self.fill(name)
-        return torch.cat(self._cache(name).open()["features"].chunks())
+        return self._cache(name).open()["features"].read_all()
 
     def neighbours(self, name: str, k: int) -> NeighbourTable:
         """Eq. 8's table: the k most similar other training images of each, in the space ``name``."""
@@ -127,7 +127,7 @@ class EncodedDataset:
     """Everything the losses look up by dataset row."""
 
     caption_index: torch.Tensor                 # (N,) row -> its distinct caption
-    caption_table: ShardedTable | torch.Tensor  # (C, L, D) y = phi(c) per distinct caption, read per batch
+    caption_table: ShardedTable                 # (C, L, D) y = phi(c) per distinct caption, read per batch
     uncond_states: torch.Tensor                 # (L, D) phi("") for caption dropout and guidance
     identity: torch.Tensor                      # (N,) identity codes for Eq. 9's indicator
     elbo: torch.Tensor                          # (N,) ELBO_VAE(y) of each row's caption, the log density of Eq. 10
@@ -137,8 +137,8 @@ class EncodedDataset:
     def of_rows(cls, text_states: torch.Tensor, uncond_states: torch.Tensor, identity: torch.Tensor,
                 elbo: torch.Tensor, image_features=None) -> "EncodedDataset":
         """An encoded dataset held in memory with one caption per row (tests, benchmarks)."""
-        return cls(torch.arange(len(identity), device=identity.device), text_states, uncond_states, identity, elbo,
-                   image_features)
+        return cls(torch.arange(len(identity), device=identity.device), ShardedTable.holding(text_states),
+                   uncond_states, identity, elbo, image_features)
 
     def __len__(self) -> int:
         return len(self.identity)
@@ -158,9 +158,8 @@ class EncodedDataset:
         return bool((self.identity_counts() > 1).any())
 
     def to(self, device) -> "EncodedDataset":
-        """The per-row tables on ``device``; the caption states stay where they are (on disk, memory-mapped)."""
-        table = self.caption_table if isinstance(self.caption_table, ShardedTable) else self.caption_table.to(device)
-        return replace(self, caption_index=self.caption_index.to(device), caption_table=table,
+        """The per-row tables on ``device``; caption states on disk stay there (:meth:`ShardedTable.to`)."""
+        return replace(self, caption_index=self.caption_index.to(device), caption_table=self.caption_table.to(device),
                        uncond_states=self.uncond_states.to(device), identity=self.identity.to(device),
                        elbo=self.elbo.to(device))
 
@@ -195,7 +194,7 @@ def encode_dataset(
         return {"states": states, "pooled": text.pooled}
 
     def text_density() -> Tensors:
-        elbo = fit_text_density(torch.cat(text["pooled"].chunks()), caption_index, latent_dim=vae_latent_dim, seed=seed)
+        elbo = fit_text_density(text["pooled"].read_all(), caption_index, latent_dim=vae_latent_dim, seed=seed)
         _check_captions(elbo, range(len(distinct)), caption_index, dataset,
                         "the text-density ELBO of its caption (the VAE diverged)", "try another --seed or --vae-latent-dim")
         return {"elbo": elbo}

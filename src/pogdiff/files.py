@@ -21,9 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from safetensors import SafetensorError
-
-from pogdiff.errors import PogdiffError
+from safetensors import SafetensorError, safe_open
 
 # torch.save's zip writer says no more than this when the disk fills ("unexpected pos 576 vs 534")
 _TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos")
@@ -106,11 +104,10 @@ def incomplete(path: str | Path) -> str | None:
     Reads the header and the index only, not the tensors.
     """
     path = Path(path)
+    if path.suffix == ".safetensors":
+        return _incomplete_safetensors(path)
     with open(path, "rb") as file:
-        start = file.read(8)
-        if path.suffix == ".safetensors":
-            return _incomplete_safetensors(file, start, path.stat().st_size)
-        if path.suffix not in TORCH_SUFFIXES or start.startswith(b"\x80"):  # not torch's, or its pre-zip format
+        if path.suffix not in TORCH_SUFFIXES or file.read(1) == b"\x80":  # not torch's, or its pre-zip format
             return None
         try:
             with zipfile.ZipFile(file):
@@ -119,20 +116,27 @@ def incomplete(path: str | Path) -> str | None:
             return f"not a whole torch file ({error})"
 
 
-def _incomplete_safetensors(file, start: bytes, size: int) -> str | None:
-    if len(start) < 8:
-        return f"{size} bytes, too short for a safetensors header"
-    (header_size,) = struct.unpack("<Q", start)
+def _incomplete_safetensors(path: Path) -> str | None:
+    """``safe_open`` checks the header against the file; of a file it refuses, the size the header declares
+    (``safe_open`` does not say it) tells how much is missing."""
     try:
-        header = json.loads(file.read(header_size)) if header_size <= size else None
-    except (UnicodeDecodeError, ValueError):
-        header = None
-    try:
-        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-    except (AttributeError, KeyError, TypeError, IndexError):
-        return "its safetensors header is cut short or damaged"
-    expected = 8 + header_size + end
-    return None if size == expected else f"{size} of its {expected} bytes"
+        with safe_open(path, "np"):
+            return None
+    except SafetensorError as error:
+        refused = str(error)
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        start = file.read(8)
+        if len(start) < 8:
+            return f"{size} bytes, too short for a safetensors header"
+        (header_size,) = struct.unpack("<Q", start)
+        try:  # the header: 8 bytes of length, then JSON giving each tensor's [start, end) after it
+            header = json.loads(file.read(header_size)) if header_size <= size else None
+            expected = 8 + header_size + max((e["data_offsets"][1] for n, e in header.items() if n != "__metadata__"),
+                                             default=0)
+        except (UnicodeDecodeError, ValueError, AttributeError, KeyError, TypeError, IndexError):
+            return "its safetensors header is cut short or damaged"
+    return f"{size} of its {expected} bytes" if size != expected else f"its safetensors header is damaged ({refused})"
 
 
 def safe_stem(text: str, limit: int = 80) -> str:
@@ -173,15 +177,3 @@ def apply_umask_to_tree(path: str | Path) -> None:
     for path in [path] if path.is_file() else path.rglob("*"):
         if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600:
             apply_umask(path)
-
-
-def check_writable_folder(folder: str | Path, flag: str) -> None:
-    """Check, writing nothing, that ``folder`` is or can be made a folder files can be written into: one line
-    naming ``flag`` if not, before any work."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise PogdiffError(f"{folder}: {flag} is a file; choose a folder")
-    parent = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        why = "is a file" if not parent.is_dir() else "is not writable"
-        raise PogdiffError(f"{folder}: cannot write into {flag} ({parent} {why}); choose another {flag}")

@@ -2,19 +2,22 @@
 
 Every loss shares one call contract::
 
-    loss_fn = SomeLoss(scheduler, encoded, **paper_defaults)   # options checked here, once
+    loss_fn = SomeLoss(scheduler, tables, **paper_defaults)   # pure: no dataset work
     per_example = loss_fn(denoiser, batch)      # (B,) tensor, mean it to step
 
-where ``encoded`` is the :class:`~pogdiff.encoded_dataset.EncodedDataset`,
-``denoiser(x_t, t, cond)`` returns the model output (epsilon or v) and ``batch`` is a
-:class:`TrainBatch`. Which rows a batch holds is the row sampler's business
-(:mod:`pogdiff.row_sampler`, ``--sampler``), not the loss's; a class only names the
-sampler it implies (``SAMPLER``: ``resample`` is vanilla on balanced batches). Optional
-hooks, with neutral defaults on :class:`DiffusionLoss`, for a method with PoGDiff's
-weight psi: :meth:`~DiffusionLoss.psi_per_row` and :meth:`~DiffusionLoss.neighbour_space`.
-The ``OPTION_HELP`` of a class documents its constructor options for ``pogdiff train
---help`` (``OPTION_CHOICES`` lists the values of a text option). Register new classes in
-``METHODS``.
+where ``tables`` is a :class:`LossTables`: what the losses look up by training row, as
+tensors, built once from the encoded dataset by the encode stage
+(:func:`pogdiff.loss_tables.loss_tables`, given the Eq. 8 table the method asks for with
+:meth:`~DiffusionLoss.neighbour_request`); ``denoiser(x_t, t, cond)`` returns the model
+output (epsilon or v) and ``batch`` is a :class:`TrainBatch`. Which rows a batch holds
+is the row sampler's business (:mod:`pogdiff.row_sampler`, ``--sampler``), not the
+loss's; a class only names the sampler it implies (``SAMPLER``: ``resample`` is vanilla
+on balanced batches). An optional hook, with a neutral default on :class:`DiffusionLoss`,
+for a method with PoGDiff's weight psi: :meth:`~DiffusionLoss.psi_per_row`. A class's
+constructor options are the method's options, with the paper's defaults; their values are
+checked by :mod:`pogdiff.options`. The ``OPTION_HELP`` of a class documents them for
+``pogdiff train --help`` (``OPTION_CHOICES`` lists the values of a text option). Register
+new classes in ``METHODS``.
 """
 
 from __future__ import annotations
@@ -26,17 +29,30 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from pogdiff.data.dataset import ImageTextDataset
-from pogdiff.encoded_dataset import EncodedDataset
 from pogdiff.errors import PogdiffError
-from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
-from pogdiff.neighbours import NeighbourTable, check_neighbour_count, other_identity_share, similarity_by_identity
-from pogdiff.psi import check_image_exponents, image_similarity_weight, inverse_text_density_weight, pog_weight
-from pogdiff.row_sampler import identity_balanced_weights
+from pogdiff.neighbours import DEFAULT_NEIGHBOUR_FEATURES, NeighbourRequest, NeighbourTable, other_identity_share
+from pogdiff.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
 
 DEFAULT_K = 10  # PoGDiff's neighbours per image (Eq. 8)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LossTables:
+    """What the losses look up by training row, as tensors: built from the encoded dataset by the encode stage
+    (:func:`pogdiff.loss_tables.loss_tables`), so that constructing a loss does no dataset work."""
+
+    caption_states: Callable[[torch.Tensor], torch.Tensor]  # rows -> (B, L, D) float32 caption states y, read per batch
+    identity: torch.Tensor           # (N,) identity codes: Eq. 9's indicator 1[I(x) != I(x')]
+    identity_counts: torch.Tensor    # (N,) images of each row's identity (T2H's condition frequency)
+    has_identities: bool             # whether some rows share an identity (without an identity column none do)
+    identity_balanced: torch.Tensor  # (N,) probabilities that draw each identity equally often, then a row of it
+    elbo: torch.Tensor               # (N,) ELBO_VAE(y) of each row's caption: the log text density of Eq. 10
+    neighbours: NeighbourTable | None = None  # Eq. 8's k nearest other images, for a method that draws them
+
+    def __len__(self) -> int:
+        return len(self.identity)
 
 
 @dataclass
@@ -65,11 +81,10 @@ class DiffusionLoss:
     OPTION_FLAGS: ClassVar[dict[str, str]] = {}  # constructor option -> its flag, where not --option-name
     OPTION_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}  # text option -> its values, where fixed
     SAMPLER: ClassVar[str] = "uniform"  # the row sampler the method implies (pogdiff.row_sampler)
-    neighbours: NeighbourTable | None = None  # Eq. 8's table, for a method that draws neighbours
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, noise_offset: float = 0.0):
+    def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0):
         self.scheduler = scheduler
-        self.encoded = encoded
+        self.tables = tables
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
         self.num_timesteps = scheduler.config.num_train_timesteps
@@ -100,8 +115,9 @@ class DiffusionLoss:
         return weight
 
     @classmethod
-    def check_dataset(cls, dataset: ImageTextDataset, **options) -> None:
-        """Refuse options that cannot fit ``dataset`` before any work is done (the constructor checks the rest)."""
+    def neighbour_request(cls, options: dict) -> NeighbourRequest | None:
+        """The table of Eq. 8 that the loss with ``options`` (all in effect) reads from its tables; None: none."""
+        return None
 
     def check_choice(self, option: str, value: str) -> None:
         """A text option must be one of OPTION_CHOICES[option]."""
@@ -112,11 +128,6 @@ class DiffusionLoss:
     def psi_per_row(self) -> dict[str, torch.Tensor] | None:
         """Per training row: psi_txt, psi_img, psi (Eqs. 9, 11, 12) and the share of y' drawn from
         another identity (Eq. 8); None for a method without psi."""
-        return None
-
-    def neighbour_space(self) -> dict | None:
-        """The feature space of Eq. 8: its ``name``, ``k`` and the cosine similarity of same-identity and
-        other-identity image pairs in it; None for a method without neighbours."""
         return None
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
@@ -134,8 +145,10 @@ class PoGDiffLoss(DiffusionLoss):
         L = ||eps_theta(x_t, y) - eps||^2 + psi * ||eps_theta(x_t, y) - eps_theta(x_t, y')||^2
 
     y' is the caption of one of the k nearest neighbours in the feature space
-    ``neighbour_features`` (:mod:`pogdiff.neighbour_features`), drawn by Eq. 8;
-    psi = psi_img * psi_txt (Eqs. 9, 11, 12). eps_theta(x_t, y') is a target to match (the
+    ``neighbour_features`` (:mod:`pogdiff.neighbour_features`), drawn by Eq. 8 from
+    ``tables.neighbours`` (these two options choose the table that the encode stage builds,
+    :meth:`neighbour_request`); psi = psi_img * psi_txt (Eqs. 9, 11, 12), computed from the
+    tables' tensors. eps_theta(x_t, y') is a target to match (the
     mean of the PoG's second Gaussian), so by default it carries no gradient and runs as a
     separate forward without autograd (1.4x a vanilla step, against 2x for one batched 2B
     forward); ``target_grad=True`` lets the gradient flow through both branches. Examples
@@ -162,27 +175,27 @@ class PoGDiffLoss(DiffusionLoss):
     }
     OPTION_FLAGS = {"k": "--k"}
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, noise_offset: float = 0.0,
+    def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  k: int = DEFAULT_K, neighbour_features: str = DEFAULT_NEIGHBOUR_FEATURES,
                  a1: float = 1.0, a2: float = 10.0, a3: float = 1.0, psi_txt_max_ratio: float = 2.0,
                  use_psi_img: bool = True, use_psi_txt: bool = True, target_grad: bool = False):
-        super().__init__(scheduler, encoded, snr_gamma, noise_offset)
-        check_image_exponents(a1, a2)
+        super().__init__(scheduler, tables, snr_gamma, noise_offset)
+        if tables.neighbours is None:
+            raise PogdiffError("PoGDiff draws y' from Eq. 8's neighbour table and its tables hold none; build them "
+                               "with pogdiff.loss_tables.loss_tables(encoded, neighbour_request('pogdiff', options))")
         self.a1, self.a2 = a1, a2
         self.use_psi_img, self.use_psi_txt = use_psi_img, use_psi_txt
         self.target_grad = target_grad
-        self.psi_txt = inverse_text_density_weight(encoded.elbo, a3, psi_txt_max_ratio)  # Eq. 11, checks a3
-        self.neighbour_features = neighbour_features
-        self.neighbours = encoded.image_features.neighbours(neighbour_features, k).to(encoded.identity.device)
+        self.psi_txt = inverse_text_density_weight(tables.elbo, a3, psi_txt_max_ratio)  # Eq. 11, checks a3
 
     @classmethod
-    def check_dataset(cls, dataset: ImageTextDataset, k: int = DEFAULT_K, **options) -> None:
-        check_neighbour_count(k, len(dataset), str(dataset.root))
+    def neighbour_request(cls, options: dict) -> NeighbourRequest:
+        return NeighbourRequest(options["neighbour_features"], options["k"])
 
     def psi(self, rows: torch.Tensor, neighbours: torch.Tensor, similarity: torch.Tensor) -> torch.Tensor:
         """Eq. 12 for each (example, drawn neighbour) pair; an ablated factor counts as 1."""
         ones = torch.ones_like(similarity)
-        same = self.encoded.identity[rows] == self.encoded.identity[neighbours]
+        same = self.tables.identity[rows] == self.tables.identity[neighbours]
         psi_img = image_similarity_weight(similarity, same, self.a1, self.a2) if self.use_psi_img else ones
         psi_txt = self.psi_txt[rows] if self.use_psi_txt else ones
         return pog_weight(psi_img, psi_txt)
@@ -190,27 +203,21 @@ class PoGDiffLoss(DiffusionLoss):
     def psi_per_row(self) -> dict[str, torch.Tensor]:
         """Per training row: psi_txt, psi_img and psi in expectation over the neighbour draw (Eq. 8), and
         the probability that the drawn y' is another identity's caption."""
-        table = self.neighbours
-        rows = torch.arange(len(self.encoded), device=table.index.device)[:, None].expand_as(table.index)
+        table = self.tables.neighbours
+        rows = torch.arange(len(self.tables), device=table.index.device)[:, None].expand_as(table.index)
         psi = self.psi(rows.flatten(), table.index.flatten(), table.similarity.flatten()).view_as(table.index)
         weights = table.sampling_weights()
         expected_psi = (weights * psi).sum(1)
         psi_txt = self.psi_txt if self.use_psi_txt else torch.ones_like(expected_psi)
         return {"psi_txt": psi_txt, "psi_img": expected_psi / psi_txt, "psi": expected_psi,
-                "other_identity_share": other_identity_share(table, self.encoded.identity)}
-
-    def neighbour_space(self) -> dict:
-        features = self.encoded.image_features
-        return {"name": features.name(self.neighbour_features), "k": self.neighbours.k,
-                "similarity": similarity_by_identity(features.features(self.neighbour_features),
-                                                     self.encoded.identity.cpu())}
+                "other_identity_share": other_identity_share(table, self.tables.identity)}
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
         x_t, t, _, target = self.diffuse(batch.x0)
         prediction = denoiser(x_t, t, batch.cond)
-        neighbours, similarity = self.neighbours.draw(batch.index)
+        neighbours, similarity = self.tables.neighbours.draw(batch.index)
         psi = self.psi(batch.index, neighbours, similarity) * (~batch.dropped)
-        neighbour_cond = self.encoded.caption_states(neighbours)
+        neighbour_cond = self.tables.caption_states(neighbours)
         with torch.set_grad_enabled(self.target_grad and torch.is_grad_enabled()):
             neighbour_prediction = denoiser(x_t, t, neighbour_cond)
         loss = mse_per_example(prediction, target) + psi * mse_per_example(prediction, neighbour_prediction)
@@ -242,26 +249,25 @@ class CBDMLoss(DiffusionLoss):
     OPTION_FLAGS = {"tau": "--cbdm-tau", "balance": "--cbdm-balance"}
     OPTION_CHOICES = {"balance": ("identities", "rows")}
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, noise_offset: float = 0.0,
+    def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  tau: float = 1.0, balance: str = "identities"):
-        super().__init__(scheduler, encoded, snr_gamma, noise_offset)
+        super().__init__(scheduler, tables, snr_gamma, noise_offset)
         self.check_choice("balance", balance)
         self.tau = tau
         self.balance = balance
-        self.balanced_weights = identity_balanced_weights(encoded.identity).to(encoded.identity.device)
 
     def draw_balanced(self, count: int, device) -> torch.Tensor:
         """Rows whose captions become y_b, one per example."""
         if self.balance == "rows":
-            return torch.randint(0, len(self.encoded), (count,), device=device)
-        return torch.multinomial(self.balanced_weights, count, replacement=True)
+            return torch.randint(0, len(self.tables), (count,), device=device)
+        return torch.multinomial(self.tables.identity_balanced, count, replacement=True)
 
     def __call__(self, denoiser: Denoiser, batch: TrainBatch) -> torch.Tensor:
         x_t, t, _, target = self.diffuse(batch.x0)
         balanced = self.draw_balanced(len(x_t), x_t.device)
         kept = (~batch.dropped).nonzero().squeeze(1)
         both = denoiser(torch.cat([x_t, x_t[kept]]), torch.cat([t, t[kept]]),
-                        torch.cat([batch.cond, self.encoded.caption_states(balanced[kept])]))
+                        torch.cat([batch.cond, self.tables.caption_states(balanced[kept])]))
         prediction, balanced_prediction = both[:len(x_t)], both[len(x_t):]
         conditioned = prediction[kept]
         weight = self.tau * t[kept].float() / self.num_timesteps
@@ -298,14 +304,14 @@ class T2HLoss(DiffusionLoss):
     OPTION_FLAGS = {"frequency": "--t2h-frequency"}
     OPTION_CHOICES = {"frequency": ("identity", "text_density")}
 
-    def __init__(self, scheduler, encoded: EncodedDataset, snr_gamma: float | None = None, noise_offset: float = 0.0,
+    def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  frequency: str = "identity"):
-        super().__init__(scheduler, encoded, snr_gamma, noise_offset)
+        super().__init__(scheduler, tables, snr_gamma, noise_offset)
         self.check_choice("frequency", frequency)
         self.frequency = frequency
         # Per row, a number that grows with how frequent its condition is (only its order matters).
-        by_identity = frequency == "identity" and encoded.has_identities
-        self.condition_frequency = encoded.identity_counts().float() if by_identity else encoded.elbo
+        by_identity = frequency == "identity" and tables.has_identities
+        self.condition_frequency = tables.identity_counts.float() if by_identity else tables.elbo
 
     def transfer_probabilities(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(B, B) row-stochastic matrix: the probability of drawing source j for example i."""
@@ -357,8 +363,8 @@ METHODS: dict[str, type[DiffusionLoss]] = {
 
 
 def method_parameters(method: str) -> dict[str, inspect.Parameter]:
-    """The options a method's constructor takes beyond the shared (scheduler, encoded, snr_gamma, noise_offset)."""
-    shared = {"self", "scheduler", "encoded", "snr_gamma", "noise_offset"}
+    """The options a method's constructor takes beyond the shared (scheduler, tables, snr_gamma, noise_offset)."""
+    shared = {"self", "scheduler", "tables", "snr_gamma", "noise_offset"}
     return {name: p for name, p in inspect.signature(METHODS[method].__init__).parameters.items() if name not in shared}
 
 
@@ -366,3 +372,9 @@ def options_in_effect(method: str, options: dict) -> dict:
     """Every option of the method's loss with the value it takes: the given ones, the defaults for the rest
     (what a run folder records, so that it stays readable after a default changes)."""
     return {name: options.get(name, p.default) for name, p in method_parameters(method).items()}
+
+
+def neighbour_request(method: str, options: dict) -> NeighbourRequest | None:
+    """The table of Eq. 8 that ``method`` with ``options`` draws from (PoGDiff's feature space and k), None for
+    a method without neighbours: what the encode stage builds for its loss."""
+    return METHODS[method].neighbour_request(options_in_effect(method, options))

@@ -42,10 +42,10 @@ import torch
 from pogdiff.backbone import precision_dtype
 from pogdiff.encoders import HuggingFaceImageFeatures, ImageEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, PogdiffWarning
+# The spaces' names live with Eq. 8's tables (pure: the losses name their default without loading encoders).
+from pogdiff.neighbours import (BUILT_IN_SPACES, DEFAULT_NEIGHBOUR_FEATURES,  # noqa: F401 -- named here too
+                                EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE)
 
-EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE = "efficientnet-lite0", "faces", "unet"
-BUILT_IN_SPACES = (EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE)
-DEFAULT_NEIGHBOUR_FEATURES = UNET_SPACE
 UNET_TIMESTEP = 50
 
 

@@ -10,15 +10,28 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from pogdiff.errors import PogdiffError
 
+# The feature spaces of Eq. 8 by name (``--neighbour-features``; built by :mod:`pogdiff.neighbour_features`).
+EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE = "efficientnet-lite0", "faces", "unet"
+BUILT_IN_SPACES = (EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE)
+DEFAULT_NEIGHBOUR_FEATURES = UNET_SPACE
+
 # Similarity blocks of at most this many entries: memory stays bounded whatever N is.
 _BLOCK_ELEMENTS = 1 << 24
 _QUERY_CHUNK = 4096
+
+
+class NeighbourRequest(NamedTuple):
+    """Which table of Eq. 8 a method draws from: the feature space (by name) and k."""
+
+    space: str
+    k: int
 
 
 @dataclass

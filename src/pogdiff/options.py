@@ -1,4 +1,9 @@
-"""What each command-line option allows: one table, checked when the command line is parsed.
+"""Each option declared once, and what it allows: one table, checked when the command line is parsed.
+
+Training options are the fields of :class:`TrainConfig`, each declared with :func:`option`: its flag, help,
+default, ``--help`` group, range and whether a resumed run may change it; ``pogdiff train`` and ``pogdiff
+encode`` list them (:func:`pogdiff.cli.add_train_options`) and :data:`RULES` holds their ranges, next to
+those of the other commands' options.
 
 A value out of range is refused by argparse before any work, on one line that names the
 option and the allowed range (``pogdiff: error: argument --train-batch-size: 0 is out of
@@ -13,10 +18,11 @@ import argparse
 import math
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
 
 from pogdiff.errors import PogdiffError
+from pogdiff.shipped import SHIPPED_NAME
 
 SEED_MAX = 2**32 - 1  # numpy and accelerate seed with 32 bits
 TRAIN_TIMESTEPS = 1000  # both backbones' noise schedules: DDIM cannot take more steps than this
@@ -94,30 +100,234 @@ PROMPT_TEMPLATE = Rule(_is_prompt_template, "a prompt with {name} where each ide
                        "'A photo of {name}.' (write a literal brace twice: {{ }})",
                        problem="is not a template holding {name}")
 
+# --- training options: each declared once, as a field of TrainConfig ---
+
+SAMPLERS = ("uniform", "balanced")  # --sampler: pogdiff.row_sampler
+PRECISIONS = ("no", "fp16", "bf16")  # --mixed-precision
+DEFAULT_MAX_TRAIN_STEPS = 500
+ACCELERATE_PRECISION = "accelerate's setting (accelerate launch --mixed_precision, accelerate config), else no"
+LORA, DATA, BUDGET, OPTIMIZER = "LoRA (with --pretrained)", "data", "steps and learning rate", "optimizer (AdamW)"
+MODEL, BOOKS = "precision, memory and noise", "checkpoints, validation and logs"
+SAMPLER, TEXT_DENSITY = "row sampler (every method)", "text density (Eq. 10)"
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A training option's command line: its flag (``--`` and the field's name, hyphenated) and ``aliases``,
+    ``help``, the ``group`` of ``--help`` it is listed in, the default in words where the field's own depends on
+    the backbone (``shown``), its range (``rule``), whether a resumed run may change it (``resumable``), a
+    ``--no-`` flag that sets it False (``negation``: its help), and further ``add_argument`` keywords
+    (``choices``, a list or a function that returns one; ``metavar``, ``nargs``) beyond those its type implies.
+
+    ``help=None``: no flag of its own in ``pogdiff train`` (--seed, --cache-dir and --no-progress are every
+    command's); ``positional``: an argument without a flag (DATA)."""
+
+    help: str | None
+    aliases: tuple[str, ...] = ()
+    group: str | None = None
+    shown: str | None = None
+    rule: Rule | None = None
+    resumable: bool = False
+    negation: str | None = None
+    positional: bool = False
+    keywords: dict = field(default_factory=dict)
+
+
+def option(default: Any = MISSING, help: str | None = None, *, aliases: tuple[str, ...] = (), group: str | None = None,
+           shown: str | None = None, rule: Rule | None = None, resumable: bool = False, negation: str | None = None,
+           positional: bool = False, **keywords) -> Any:
+    """A :class:`TrainConfig` field and its command line (:class:`Declared`), declared once."""
+    declared = Declared(help, aliases, group, shown, rule, resumable, negation, positional, keywords)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"option": declared})
+    return field(default=default, metadata={"option": declared})
+
+
+def method_names() -> list[str]:
+    """--method's choices: the losses of :data:`pogdiff.losses.METHODS`."""
+    from pogdiff.losses import METHODS
+
+    return sorted(METHODS)
+
+
+@dataclass
+class TrainConfig:
+    """Training options, named and meant as in diffusers' ``train_text_to_image.py``, each declared once: the
+    field's default, and in :func:`option` its flag, help, ``--help`` group, range and whether a resume may change
+    it; ``pogdiff train``/``encode`` (:func:`pogdiff.cli.add_train_options`), :data:`RULES` and
+    :func:`pogdiff.train.options_to_keep` read them from here.
+
+    ``None`` defaults depend on the backbone: the small CPU one (``pretrained=None``) or a
+    diffusers checkpoint. ``PAPER_PRESETS`` hold Sec. 4.1's settings.
+    """
+
+    data_dir: str = option(help="folder with metadata.jsonl and images; or --train_data_dir, or --dataset-name",
+                           resumable=True, positional=True, metavar="DATA", nargs="?")
+    output_dir: str = option(help="run folder to write", resumable=True)
+    # the data: the folder data_dir, or a Hugging Face `datasets` folder (pogdiff.data.hf_datasets)
+    dataset_name: str | None = option(None, "a local Hugging Face datasets folder (written by save_to_disk, or an "
+                                      "imagefolder) instead of DATA, converted once into the cache (needs pip install "
+                                      "'pogdiff[datasets]' unless it holds metadata.jsonl)", shown="none: DATA",
+                                      metavar="FOLDER")
+    method: str = option("pogdiff", "training objective", choices=method_names)
+    seed: int = option(0)  # every command's --seed (pogdiff.cli.build_parser), its range in RULES
+    # backbone: a diffusers Stable Diffusion checkpoint (folder or hub id), else the small pixel model
+    # (the shipped pretrained one, or random weights with from_scratch)
+    pretrained: str | None = option(None, "diffusers Stable Diffusion checkpoint to fine-tune, a folder or hub id",
+                                    aliases=("--pretrained_model_name_or_path",), metavar="PATH_OR_HUB_ID",
+                                    shown=f"the small CPU backbone, pretrained and shipped as {SHIPPED_NAME}")
+    from_scratch: bool = option(False, "the small CPU backbone from random weights instead of the shipped pretrained "
+                                "one")
+    prediction_type: str | None = option(None, "what the UNet learns to predict, registered on the noise scheduler "
+                                         "and saved with the run", choices=PREDICTION_TYPES,
+                                         shown="the checkpoint scheduler's, epsilon for SD v1.5 and the small backbone",
+                                         rule=one_of(*PREDICTION_TYPES))
+    lora_rank: int | None = option(None, "train LoRA adapters of this rank instead of the whole UNet", group=LORA,
+                                   aliases=("--rank",), metavar="R", shown="none: the whole UNet", rule=integer(1))
+    # as train_text_to_image_lora.py: the rank (scale 1)
+    lora_alpha: float | None = option(None, "LoRA alpha: the adapters' output is scaled by alpha / rank", group=LORA,
+                                      metavar="ALPHA", shown="the rank", rule=number(above=0))
+    # None: the attention projections (StableDiffusionBackbone)
+    lora_target_modules: tuple[str, ...] | None = option(
+        None, "the UNet's modules (names or name suffixes) that get adapters", group=LORA, metavar="MODULE",
+        shown="to_k to_q to_v to_out.0, the attention projections")
+    caption_column: str = option("text", "metadata column holding the caption", group=DATA)
+    identity_column: str = option("identity", "metadata column holding the identity (Eq. 9 indicator, All/Few split)",
+                                  group=DATA)
+    image_column: str = option("file_name", "metadata column holding the image path", group=DATA)
+    resolution: int | None = option(None, "training resolution", group=DATA,
+                                    shown="the backbone's, 32 small, 512 SD v1.5",
+                                    rule=integer(8, multiple_of=8, why="the UNet and the VAE halve it at each level"))
+    center_crop: bool = option(True, "crop images at the centre (pogdiff's default; diffusers crops at random without "
+                               "it)", group=DATA, negation="crop images at the top-left instead of the centre")
+    random_flip: bool = option(False, "flip images horizontally at random (SD: the mirror image's latents are cached "
+                               "too)", group=DATA)
+    caption_dropout: float = option(0.1, "probability of the empty caption, for classifier-free guidance", group=DATA,
+                                    rule=number(0, 1, why="a probability"))
+    # pogdiff.data.image_files.decode_workers
+    dataloader_num_workers: int | None = option(None, "processes decoding images while the dataset is encoded (0: "
+                                                "the main process)", group=DATA, resumable=True,
+                                                shown="the CPUs per local process, at most 8", rule=integer(0))
+    # optimisation
+    train_batch_size: int = option(16, "batch size per device", group=BUDGET, rule=integer(1))
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", group=BUDGET, rule=integer(1))
+    max_train_steps: int | None = option(None, "optimizer steps", group=BUDGET, resumable=True, rule=integer(1),
+                                         shown=f"{DEFAULT_MAX_TRAIN_STEPS}, or --num-train-epochs' worth")
+    num_train_epochs: int | None = option(None, "passes over the dataset; sets --max-train-steps when it is not given",
+                                          group=BUDGET, shown="none", resumable=True, rule=integer(1))
+    learning_rate: float | None = option(None, "AdamW learning rate", group=BUDGET, rule=number(above=0),
+                                         shown="1e-3 small, 1e-5 SD, 1e-4 SD LoRA")  # 1e-5: Sec. 4.1
+    scale_lr: bool = option(False, "multiply the learning rate by the images per optimizer step (batch x processes x "
+                            "accumulation), as diffusers' --scale_lr", group=BUDGET)
+    lr_scheduler: str = option("constant", ", ".join(LR_SCHEDULERS), group=BUDGET, rule=one_of(*LR_SCHEDULERS))
+    lr_warmup_steps: int = option(0, "warm-up steps of the learning-rate schedule", group=BUDGET, rule=integer(0))
+    adam_beta1: float = option(0.9, "AdamW beta1", group=OPTIMIZER, rule=BETA)
+    adam_beta2: float = option(0.999, "AdamW beta2", group=OPTIMIZER, rule=BETA)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon", group=OPTIMIZER, rule=number(0))
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay", group=OPTIMIZER, rule=number(0))
+    max_grad_norm: float = option(1.0, "clip the gradient to this norm", group=OPTIMIZER, rule=number(above=0))
+    use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW: less optimizer memory on a GPU (pip install "
+                                 "'pogdiff[bitsandbytes]')", group=OPTIMIZER)
+    # None: accelerate's own setting
+    mixed_precision: str | None = option(None, "fp16 (CUDA GPU only) or bf16: frozen weights in half precision, "
+                                         "trained ones float32; the run records the precision it trained in",
+                                         group=MODEL, choices=PRECISIONS, shown=ACCELERATE_PRECISION,
+                                         resumable=True, rule=HALF_PRECISION)
+    allow_tf32: bool = option(False, "TF32 matrix products on Ampere or newer GPUs: faster, slightly less precise",
+                              group=MODEL, resumable=True)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower",
+                                          group=MODEL)
+    compile: bool = option(False, "torch.compile the UNet (inductor; CUDA graphs on a GPU, where the small "
+                           "backbone's steps are bound by kernel launches); on a CPU the first step takes minutes and "
+                           "later ones are no faster", group=MODEL)  # accelerate's dynamo plugin
+    use_ema: bool = option(False, "keep an exponential moving average of the weights and save it", group=MODEL)
+    ema_decay: float = option(0.9999, "EMA decay (with warm-up)", group=MODEL, rule=number(0, 1))
+    snr_gamma: float | None = option(None, "Min-SNR weighting gamma (5.0 is usual)", group=MODEL, shown="none: off",
+                                     rule=number(above=0))
+    noise_offset: float = option(0.0, "offset noise: each image and channel gets noise_offset x N(0, 1) added to its "
+                                 "noise, as diffusers' --noise_offset (0.1 is usual; 0: off)", group=MODEL,
+                                 rule=number(0))
+    # bookkeeping: what a resumed run may change
+    checkpointing_steps: int | None = option(None, "save the training state every N steps", group=BOOKS,
+                                             shown="none: no checkpoint", resumable=True, rule=integer(1))
+    checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints", group=BOOKS,
+                                                 shown="none: all", resumable=True, rule=integer(1))
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder of the run in --output-dir",
+                                                group=BOOKS, shown="none: start afresh", resumable=True)
+    validation_prompts: list[str] | None = option(None, "sample these prompts every --validation-steps into "
+                                                  "OUTPUT_DIR/validation", group=BOOKS,
+                                                  aliases=("--validation-prompt",), metavar="PROMPT", shown="none",
+                                                  resumable=True)
+    validation_steps: int = option(500, "steps between validation images", group=BOOKS, resumable=True,
+                                   rule=integer(1))
+    num_validation_images: int = option(4, "images per validation prompt", group=BOOKS, resumable=True,
+                                        rule=integer(1))
+    overwrite: bool = option(False, "replace a run already in --output-dir", group=BOOKS, resumable=True)
+    report_to: str | None = option(None, "log loss, learning rate and validation images to this tracker (wandb: pip "
+                                   "install 'pogdiff[wandb]')", group=BOOKS, choices=TRACKERS, shown="none",
+                                   resumable=True, rule=one_of(*TRACKERS))
+    logging_dir: str = option("logs", "the tracker's folder, under --output-dir", group=BOOKS, resumable=True)
+    tracker_project_name: str = option("pogdiff", "the project name the tracker logs under", group=BOOKS,
+                                       resumable=True)
+    ddp_timeout: int = option(6 * 3600, "seconds a process of `accelerate launch` waits for the others (e.g. while "
+                              "one builds the neighbour table)", group=BOOKS, resumable=True)
+    log_rows: bool = option(False, "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per "
+                            "micro-step and digests of its tables and weights (checks multi-process runs)",
+                            group=BOOKS, resumable=True)  # pogdiff.row_log
+    # method: its loss's constructor options (pogdiff.losses, pogdiff.cli.add_method_options), and the row sampler
+    method_options: dict = option({})
+    sampler: str | None = option(None, "which rows a batch holds: uniform (an epoch shuffle) or balanced (every "
+                                 "identity equally often; without identities, by inverse text density)",
+                                 group=SAMPLER, choices=SAMPLERS, shown="uniform; balanced for resample")
+    density_max_ratio: float = option(10.0, "balanced sampler without identities: clip inverse text-density weights "
+                                      "to [1/r, r] x the median", group=SAMPLER, rule=number(1))
+    vae_latent_dim: int = option(8, "latent size of the text-density VAE, Eq. 10", group=TEXT_DENSITY, rule=integer(1))
+    # small backbone from scratch (the shipped one has its own): pogdiff pretrain's flags
+    text_max_length: int = option(24, rule=integer(1, 512, why="MiniLM reads at most 512 tokens"))
+    block_out_channels: tuple[int, ...] = option((32, 64, 64))
+    cache_dir: str | None = option(None, resumable=True)  # every command's --cache-dir
+    progress: bool = option(True, resumable=True)  # every command's --no-progress
+
+
+# Sec. 4.1: lr 1e-5; large sets 12,000 steps at 8 x 4; small/medium 6,000 steps at 8 x 1.
+PAPER_PRESETS = {
+    "paper-large": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 4,
+                    "max_train_steps": 12000},
+    "paper-small": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 1,
+                    "max_train_steps": 6000},
+}
+
+
+def train_options() -> dict[str, Declared]:
+    """Every TrainConfig field (in order) with its declaration."""
+    return {f.name: f.metadata["option"] for f in fields(TrainConfig)}
+
+
+def config_fields() -> set[str]:
+    """The names of TrainConfig's fields."""
+    return set(train_options())
+
+
+# Options a resumed run may change: how long it runs, what it logs and saves, where it caches.
+RESUMABLE_CHANGES = frozenset(name for name, declared in train_options().items() if declared.resumable)
+
+
+def check_sampler(sampler: str, where: str = "") -> None:
+    """Refuse a row sampler that is not one of SAMPLERS (``where``: what names it, e.g. a benchmark row)."""
+    if sampler not in SAMPLERS:
+        raise PogdiffError(f"{where}unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
 RULES: dict[str, Rule] = {
     # every command
     "seed": integer(0, SEED_MAX), "seeds": integer(0, SEED_MAX),
-    # train: model and data
-    "lora_rank": integer(1), "lora_alpha": number(above=0),
-    "resolution": integer(8, multiple_of=8, why="the UNet and the VAE halve it at each level"),
-    "text_max_length": integer(1, 512, why="MiniLM reads at most 512 tokens"),
-    "caption_dropout": number(0, 1, why="a probability"), "dataloader_num_workers": integer(0),
-    "k": integer(1), "vae_latent_dim": integer(1),
-    # train: optimisation and bookkeeping
-    "train_batch_size": integer(1), "gradient_accumulation_steps": integer(1), "max_train_steps": integer(1),
-    "num_train_epochs": integer(1),
-    "learning_rate": number(above=0), "lr_scheduler": one_of(*LR_SCHEDULERS), "lr_warmup_steps": integer(0),
-    "adam_beta1": BETA, "adam_beta2": BETA, "adam_epsilon": number(0), "adam_weight_decay": number(0),
-    "max_grad_norm": number(above=0), "noise_offset": number(0),
-    "prediction_type": one_of(*PREDICTION_TYPES), "report_to": one_of(*TRACKERS),
-    "mixed_precision": HALF_PRECISION,
-    "ema_decay": number(0, 1), "snr_gamma": number(above=0),
-    "checkpointing_steps": integer(1), "checkpoints_total_limit": integer(1),
-    "validation_steps": integer(1), "num_validation_images": integer(1),
-    # method options (Eqs. 9, 11; CBDM; resampling)
+    # train and encode: each TrainConfig field's own (its flag, e.g. --lora-rank, in benchmark and pretrain too)
+    **{name: declared.rule for name, declared in train_options().items() if declared.rule is not None},
+    # method options (Eqs. 8, 9, 11; CBDM)
+    "k": integer(1),
     "a1": number(0, why="Eq. 9's exponents must be >= 0"), "a2": number(0, why="Eq. 9's exponents must be >= 0"),
     "a3": number(above=0, why="Eq. 11 needs a3 > 0: it divides by it"),
-    "psi_txt_max_ratio": number(1), "tau": number(0), "density_max_ratio": number(1),
+    "psi_txt_max_ratio": number(1), "tau": number(0),
     # sampling and evaluation
     "num_images": integer(1), "num_images_few": integer(1), "few_max_images": integer(1),
     "max_identities": integer(1),

@@ -30,7 +30,8 @@ from diffusers import UNet2DConditionModel
 from pogdiff.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.errors import PogdiffError
-from pogdiff.run_folder import RUN_FILE, read_run_info
+from pogdiff.ownership import RELEASE
+from pogdiff.run_folder import RUN_FILE, RunFolder, read_run_info
 from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, sha256, shipped_manifest
 from pogdiff.data.image_files import read_images
 
@@ -51,15 +52,7 @@ def check_release_dir(release_dir: str | Path, output_dir: str | Path | None = N
                                    or Path(output_dir).resolve().is_relative_to(release.resolve())):
         raise PogdiffError(f"{release}: --release-dir and --output-dir {output_dir} overlap, and the release is "
                            "written from the finished run; choose a --release-dir outside the run folder")
-    if not release.exists() or (release.is_dir() and not any(release.iterdir())):
-        return
-    try:
-        earlier = json.loads((release / MANIFEST_FILE).read_text()).get("name") == SHIPPED_NAME
-    except (OSError, ValueError, AttributeError):
-        earlier = False
-    if not earlier:
-        raise PogdiffError(f"{release}: --release-dir exists and is not an earlier release of {SHIPPED_NAME}, so it "
-                           "is not replaced; choose another --release-dir")
+    RunFolder(release, RELEASE, "--release-dir").check()
 
 
 def write_release(run_dir: str | Path, release_dir: str | Path, command: list[str] | None = None) -> Path:

@@ -12,13 +12,7 @@ import math
 
 import torch
 
-from pogdiff.errors import PogdiffError
-
-
-def check_image_exponents(a1: float, a2: float) -> None:
-    """Eq. 9's exponents must be >= 0: a negative one turns s = 0 into an infinite weight."""
-    if not (a1 >= 0 and a2 >= 0):
-        raise PogdiffError(f"--a1 {a1} --a2 {a2}: Eq. 9's exponents must be >= 0; pass values >= 0")
+from pogdiff.options import check_values
 
 
 def image_similarity_weight(similarity: torch.Tensor, same_identity: torch.Tensor,
@@ -26,9 +20,10 @@ def image_similarity_weight(similarity: torch.Tensor, same_identity: torch.Tenso
     """Eq. 9: psi_img = max(0, s) ** (a1 + a2 * 1[I(x) != I(x')]).
 
     The paper's footnote: s = 0.4, a1 = a2 = 1 gives 0.4 for the same person, 0.16 otherwise.
-    No defaults here: PoGDiff's are :class:`pogdiff.losses.PoGDiffLoss`'s arguments.
+    No defaults here: PoGDiff's are :class:`pogdiff.losses.PoGDiffLoss`'s arguments. The exponents must be
+    >= 0 (a negative one turns s = 0 into an infinite weight): refused by the options' rules.
     """
-    check_image_exponents(a1, a2)
+    check_values({"a1": a1, "a2": a2})
     exponent = a1 + a2 * (~same_identity.bool()).to(similarity.dtype)
     return similarity.clamp(min=0).pow(exponent)
 
@@ -39,11 +34,10 @@ def inverse_text_density_weight(elbo: torch.Tensor, a3: float, max_ratio: float)
     exp(ELBO) of a high-dimensional embedding is far outside float range, so densities
     are taken relative to the dataset's median density (a constant the paper's a3 would
     absorb) and clipped to [1/max_ratio, max_ratio] before a3 is applied: the median
-    caption weighs 1/a3, rare captions up to max_ratio/a3.
+    caption weighs 1/a3, rare captions up to max_ratio/a3. Eq. 11 needs a3 > 0 (it divides by it) and a
+    ratio >= 1 (a smaller one inverts the clip): refused by the options' rules.
     """
-    if not (a3 > 0 and math.isfinite(a3)) or not max_ratio >= 1:
-        raise PogdiffError(f"--a3 {a3} --psi-txt-max-ratio {max_ratio}: Eq. 11 needs a3 > 0 (it divides by it) "
-                           "and a ratio >= 1; pass values in range")
+    check_values({"a3": a3, "psi_txt_max_ratio": max_ratio})
     log_weight = -(elbo - elbo.median())
     bound = math.log(max_ratio)
     return log_weight.clamp(-bound, bound).exp() / a3

@@ -18,10 +18,8 @@ from __future__ import annotations
 import torch
 
 from pogdiff.encoded_dataset import EncodedDataset
-from pogdiff.errors import PogdiffError
+from pogdiff.options import check_sampler
 from pogdiff.psi import inverse_text_density_weight
-
-SAMPLERS = ("uniform", "balanced")
 
 
 def identity_balanced_weights(identity: torch.Tensor) -> torch.Tensor:
@@ -33,8 +31,7 @@ def identity_balanced_weights(identity: torch.Tensor) -> torch.Tensor:
 
 def row_weights(sampler: str, encoded: EncodedDataset, density_max_ratio: float = 10.0) -> torch.Tensor | None:
     """Per-row probabilities of ``sampler`` (see the module docstring); None for ``uniform`` shuffling."""
-    if sampler not in SAMPLERS:
-        raise PogdiffError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sampler(sampler)
     if sampler == "uniform":
         return None
     if encoded.has_identities:

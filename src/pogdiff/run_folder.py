@@ -13,21 +13,37 @@
     RUN/rows-rank<R>.jsonl   --log-rows (pogdiff.row_log)
 
 A plain diffusers pipeline folder reads as a Stable Diffusion run labelled by its folder name.
+
+:class:`RunFolder` is the one owner of every folder a command writes (a run, an evaluation, a
+benchmark, a demo, samples, a release): it checks, creates and claims it under the one rule of
+:mod:`pogdiff.ownership`, and, for a run, finds the checkpoint to resume; the functions after it
+save, check and load a run's checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+import os
+import pickle
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pogdiff import psi
-from pogdiff.errors import PogdiffError
-from pogdiff.files import sha256, write_text_atomic
+from pogdiff.errors import Interrupted, PogdiffError, first_line
+from pogdiff.files import (apply_umask_to_tree, incomplete, remove_quietly, sha256, write_errors_as_os_errors,
+                           write_text_atomic)
+from pogdiff.ownership import (BENCHMARK, DEMO, EVALUATION, MARKS, RELEASE, RUN, SAMPLES, claimed, entries,
+                               is_marked, refuse_if_in_use)
 from pogdiff.pretrained import PIPELINE_FILE
+from pogdiff.shipped import SHIPPED_NAME
 
 RUN_FILE = "pogdiff_run.json"
 PIPELINE_BACKBONE = "stable-diffusion"  # the backbone kind of a plain pipeline folder
@@ -38,6 +54,7 @@ IS_FEW_KEY = "is_few"
 NEIGHBOUR_SPACE_KEY = "neighbour_features"  # in PSI_SUMMARY_FILE
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RECORD = "pogdiff_checkpoint.json"
+TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
 # What `train` writes at the top of a run folder; --overwrite removes these and nothing else (an eval/
 # or notes of the user's stay). The trackers' --logging-dir is added by is_run_entry.
 RUN_ENTRIES = (RUN_FILE, PSI_FILE, PSI_SUMMARY_FILE, "unet", "scheduler", "vae", "text_encoder", "tokenizer",
@@ -172,3 +189,320 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     return next(reversed(checkpoints(run_dir)), None)
+
+
+# What a command says of a folder that is not its own and holds what it would write (``{taken}``: the first
+# such file) or anything at all (``{folder}``).
+NOT_OURS = {
+    RUN: "{folder}: output folder is not empty and pogdiff did not create it, so neither --overwrite nor "
+         "--resume-from-checkpoint touch it; choose another --output-dir",
+    EVALUATION: "{taken}: already exists and `pogdiff evaluate` did not write it; choose another --out, "
+                "or move it away",
+    BENCHMARK: "{folder}: folder exists and is not a pogdiff benchmark folder; choose another --out",
+    DEMO: "{folder}: folder exists and is not a pogdiff demo folder; choose another --out",
+    SAMPLES: "{taken}: already exists ({count} of the {total} files to write do); choose another --out, "
+             "or move them away",
+    RELEASE: "{folder}: --release-dir exists and is not an earlier release of " + SHIPPED_NAME + ", so it is "
+             "not replaced; choose another --release-dir",
+}
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A folder a command writes, in plain values; the one rule of what it may write there, and how it claims it.
+
+    ``kind``: whose folder it is (:mod:`pogdiff.ownership`: ``run`` for `pogdiff train`, ``evaluation``,
+    ``benchmark``, ``demo``, ``samples``, ``release``); ``flag``: the option naming it, in messages.
+    ``data_dir``: the dataset, which the folder must not lie in; ``inputs``: (what, folder) pairs that must not
+    lie in the folder (a new run or --overwrite would mix with them). ``outputs``: the names (glob patterns)
+    the command writes; where given, a folder that is not its own is refused only when one of them is there
+    (``()``: never, the folder is the caller's own), else when it holds anything. A run's ``overwrite``,
+    ``resume`` (--resume-from-checkpoint) and ``logging_dir`` (the trackers', under the folder) say what may
+    happen to a run already there.
+    """
+
+    path: Path
+    kind: str = RUN
+    flag: str = "--output-dir"
+    data_dir: str | Path | None = None
+    inputs: tuple[tuple[str, str | Path], ...] = ()
+    outputs: tuple[str, ...] | None = None
+    overwrite: bool = False
+    resume: str | None = None
+    logging_dir: str = "logs"
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    def is_mine(self) -> bool:
+        return is_marked(self.path, self.kind)
+
+    def check(self) -> Path:
+        """Refuse a folder that is a file, overlaps the inputs, holds what this command may not replace (for a run:
+        mixes two runs; resume, overwrite, or pick another), is being written by another process, or where we
+        cannot write. Writes nothing: called before any work, so a bad folder costs seconds, not a run."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise PogdiffError(f"{out}: {self.flag} is a file; choose a folder")
+        self._check_inputs_outside()
+        self._check_contents()
+        if self.kind in MARKS:
+            refuse_if_in_use(out, self.kind, self.flag)
+        parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            why = "is a file" if not parent.is_dir() else "is not writable"
+            what = "create the output folder" if self.kind == RUN else f"write into {self.flag}"
+            raise PogdiffError(f"{out}: cannot {what} ({parent} {why}); choose another {self.flag}")
+        return out
+
+    def _check_inputs_outside(self) -> None:
+        out = self.path
+        for what, folder in self.inputs:
+            if Path(folder).resolve().is_relative_to(out.resolve()):
+                raise PogdiffError(f"{folder}: {what} is inside {self.flag} {out}, where --overwrite or a new run "
+                                   f"would mix with it; choose an {self.flag} outside it")
+        if self.data_dir is not None and out.resolve().is_relative_to(Path(self.data_dir).resolve()):
+            raise PogdiffError(f"{out}: {self.flag} is inside the dataset {self.data_dir}, whose folder should hold "
+                               f"only its images and metadata; choose an {self.flag} outside it")
+
+    def _check_contents(self) -> None:
+        """What the folder holds against what was asked (the run's rules: :meth:`_check_run`)."""
+        if self.kind == RUN:
+            self._check_run()
+            return
+        if self.is_mine():
+            return
+        if self.outputs is not None:
+            taken = [p for pattern in self.outputs for p in sorted(self.path.glob(pattern))]
+            if taken:
+                raise PogdiffError(NOT_OURS[self.kind].format(taken=taken[0], count=len(taken),
+                                                              total=len(self.outputs)))
+        elif entries(self.path, self.kind):
+            raise PogdiffError(NOT_OURS[self.kind].format(folder=self.path))
+
+    def _check_run(self) -> None:
+        """A new run needs a new or empty folder, or pogdiff's own run with --overwrite; --resume-from-checkpoint
+        needs a whole checkpoint of pogdiff's own run."""
+        out = self.path
+        if self.resume:
+            self.checkpoint_to_resume()
+            return
+        if not entries(out):
+            return
+        if not self.is_mine():
+            raise PogdiffError(NOT_OURS[RUN].format(folder=out))
+        if self.overwrite:
+            return
+        if (out / RUN_FILE).is_file():
+            raise PogdiffError(f"{out}: output folder already holds a run; pass --overwrite to replace it, "
+                               "or choose another --output-dir")
+        raise PogdiffError(f"{out}: output folder holds an unfinished run; {how_to_continue(out)}, "
+                           "or choose another --output-dir")
+
+    def create(self) -> Path:
+        """Create the folder with its mark, holding no lock (every process of a launch may call this)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / MARKS[self.kind]).touch()
+        return self.path
+
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[Path]:
+        """Create the folder, claim it (mark and lock it, :func:`pogdiff.ownership.claimed`), check it again under
+        the lock, and for a run with --overwrite empty it of what `train` wrote; the claim lasts for the block.
+
+        A Ctrl-C inside a run's block becomes a one-line error that says how to continue the run.
+        """
+        out = self.check()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.touch()
+            probe.unlink()
+        except OSError as error:
+            raise PogdiffError(f"{out}: cannot write to the output folder ({error.strerror}); "
+                               f"choose another {self.flag}")
+        with claimed(out, self.kind, self.flag):
+            self._check_contents()  # another process may have finished a run here since the first check
+            if self.kind == RUN and self.overwrite and not self.resume:
+                self._remove_run()
+            try:
+                yield out
+            except KeyboardInterrupt:
+                if self.kind != RUN:
+                    raise
+                raise Interrupted(f"{out}: interrupted; {how_to_continue(out)}") from None
+
+    def _remove_run(self) -> None:
+        """What `train` wrote (:func:`is_run_entry`): an eval/ or notes of the user's stay."""
+        for entry in entries(self.path):
+            if not is_run_entry(entry.name, self.logging_dir):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def checkpoint_to_resume(self) -> Path:
+        """The checkpoint --resume-from-checkpoint names ('latest': the newest finished one), a whole checkpoint
+        of the pogdiff run in this folder."""
+        out, wanted = self.path, self.resume
+        if not self.is_mine():
+            found = checkpoints(out) if out.is_dir() else []
+            if found:
+                raise PogdiffError(f"{out}: holds {', '.join(c.name for c in found[:3])}"
+                                   f"{', ...' if len(found) > 3 else ''} but no {MARKS[RUN]} (copied without its "
+                                   f"hidden files?), so pogdiff does not resume into it; copy the whole run folder "
+                                   f"(cp -a RUN/. {out}/) or resume the original")
+            raise PogdiffError(f"{out}: no checkpoint to resume from ({wanted}): not a pogdiff run folder; "
+                               "drop --resume-from-checkpoint to start afresh, or pass the --output-dir of the run")
+        saved = checkpoints(out)
+        if not saved:
+            raise PogdiffError(f"{out}: no checkpoint to resume from: the run saved none; start it afresh with "
+                               "--overwrite")
+        if wanted == "latest":
+            checkpoint = saved[-1]
+        else:
+            path = out / wanted if len(Path(wanted).parts) == 1 else Path(wanted)
+            checkpoint = next((c for c in saved if c.resolve() == path.resolve()), None)
+            if checkpoint is None:
+                raise PogdiffError(f"{wanted}: not a checkpoint of the run in {out}; pass latest or one of "
+                                   f"{', '.join(c.name for c in saved)}")
+        damage = checkpoint_damage(checkpoint)
+        if damage:
+            raise PogdiffError(f"{checkpoint}: {damage}; {restart_from_before(checkpoint)}")
+        return checkpoint
+
+    def check_resume(self, given: dict, max_train_steps: int | None) -> Path:
+        """The checkpoint to resume from; refused, before any work, when its bytes changed since it was saved,
+        its run was started with other options or data than ``given``, or it is past ``max_train_steps``."""
+        checkpoint = self.checkpoint_to_resume()
+        changed = changed_checkpoint_file(checkpoint)
+        if changed:
+            raise PogdiffError(f"{checkpoint}: {changed} is damaged (missing, or its bytes differ from the sha256 in "
+                               f"{CHECKPOINT_RECORD}); {restart_from_before(checkpoint)}")
+        record = read_checkpoint_record(checkpoint)
+        if record is not None:
+            started = json.loads(json.dumps(record["options"]))
+            now = json.loads(json.dumps(given, default=str))
+            differ = [k for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k)]
+            if differ:
+                shown = ", ".join("the dataset's metadata.jsonl" if k == "data" else
+                                  f"{k} (run: {started.get(k)!r}, now: {now.get(k)!r})" for k in differ[:3])
+                raise PogdiffError(f"{checkpoint}: the run was started with other options or data: {shown}"
+                                   f"{' and more' if len(differ) > 3 else ''}; resume with the run's own options, "
+                                   "or start a new run in another --output-dir")
+        if max_train_steps is not None and max_train_steps < checkpoint_step(checkpoint):
+            raise PogdiffError(f"{checkpoint}: already past --max-train-steps {max_train_steps}; pass a larger "
+                               f"--max-train-steps, or resume from an earlier checkpoint")
+        return checkpoint
+
+
+def how_to_continue(out: Path) -> str:
+    """The fix for an unfinished run: resume from its last checkpoint, or start it afresh."""
+    last = latest_checkpoint(out)
+    if last is None:
+        return "start the run afresh with --overwrite (no checkpoint was saved)"
+    return f"continue from {last.name} with --resume-from-checkpoint latest, or start afresh with --overwrite"
+
+
+def restart_from_before(checkpoint: Path) -> str:
+    """The fix for a damaged checkpoint: the one saved before it, or a fresh run."""
+    earlier = [c for c in checkpoints(checkpoint.parent) if checkpoint_step(c) < checkpoint_step(checkpoint)]
+    fresh = "start the run afresh with --overwrite"
+    if not earlier:
+        return fresh
+    return f"resume from the one before with --resume-from-checkpoint {earlier[-1].name}, or {fresh}"
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be loaded (its weights missing, or a file cut short), None when it looks whole.
+    Reads headers only: the folder's state is checked several times (:meth:`RunFolder.check_resume` reads the
+    bytes once)."""
+    if not (checkpoint / TRAINED_WEIGHTS_FILE).is_file():
+        return f"no {TRAINED_WEIGHTS_FILE}"
+    for file in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        reason = incomplete(file)
+        if reason:
+            return f"{file.name} is damaged ({reason})"
+    return None
+
+
+def checkpoint_trained_weights_only(accelerator) -> None:
+    """Checkpoints hold the trained parameters only (a few MB for LoRA, not the frozen UNet)."""
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            model = accelerator.unwrap_model(models[0])
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                      Path(output_dir) / TRAINED_WEIGHTS_FILE)
+        weights.clear()
+
+    def load(models, input_dir):
+        model = accelerator.unwrap_model(models.pop())
+        state = load_file(Path(input_dir) / TRAINED_WEIGHTS_FILE)
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            raise PogdiffError(f"{input_dir}: this checkpoint holds other weights than this run trains "
+                               "(another --lora-rank or --pretrained?); resume with the options it was saved with")
+        model.load_state_dict(state, strict=False)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, total_limit: int | None, options: dict | None = None) -> None:
+    """Save the full training state atomically: written to a temporary folder, then renamed; with ``options``
+    (the run's own, see :func:`pogdiff.train.options_to_keep`), a record of them and of each file's sha256 goes
+    with it.
+
+    A failed write (disk full) removes the temporary folder and raises a one-line error;
+    the checkpoints saved before stay as they were.
+    """
+    accelerator.wait_for_everyone()
+    final = out / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    with reported_write_errors(final, out, cleanup=tmp if accelerator.is_main_process else None):
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            apply_umask_to_tree(tmp)
+            if options is not None:
+                write_checkpoint_record(tmp, options)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # resumed from an earlier checkpoint: this step's new state replaces the old one
+            old = out / f".checkpoint-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        if total_limit:
+            for old in checkpoints(out)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> None:
+    """Restore the training state; a file that cannot be read is a one-line error saying what to resume from."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise PogdiffError(f"{checkpoint}: cannot load this checkpoint ({first_line(error)}); "
+                           f"{restart_from_before(checkpoint)}") from None
+
+
+@contextlib.contextmanager
+def reported_write_errors(target: Path, out: Path, cleanup: Path | None = None) -> Iterator[None]:
+    """Turn a failed write of ``target`` (disk full, permissions) into a one-line error saying how to go on."""
+    try:
+        with write_errors_as_os_errors(target):
+            yield
+    except OSError as error:
+        if cleanup is not None:
+            remove_quietly(cleanup)
+        raise PogdiffError(f"{target}: cannot write ({error.strerror or error}); free space, then "
+                           f"{how_to_continue(out)}") from None

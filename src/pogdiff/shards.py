@@ -1,4 +1,4 @@
-"""Sharded, memory-mapped caches: per-row tables too large to hold in memory (latents, caption states,
+"""Sharded caches read by row: per-row tables too large to hold in memory (latents, caption states,
 image features), written in shards as they are computed and read a batch at a time.
 
 A table of N rows lives in ``CACHE_DIR/<kind>-<key>/shard-<i>-<content>.safetensors``:
@@ -10,10 +10,11 @@ fixed, recomputes one shard. Each shard is written to a temporary name and renam
 encode leaves only whole shards and the next one computes just the missing ones. Under ``accelerate launch`` process ``r`` of ``P`` computes the shards with
 ``i % P == r``: all processes encode at once, each its share of the rows.
 
-Shards are safetensors files whose header says which table and rows they hold; a read maps
-the file (``numpy.memmap``) and copies just the rows asked for, so reading a batch touches only
-its rows and memory stays bounded whatever N is. A shard that cannot
-be written (disk full, read-only cache) is kept in memory with a warning and the run goes on.
+Shards are safetensors files whose header says which table and rows they hold; a read copies
+just the rows asked for from the file, so reading a batch touches only its rows and memory stays
+bounded whatever N is. A shard that cannot be written (disk full, read-only cache) is kept in memory
+with a warning and the run goes on. Either way the rows are one :class:`ShardedTable`, which can
+also be held whole on a device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pogdiff.cache import cache_key, default_cache_dir
+from pogdiff.cache import cache_folder, cache_key
 from pogdiff.data.dataset import and_more
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
 from pogdiff.files import atomic_path, apply_umask
@@ -44,7 +45,6 @@ Tensors = dict[str, torch.Tensor]
 # Rows per shard: the unit of resumption and of the work split over processes. 1,024 rows of Stable
 # Diffusion latents in float16 are 64 MiB. $POGDIFF_SHARD_ROWS overrides it (docs/scale.md).
 DEFAULT_SHARD_ROWS = 1024
-_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "U8": np.uint8, "I64": np.int64}
 
 
 def shard_rows() -> int:
@@ -58,46 +58,77 @@ def shard_rows() -> int:
 
 
 class MappedArray:
-    """One tensor of a shard file, mapped only while it is read: a long-lived map would keep every page
-    read so far resident, so a pass over all rows would hold the whole table (and count as this
-    process's memory)."""
+    """One tensor of a shard file, its rows read with ``preadv`` when asked for (no map kept: a long-lived map would
+    keep every page read so far resident, so a pass over all rows would hold the whole table and count as this
+    process's memory).
+
+    ``offset`` is where its bytes start in the file (:func:`_open`).
+    """
 
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int):
-        self.path, self.dtype, self.shape, self.offset = path, dtype, shape, offset
+        self.path, self.array_dtype, self.shape, self.offset = path, dtype, shape, offset
+        self.dtype, self.device, self.on_disk = torch.from_numpy(np.empty(0, dtype)).dtype, torch.device("cpu"), True
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read(self, index: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``index`` (non-negative; all rows when None) as a new array. A few rows are read each with one
-        ``preadv`` into the result: a training batch's read sets up no mapping (about 4x faster per row)."""
-        if 0 in self.shape:
-            return np.empty(self.shape if index is None else (len(index), *self.shape[1:]), self.dtype)
-        if index is None:
-            return np.array(np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape))
-        out = np.empty((len(index), *self.shape[1:]), self.dtype)
-        if len(out):
+    def read(self, index: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``index`` (non-negative; all rows when None) as a new tensor, each row read with one ``preadv``
+        into the result: a training batch's read sets up no mapping (about 4x faster per row than a map)."""
+        rows = range(len(self)) if index is None else index.tolist()
+        out = np.empty((len(rows), *self.shape[1:]), self.array_dtype)  # numpy: a third of torch's cost to set up
+        if out.size:
             buffer, size = memoryview(out).cast("B"), out[0].nbytes
             with open(self.path, "rb", buffering=0) as file:
-                for i, row in enumerate(np.asarray(index).tolist()):
+                for i, row in enumerate(rows):
                     if os.preadv(file.fileno(), [buffer[i * size:(i + 1) * size]], self.offset + row * size) != size:
                         raise ValueError(f"{self.path}: cut short (row {row} of {self.shape[0]})")
-        return out
+        return torch.from_numpy(out)
+
+
+class HeldRows:
+    """Rows held as a tensor: a shard that could not be written (in memory), or a whole table held on a device."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.on_disk = tensor, False
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    def read(self, index: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        return self.tensor if index is None else self.tensor[torch.as_tensor(index, device=self.device)]
 
 
 class ShardedTable:
-    """(N, ...) rows held by shards: files mapped as they are read, or tensors where a shard could not be written.
+    """(N, ...) rows, read like a tensor: ``table[index]`` (a long tensor, a list, a slice), ``len``, ``shape``,
+    ``dtype``, ``device``, ``to(device)``.
 
-    ``table[index]`` reads the rows ``index`` (a long tensor, a list, a slice) into a new CPU tensor.
+    The rows are in shards of ``rows_per_shard``, each a file read as it is asked for (:class:`MappedArray`) or
+    a tensor where the shard could not be written (:class:`HeldRows`); or in one tensor on a device
+    (:meth:`held_on`). A read lands on :attr:`device`: the host for shards, the device a table is held on.
     """
 
-    def __init__(self, parts: Sequence[MappedArray | torch.Tensor], rows_per_shard: int):
+    def __init__(self, parts: Sequence[MappedArray | HeldRows], rows_per_shard: int):
         self.parts, self.rows_per_shard = list(parts), rows_per_shard
-        first = parts[0]
-        self.row_shape = tuple(first.shape[1:])
-        self.dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype if isinstance(first, MappedArray) \
-            else first.dtype
+        self.row_shape, self.dtype, self.device = tuple(parts[0].shape[1:]), parts[0].dtype, parts[0].device
         self.num_rows = sum(len(p) for p in parts)
+
+    @classmethod
+    def holding(cls, rows: torch.Tensor) -> "ShardedTable":
+        """A table of the rows of one tensor, held where it is."""
+        return cls([HeldRows(rows)], max(1, len(rows)))
 
     def __len__(self) -> int:
         return self.num_rows
@@ -109,19 +140,29 @@ class ShardedTable:
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, slice):
             index = torch.arange(self.num_rows)[index]
-        index = torch.as_tensor(index, dtype=torch.long).cpu().flatten().numpy()
+        index = torch.as_tensor(index, dtype=torch.long).flatten()
+        if len(self.parts) == 1:  # a table held on a device is indexed there, without a synchronisation
+            return self.parts[0].read(index)
+        index = index.cpu().numpy()
         out = torch.empty((len(index), *self.row_shape), dtype=self.dtype)
         shard, local = np.divmod(index, self.rows_per_shard)
         for s in np.unique(shard).tolist():  # numpy for the bookkeeping: a batch's rows are in as many shards
             where = np.flatnonzero(shard == s)
-            part = self.parts[s]
-            out[torch.from_numpy(where)] = torch.from_numpy(part.read(local[where])) \
-                if isinstance(part, MappedArray) else part[torch.from_numpy(local[where])]
+            out[torch.from_numpy(where)] = self.parts[s].read(local[where])
         return out
 
-    def chunks(self) -> list[torch.Tensor]:
-        """The shards in row order, as tensors (each read when asked for)."""
-        return [torch.from_numpy(p.read()) if isinstance(p, MappedArray) else p for p in self.parts]
+    def read_all(self) -> torch.Tensor:
+        """Every row, in one new tensor (each shard read whole)."""
+        return torch.cat([p.read() for p in self.parts])
+
+    def held_on(self, device) -> "ShardedTable":
+        """This table with every row in one tensor on ``device``: a read is then a gather there."""
+        return ShardedTable.holding(self.read_all().to(device))
+
+    def to(self, device) -> "ShardedTable":
+        """A table held in memory, moved to ``device``; one with shards on disk stays as it is (its rows are read
+        on the host, a batch at a time: :meth:`held_on` loads them all)."""
+        return self if any(p.on_disk for p in self.parts) else self.held_on(device)
 
 
 class ShardedCache:
@@ -132,9 +173,9 @@ class ShardedCache:
         self.kind, self.params, self.row_keys, self.num_rows = kind, params, list(row_keys), len(row_keys)
         self.rows_per_shard = rows_per_shard or shard_rows()
         self.key = cache_key(kind, {**params, "rows_per_shard": self.rows_per_shard})
-        self.folder = Path(cache_dir or default_cache_dir()) / f"{kind}-{self.key}"
+        self.folder = cache_folder(cache_dir) / f"{kind}-{self.key}"
         self.num_shards = max(1, math.ceil(self.num_rows / self.rows_per_shard))
-        self.held: dict[int, Tensors] = {}  # shards that could not be written
+        self.held: dict[int, dict[str, HeldRows]] = {}  # shards that could not be written
 
     def shard_key(self, shard: int) -> str:
         """What shard ``shard`` holds: the table's key, its first row and its rows' keys."""
@@ -156,16 +197,16 @@ class ShardedCache:
         if not path.is_file():
             return "absent"
         try:
-            header, arrays = _open(path)
-        except (OSError, ValueError) as error:
+            meta, arrays = _open(path)
+        except (OSError, SafetensorError) as error:
             return f"unreadable cache shard ({error})"
-        meta = header.get("__metadata__") or {}
         rows = self.rows(shard)
         if (meta.get("kind"), meta.get("key"), meta.get("rows")) != (self.kind, self.shard_key(shard),
                                                                      f"{rows.start}:{rows.stop}") \
                 or any(len(a) != len(rows) for a in arrays.values()):
             return "this cache shard holds other rows or another table (copied or renamed?)"
-        if check_values and any(not np.isfinite(a.read()).all() for a in arrays.values() if a.dtype.kind == "f"):
+        if check_values and any(not torch.isfinite(a.read()).all() for a in arrays.values()
+                                if a.dtype.is_floating_point):
             return "NaN or inf in this cache shard"
         return None
 
@@ -219,10 +260,10 @@ class ShardedCache:
         except OSError as error:
             warnings.warn(f"{path}: cannot write this cache shard ({error.strerror or error}); keeping it in memory "
                           "(free space or pass --cache-dir)", PogdiffWarning)
-            self.held[shard] = {name: t.contiguous() for name, t in tensors.items()}
+            self.held[shard] = {name: HeldRows(t.contiguous()) for name, t in tensors.items()}
 
     def open(self) -> dict[str, ShardedTable]:
-        """Every shard, memory-mapped (all must be whole: :meth:`fill` first)."""
+        """Every table, its shards read as they are asked for (all must be whole: :meth:`fill` first)."""
         parts: dict[str, list] = {}
         for s in range(self.num_shards):
             if s in self.held:
@@ -247,30 +288,20 @@ def raise_first(failures: list[tuple[int, str, str, list | None]]) -> None:
     raise (DatasetError if kind in ("UnreadableImages", "DatasetError") else PogdiffError)(message)
 
 
-def _open(path: Path) -> tuple[dict, dict[str, MappedArray]]:
-    """A safetensors file's header and its tensors, to be mapped when read."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        start = file.read(8)
-        if len(start) < 8:
-            raise ValueError("too short for a safetensors header")
-        (header_size,) = struct.unpack("<Q", start)
-        if header_size > size - 8:
-            raise ValueError("its header is cut short")
-        try:
-            header = json.loads(file.read(header_size))
-        except (UnicodeDecodeError, ValueError):
-            raise ValueError("its header is damaged") from None
-    base = 8 + header_size
-    arrays = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = np.dtype(_DTYPES[entry["dtype"]]), tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"tensor {name!r} has a damaged header entry") from None
-        if base + end > size or end - begin != dtype.itemsize * math.prod(shape):
-            raise ValueError(f"{size} bytes, cut short")
-        arrays[name] = MappedArray(path, dtype, shape, base + begin)
-    return header, arrays
+def _open(path: Path) -> tuple[dict[str, str], dict[str, MappedArray]]:
+    """A safetensors file's metadata and its tensors, to be read by row.
+
+    ``safe_open`` reads and checks the header: it refuses a file whose tensors do not lie back to back, in
+    offset order, up to its last byte. So each tensor's bytes start where the bytes of those after it, back
+    from the end of the file, begin.
+    """
+    with safe_open(path, "np") as file:
+        metadata = file.metadata() or {}
+        tensors = {name: file.get_slice(name) for name in file.offset_keys()}
+        # an empty slice's dtype: safetensors' own map from its dtype names
+        layout = {name: (tuple(t.get_shape()), t[:0].dtype) for name, t in tensors.items()}
+    arrays, end = {}, path.stat().st_size
+    for name, (shape, dtype) in reversed(layout.items()):
+        end -= math.prod(shape) * dtype.itemsize
+        arrays[name] = MappedArray(path, dtype, shape, end)
+    return metadata, arrays

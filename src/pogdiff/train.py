@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import math
 import os
-import pickle
 import platform
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,130 +33,32 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pogdiff.backbone import PixelBackbone, StableDiffusionBackbone
-from pogdiff.cache import check_cache_dir, default_cache_dir
+from pogdiff.cache import cache_folder, check_cache_dir
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, load_dataset
 from pogdiff.encoded_dataset import EncodedDataset, encode_for_training
-from pogdiff.errors import DatasetError, Interrupted, PogdiffError, PogdiffWarning, first_line
-from pogdiff.files import apply_umask_to_tree, incomplete, remove_quietly, sha256, write_errors_as_os_errors
+from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
+from pogdiff.files import apply_umask_to_tree, sha256
 from pogdiff.images import save_grid
-from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch, options_in_effect
+from pogdiff.loss_tables import check_neighbours_fit, loss_tables, neighbour_space
+from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch, neighbour_request, options_in_effect
 from pogdiff.neighbour_features import UNET_SPACE
-from pogdiff.options import check_values
-from pogdiff.ownership import MARK_FILE, claimed, entries, is_marked, refuse_if_in_use
+from pogdiff.neighbours import NeighbourRequest
+from pogdiff.options import DEFAULT_MAX_TRAIN_STEPS, RESUMABLE_CHANGES, TrainConfig, check_sampler, check_values
+from pogdiff.ownership import entries
 from pogdiff.row_log import RowLog
-from pogdiff.row_sampler import SAMPLERS, RowSchedule, row_weights
-from pogdiff.run_folder import (CHECKPOINT_PREFIX, CHECKPOINT_RECORD, PSI_FILE, RUN_FILE, changed_checkpoint_file,
-                                checkpoint_step, checkpoints, is_run_entry, latest_checkpoint, read_checkpoint_record,
-                                save_psi, write_checkpoint_record, write_run_info)
+from pogdiff.row_sampler import RowSchedule, row_weights
+from pogdiff.run_folder import (PSI_FILE, RunFolder, checkpoint_step, checkpoint_trained_weights_only, is_run_entry,
+                                load_checkpoint, reported_write_errors, save_checkpoint, save_psi, write_run_info)
 from pogdiff.sampling import generate
-from pogdiff.shards import ShardedTable
 from pogdiff.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, loading_shipped, shipped_backbone_dir
 
-TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
-
-
-@dataclass
-class TrainConfig:
-    """Training options, named and meant as in diffusers' ``train_text_to_image.py``.
-
-    ``None`` defaults depend on the backbone: the small CPU one (``pretrained=None``) or a
-    diffusers checkpoint. ``PAPER_PRESETS`` hold Sec. 4.1's settings.
-    """
-
-    data_dir: str
-    output_dir: str
-    method: str = "pogdiff"
-    seed: int = 0
-    # backbone: a diffusers Stable Diffusion checkpoint (folder or hub id), else the small pixel model
-    # (the shipped pretrained one, or random weights with from_scratch)
-    pretrained: str | None = None
-    lora_rank: int | None = None
-    lora_alpha: float | None = None  # None: the rank (scale 1), as train_text_to_image_lora.py
-    lora_target_modules: tuple[str, ...] | None = None  # None: the attention projections (StableDiffusionBackbone)
-    prediction_type: str | None = None  # None: the checkpoint scheduler's (epsilon or v_prediction)
-    # data: the folder data_dir, or a Hugging Face `datasets` folder (dataset_name, pogdiff.data.hf_datasets)
-    dataset_name: str | None = None
-    resolution: int | None = None  # the backbone's own: 32 small, 512 for SD v1.5
-    center_crop: bool = True
-    random_flip: bool = False
-    caption_column: str = "text"
-    identity_column: str = "identity"
-    image_column: str = "file_name"
-    caption_dropout: float = 0.1
-    dataloader_num_workers: int | None = None  # processes decoding images while encoding (0: the main process;
-    # None: the CPUs per local process, at most 8: pogdiff.data.image_files.decode_workers)
-    # optimisation
-    train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int | None = None  # None: num_train_epochs' worth, else DEFAULT_MAX_TRAIN_STEPS
-    num_train_epochs: int | None = None
-    learning_rate: float | None = None  # 1e-3 small, 1e-5 full SD (Sec. 4.1), 1e-4 LoRA
-    scale_lr: bool = False  # learning_rate x gradient accumulation x batch x processes, as diffusers' --scale_lr
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    adam_weight_decay: float = 1e-2
-    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit
-    max_grad_norm: float = 1.0
-    noise_offset: float = 0.0
-    mixed_precision: str | None = None  # None: accelerate's (accelerate launch --mixed_precision, accelerate config)
-    allow_tf32: bool = False
-    gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the UNet (accelerate's dynamo plugin; CUDA graphs on a GPU)
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    snr_gamma: float | None = None
-    # method: its loss's constructor options (pogdiff.losses), and the row sampler (pogdiff.row_sampler)
-    method_options: dict = field(default_factory=dict)
-    sampler: str | None = None  # None: the method's own (balanced for resample, uniform otherwise)
-    density_max_ratio: float = 10.0  # balanced sampler without identities: clip of the inverse text density
-    vae_latent_dim: int = 8
-    # small backbone
-    from_scratch: bool = False  # else the shipped pretrained one (pogdiff.shipped)
-    text_max_length: int = 24  # from scratch only: the shipped backbone has its own
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    # bookkeeping
-    checkpointing_steps: int | None = None
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    validation_prompts: list[str] | None = None
-    validation_steps: int = 500
-    num_validation_images: int = 4
-    overwrite: bool = False
-    report_to: str | None = None
-    logging_dir: str = "logs"  # under output_dir
-    tracker_project_name: str = "pogdiff"
-    ddp_timeout: int = 6 * 3600  # seconds a process waits for the others (e.g. while one builds the neighbours)
-    cache_dir: str | None = None
-    progress: bool = True
-    log_rows: bool = False  # write rows-rank<R>.jsonl (see pogdiff.row_log)
-
-
-# Sec. 4.1: lr 1e-5; large sets 12,000 steps at 8 x 4; small/medium 6,000 steps at 8 x 1.
-PAPER_PRESETS = {
-    "paper-large": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 4,
-                    "max_train_steps": 12000},
-    "paper-small": {"learning_rate": 1e-5, "train_batch_size": 8, "gradient_accumulation_steps": 1,
-                    "max_train_steps": 6000},
-}
-
-
-DEFAULT_MAX_TRAIN_STEPS = 500
 LOSS_EVERY = 10  # steps between reading the loss back (a host synchronisation) for the bar, the log and NaN
 HELD_MAX_BYTES = 4 * 2**30  # the small backbone's tables are held on the device up to this size
 READ_AHEAD = 1  # micro-steps read on a background thread while the current one trains (0: read in the loop)
 TRACKER_EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # module, extra
-
-
-def config_fields() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
 
 
 def train(config: TrainConfig) -> Path:
@@ -178,12 +77,12 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     out = check_output_dir(config)
     started_with = options_to_keep(config)  # what a resumed run must be given again (each checkpoint records it)
     if config.resume_from_checkpoint:
-        check_resume(resume_checkpoint(config), started_with, config)
+        output_folder(config).check_resume(started_with, config.max_train_steps)
     accelerator = make_accelerator(config, out)
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     global_batch = config.train_batch_size * accelerator.num_processes
     check_batch_fits(dataset, global_batch, config)
-    METHODS[config.method].check_dataset(dataset, **config.method_options)
+    check_neighbours_fit(dataset, neighbours_of(config))
     config = replace(config, max_train_steps=train_steps(config, len(dataset), global_batch))
 
     # Model: the same initial weights (or LoRA adapters) on every rank and for every method.
@@ -198,8 +97,7 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     encoded = encoded.to(accelerator.device)
     if backbone.kind == PixelBackbone.kind:  # small tables: held on the device, nothing copied per step
         x0_tables, encoded = held_on(accelerator.device, x0_tables, encoded)
-    with accelerator.local_main_process_first():
-        loss_fn = make_loss(config, backbone, encoded)  # PoGDiff's neighbour table (Eq. 8) is read here
+    loss_fn = make_loss(config, backbone, encoded)
     sampling_weights = row_weights(sampler_of(config), encoded, config.density_max_ratio)
     psi_per_row = loss_fn.psi_per_row()
 
@@ -209,11 +107,11 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     accelerator.wait_for_everyone()
     row_log = None
     if config.log_rows:
-        row_log = RowLog(out, accelerator.process_index, encoded, loss_fn.neighbours,
+        row_log = RowLog(out, accelerator.process_index, encoded, loss_fn.tables.neighbours,
                          None if psi_per_row is None else psi_per_row["psi"])
     if accelerator.is_main_process and psi_per_row is not None:
         with reported_write_errors(out / PSI_FILE, out):
-            save_psi(out, psi_per_row, few_rows(dataset), loss_fn.neighbour_space())
+            save_psi(out, psi_per_row, few_rows(dataset), neighbour_space(encoded, neighbours_of(config)))
 
     # Optimizer: the whole UNet, or its LoRA adapters.
     unet = backbone.unet.train()
@@ -240,7 +138,7 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     set_seed(config.seed, device_specific=True)
     global_step = 0
     if config.resume_from_checkpoint:
-        checkpoint = resume_checkpoint(config)
+        checkpoint = output_folder(config).checkpoint_to_resume()
         load_checkpoint(accelerator, checkpoint)
         if ema is not None:
             ema.to(accelerator.device)  # accelerate loads custom states onto the CPU
@@ -325,7 +223,7 @@ def encode(config: TrainConfig) -> EncodedDataset:
     config = with_dataset_folder(config)
     accelerator = make_accelerator(config)
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
-    METHODS[config.method].check_dataset(dataset, **config.method_options)
+    check_neighbours_fit(dataset, neighbours_of(config))
     backbone = make_backbone(config)
     config = replace(config, resolution=config.resolution or backbone.resolution)
     encoded, _ = encode_for_training(dataset, backbone, config, accelerator.device, accelerator.mixed_precision,
@@ -372,8 +270,8 @@ def check_options(config: TrainConfig) -> None:
     if not (config.from_scratch or config.pretrained) and config.resolution not in (None, SHIPPED_RESOLUTION):
         raise PogdiffError(f"--resolution {config.resolution}: the shipped pretrained backbone draws "
                            f"{SHIPPED_RESOLUTION}x{SHIPPED_RESOLUTION} images; drop --resolution or add --from-scratch")
-    if config.sampler is not None and config.sampler not in SAMPLERS:
-        raise PogdiffError(f"unknown sampler {config.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if config.sampler is not None:
+        check_sampler(config.sampler)
     implied = METHODS[config.method].SAMPLER
     if config.sampler not in (None, implied) and implied != "uniform":
         raise PogdiffError(f"--method {config.method} implies --sampler {implied}; drop --sampler {config.sampler} "
@@ -381,8 +279,7 @@ def check_options(config: TrainConfig) -> None:
     if config.density_max_ratio != TrainConfig.density_max_ratio and sampler_of(config) != "balanced":
         raise PogdiffError("--density-max-ratio applies to the balanced sampler; drop it or pass --sampler balanced")
     check_values({**asdict(config), **config.method_options})
-    if config.from_scratch and (
-            options_in_effect(config.method, config.method_options).get("neighbour_features") == UNET_SPACE):
+    if config.from_scratch and (neighbours := neighbours_of(config)) and neighbours.space == UNET_SPACE:
         warnings.warn("--from-scratch with neighbours in the unet space: a randomly initialised UNet tells people "
                       "apart poorly (docs/pogdiff-options.md); pass --neighbour-features efficientnet-lite0",
                       PogdiffWarning, stacklevel=2)
@@ -418,112 +315,21 @@ def sampler_of(config: TrainConfig) -> str:
     return config.sampler or METHODS[config.method].SAMPLER
 
 
+def output_folder(config: TrainConfig) -> RunFolder:
+    """The run folder ``config`` writes, in plain values: the dataset and the cache must not lie in it."""
+    return RunFolder(Path(config.output_dir), data_dir=config.data_dir,
+                     inputs=(("the dataset", config.data_dir), ("--cache-dir", cache_folder(config.cache_dir))),
+                     overwrite=config.overwrite, resume=config.resume_from_checkpoint, logging_dir=config.logging_dir)
+
+
 def check_output_dir(config: TrainConfig) -> Path:
-    """Refuse to mix two runs in one folder (resume, overwrite, or pick another), to replace a folder that
-    pogdiff did not create, to write into a folder another process writes into, or where we cannot write.
-
-    Writes nothing: called before any work, so a bad folder costs seconds, not a run.
-    """
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise PogdiffError(f"{out}: --output-dir is a file; choose a folder")
-    check_inputs_outside(out, config)
-    check_folder_state(out, config)
-    refuse_if_in_use(out)
-    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        why = "is a file" if not parent.is_dir() else "is not writable"
-        raise PogdiffError(f"{out}: cannot create the output folder ({parent} {why}); choose another --output-dir")
-    return out
+    """Check --output-dir, writing nothing (:meth:`RunFolder.check`)."""
+    return output_folder(config).check()
 
 
-def check_inputs_outside(out: Path, config: TrainConfig) -> None:
-    """The dataset and the cache must not live in the run folder (--overwrite would delete them), nor the run
-    folder in the dataset (its files would mix with the dataset's)."""
-    for what, folder in (("the dataset", config.data_dir), ("--cache-dir", config.cache_dir or default_cache_dir())):
-        if Path(folder).resolve().is_relative_to(out.resolve()):
-            raise PogdiffError(f"{folder}: {what} is inside --output-dir {out}, where --overwrite or a new run "
-                               "would mix with it; choose an --output-dir outside it")
-    if out.resolve().is_relative_to(Path(config.data_dir).resolve()):
-        raise PogdiffError(f"{out}: --output-dir is inside the dataset {config.data_dir}, whose folder should hold "
-                           "only its images and metadata; choose an --output-dir outside it")
-
-
-def check_folder_state(out: Path, config: TrainConfig) -> None:
-    """What the folder holds against what was asked: a new run needs a new or empty folder, or pogdiff's own
-    run with --overwrite; --resume-from-checkpoint needs a whole checkpoint of pogdiff's own run."""
-    if config.resume_from_checkpoint:
-        resume_checkpoint(config)
-        return
-    if not entries(out):
-        return
-    if not is_marked(out):
-        raise PogdiffError(f"{out}: output folder is not empty and pogdiff did not create it, so neither --overwrite "
-                           "nor --resume-from-checkpoint touch it; choose another --output-dir")
-    if config.overwrite:
-        return
-    if (out / RUN_FILE).is_file():
-        raise PogdiffError(f"{out}: output folder already holds a run; pass --overwrite to replace it, "
-                           "or choose another --output-dir")
-    raise PogdiffError(f"{out}: output folder holds an unfinished run; {how_to_continue(out)}, "
-                       "or choose another --output-dir")
-
-
-def how_to_continue(out: Path) -> str:
-    """The fix for an unfinished run: resume from its last checkpoint, or start it afresh."""
-    last = latest_checkpoint(out)
-    if last is None:
-        return "start the run afresh with --overwrite (no checkpoint was saved)"
-    return f"continue from {last.name} with --resume-from-checkpoint latest, or start afresh with --overwrite"
-
-
-def resume_checkpoint(config: TrainConfig) -> Path:
-    """The checkpoint --resume-from-checkpoint names ('latest': the newest finished one), a whole checkpoint
-    of the pogdiff run in --output-dir."""
-    out, wanted = Path(config.output_dir), config.resume_from_checkpoint
-    if not is_marked(out):
-        found = checkpoints(out) if out.is_dir() else []
-        if found:
-            raise PogdiffError(f"{out}: holds {', '.join(c.name for c in found[:3])}{', ...' if len(found) > 3 else ''} "
-                               f"but no {MARK_FILE} (copied without its hidden files?), so pogdiff does not resume "
-                               f"into it; copy the whole run folder (cp -a RUN/. {out}/) or resume the original")
-        raise PogdiffError(f"{out}: no checkpoint to resume from ({wanted}): not a pogdiff run folder; "
-                           "drop --resume-from-checkpoint to start afresh, or pass the --output-dir of the run")
-    saved = checkpoints(out)
-    if not saved:
-        raise PogdiffError(f"{out}: no checkpoint to resume from: the run saved none; start it afresh with --overwrite")
-    if wanted == "latest":
-        checkpoint = saved[-1]
-    else:
-        path = out / wanted if len(Path(wanted).parts) == 1 else Path(wanted)
-        checkpoint = next((c for c in saved if c.resolve() == path.resolve()), None)
-        if checkpoint is None:
-            raise PogdiffError(f"{wanted}: not a checkpoint of the run in {out}; pass latest or one of "
-                               f"{', '.join(c.name for c in saved)}")
-    damage = checkpoint_damage(checkpoint)
-    if damage:
-        raise PogdiffError(f"{checkpoint}: {damage}; {restart_from_before(checkpoint)}")
-    return checkpoint
-
-
-def checkpoint_damage(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be loaded (its weights missing, or a file cut short), None when it looks whole.
-    Reads headers only: the folder's state is checked several times (:func:`check_resume` reads the bytes once)."""
-    if not (checkpoint / TRAINED_WEIGHTS_FILE).is_file():
-        return f"no {TRAINED_WEIGHTS_FILE}"
-    for file in sorted(p for p in checkpoint.iterdir() if p.is_file()):
-        reason = incomplete(file)
-        if reason:
-            return f"{file.name} is damaged ({reason})"
-    return None
-
-
-# Options a resumed run may change: how long it runs, what it logs and saves, where it caches.
-RESUMABLE_CHANGES = {"output_dir", "data_dir", "max_train_steps", "num_train_epochs", "checkpointing_steps",
-                     "checkpoints_total_limit", "resume_from_checkpoint", "validation_prompts", "validation_steps",
-                     "num_validation_images", "overwrite", "report_to", "logging_dir", "tracker_project_name",
-                     "ddp_timeout", "cache_dir", "progress", "log_rows", "dataloader_num_workers", "mixed_precision",
-                     "allow_tf32"}
+def claimed_output_dir(config: TrainConfig) -> contextlib.AbstractContextManager[Path]:
+    """Create and claim --output-dir for the block (:meth:`RunFolder.claimed`)."""
+    return output_folder(config).claimed()
 
 
 def options_to_keep(config: TrainConfig) -> dict:
@@ -531,38 +337,6 @@ def options_to_keep(config: TrainConfig) -> dict:
     options = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
     metadata = Path(config.data_dir) / METADATA_FILE
     return {**options, "data": sha256(metadata) if metadata.is_file() else None}
-
-
-def check_resume(checkpoint: Path, given: dict, config: TrainConfig) -> None:
-    """Refuse, before any work, a resume from a checkpoint whose bytes changed since it was saved, whose run was
-    started with other options or data, or that is past --max-train-steps."""
-    changed = changed_checkpoint_file(checkpoint)
-    if changed:
-        raise PogdiffError(f"{checkpoint}: {changed} is damaged (missing, or its bytes differ from the sha256 in "
-                           f"{CHECKPOINT_RECORD}); {restart_from_before(checkpoint)}")
-    record = read_checkpoint_record(checkpoint)
-    if record is not None:
-        started = json.loads(json.dumps(record["options"]))
-        now = json.loads(json.dumps(given, default=str))
-        differ = [k for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k)]
-        if differ:
-            shown = ", ".join("the dataset's metadata.jsonl" if k == "data" else
-                              f"{k} (run: {started.get(k)!r}, now: {now.get(k)!r})" for k in differ[:3])
-            raise PogdiffError(f"{checkpoint}: the run was started with other options or data: {shown}"
-                               f"{' and more' if len(differ) > 3 else ''}; resume with the run's own options, or "
-                               "start a new run in another --output-dir")
-    if config.max_train_steps is not None and config.max_train_steps < checkpoint_step(checkpoint):
-        raise PogdiffError(f"{checkpoint}: already past --max-train-steps {config.max_train_steps}; pass a larger "
-                           f"--max-train-steps, or resume from an earlier checkpoint")
-
-
-def restart_from_before(checkpoint: Path) -> str:
-    """The fix for a damaged checkpoint: the one saved before it, or a fresh run."""
-    earlier = [c for c in checkpoints(checkpoint.parent) if checkpoint_step(c) < checkpoint_step(checkpoint)]
-    fresh = "start the run afresh with --overwrite"
-    if not earlier:
-        return fresh
-    return f"resume from the one before with --resume-from-checkpoint {earlier[-1].name}, or {fresh}"
 
 
 def train_steps(config: TrainConfig, num_rows: int, global_batch: int) -> int:
@@ -607,49 +381,17 @@ def learning_rate(config: TrainConfig, backbone, global_batch: int) -> float:
     return rate * config.gradient_accumulation_steps * global_batch if config.scale_lr else rate
 
 
-def neighbours_of(config: TrainConfig) -> tuple[str, int] | None:
+def neighbours_of(config: TrainConfig) -> NeighbourRequest | None:
     """The feature space and k of Eq. 8's neighbours when the method draws them (PoGDiff), else None."""
-    options = options_in_effect(config.method, config.method_options)
-    return (options["neighbour_features"], options["k"]) if "neighbour_features" in options else None
+    return neighbour_request(config.method, config.method_options)
 
 
 def make_loss(config: TrainConfig, backbone, encoded: EncodedDataset) -> DiffusionLoss:
-    """The method's loss with its options (``config.method_options``); PoGDiff finds its neighbours here."""
-    return METHODS[config.method](backbone.scheduler, encoded, snr_gamma=config.snr_gamma,
-                                  noise_offset=config.noise_offset, **config.method_options)
-
-
-# --- run folder ---
-
-@contextlib.contextmanager
-def claimed_output_dir(config: TrainConfig) -> Iterator[Path]:
-    """Create the output folder, claim it (mark and lock it, :mod:`pogdiff.ownership`), check it again under
-    the lock, and empty it for --overwrite; the claim lasts for the block.
-
-    A Ctrl-C inside the block becomes a one-line error that says how to continue the run.
-    """
-    out = check_output_dir(config)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise PogdiffError(f"{out}: cannot write to the output folder ({error.strerror}); choose another --output-dir")
-    with claimed(out):
-        check_folder_state(out, config)  # another process may have finished a run here since the first check
-        if config.overwrite and not config.resume_from_checkpoint:
-            for entry in entries(out):  # only what train wrote: an eval/ or notes of the user's stay
-                if not is_run_entry(entry.name, config.logging_dir):
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-        try:
-            yield out
-        except KeyboardInterrupt:
-            raise Interrupted(f"{out}: interrupted; {how_to_continue(out)}") from None
+    """The method's loss with its options (``config.method_options``), on the tables it looks up by row (for
+    PoGDiff, Eq. 8's table as ``encode_for_training`` built it)."""
+    return METHODS[config.method](backbone.scheduler, loss_tables(encoded, neighbours_of(config)),
+                                  snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
+                                  **config.method_options)
 
 
 def few_rows(dataset: ImageTextDataset) -> torch.Tensor:
@@ -659,29 +401,6 @@ def few_rows(dataset: ImageTextDataset) -> torch.Tensor:
 
 
 # --- optimizer ---
-
-def checkpoint_trained_weights_only(accelerator: Accelerator) -> None:
-    """Checkpoints hold the trained parameters only (a few MB for LoRA, not the frozen UNet)."""
-
-    def save(models, weights, output_dir):
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(models[0])
-            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                      Path(output_dir) / TRAINED_WEIGHTS_FILE)
-        weights.clear()
-
-    def load(models, input_dir):
-        model = accelerator.unwrap_model(models.pop())
-        state = load_file(Path(input_dir) / TRAINED_WEIGHTS_FILE)
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(state) != expected:
-            raise PogdiffError(f"{input_dir}: this checkpoint holds other weights than this run trains "
-                               "(another --lora-rank or --pretrained?); resume with the options it was saved with")
-        model.load_state_dict(state, strict=False)
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
-
 
 def make_optimizer(config: TrainConfig, trained: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW with diffusers' options (betas, epsilon, weight decay), fused on a GPU; bitsandbytes' 8-bit AdamW
@@ -694,15 +413,6 @@ def make_optimizer(config: TrainConfig, trained: list[torch.nn.Parameter]) -> to
         adamw, fused = torch.optim.AdamW, {"fused": True} if trained[0].is_cuda else {}
     return adamw(trained, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                  eps=config.adam_epsilon, weight_decay=config.adam_weight_decay, **fused)
-
-
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
-    """Restore the training state; a file that cannot be read is a one-line error saying what to resume from."""
-    try:
-        accelerator.load_state(str(checkpoint))
-    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
-        raise PogdiffError(f"{checkpoint}: cannot load this checkpoint ({first_line(error)}); "
-                           f"{restart_from_before(checkpoint)}") from None
 
 
 def make_ema(accelerator: Accelerator, trained: list[torch.nn.Parameter], config: TrainConfig):
@@ -750,12 +460,12 @@ def describe_hardware(device: torch.device) -> str:
 # --- loop ---
 
 def held_on(device, x0_tables: list, encoded: EncodedDataset) -> tuple[list, EncodedDataset]:
-    """The x0 tables and caption states as tensors on ``device`` (when they fit HELD_MAX_BYTES): a batch is then
+    """The x0 tables and caption states held on ``device`` (when they fit HELD_MAX_BYTES): a batch is then
     gathered there, with no copy from the host and no synchronisation per step."""
     tables = [*x0_tables, encoded.caption_table]
     if sum(math.prod(t.shape) * t.dtype.itemsize for t in tables) > HELD_MAX_BYTES:
         return x0_tables, encoded
-    held = [t.to(device) if isinstance(t, torch.Tensor) else torch.cat(t.chunks()).to(device) for t in tables]
+    held = [t.held_on(device) for t in tables]
     return held[:-1], replace(encoded, caption_table=held[-1])
 
 
@@ -764,24 +474,24 @@ class BatchReads:
     """A micro-step's rows and what is read for them on the host (:func:`batch_reader`), for :func:`draw_batch`."""
 
     rows: torch.Tensor                        # this process's rows, on the CPU
-    x0: list[torch.Tensor] | None = None      # their rows of each x0 table on disk; None: tables held on the device
-    states: torch.Tensor | None = None        # their caption states from disk; None: the table is on the device
+    x0: list[torch.Tensor] | None = None      # their rows of each x0 table; None: tables held on the device
+    states: torch.Tensor | None = None        # their caption states; None: the table is held on the device
 
 
 def batch_reader(schedule: RowSchedule, x0_tables: list, encoded: EncodedDataset,
                  accelerator: Accelerator) -> Callable[[int], BatchReads]:
-    """``read(micro_step)``: this process's share of the step's rows and their values in the tables on disk,
-    pinned for an asynchronous copy on CUDA. It draws nothing from the global RNG, so it can run ahead of
-    the loop; under --random-flip both variants are read, as the flips are drawn at the step."""
+    """``read(micro_step)``: this process's share of the step's rows and their values in the tables read on the
+    host (on disk, or in memory), pinned for an asynchronous copy on CUDA. It draws nothing from the global RNG,
+    so it can run ahead of the loop; under --random-flip both variants are read, as the flips are drawn at the step.
+    Tables held on a device (:func:`held_on`) are left to :func:`draw_batch`."""
     caption_index = encoded.caption_index.cpu()
-    on_disk = not isinstance(x0_tables[0], torch.Tensor)
+    x0_on_host, states_on_host = (table.device.type == "cpu" for table in (x0_tables[0], encoded.caption_table))
     pinned = torch.Tensor.pin_memory if accelerator.device.type == "cuda" else (lambda tensor: tensor)
 
     def read(micro_step: int) -> BatchReads:
         rows = schedule[micro_step][accelerator.process_index::accelerator.num_processes]
-        x0 = [pinned(table[rows]) for table in x0_tables] if on_disk else None
-        states = pinned(encoded.caption_table[caption_index[rows]]) \
-            if isinstance(encoded.caption_table, ShardedTable) else None
+        x0 = [pinned(table[rows]) for table in x0_tables] if x0_on_host else None
+        states = pinned(encoded.caption_table[caption_index[rows]]) if states_on_host else None
         return BatchReads(pinned(rows), x0, states)
 
     return read
@@ -810,7 +520,7 @@ def read_ahead(read: Callable[[int], BatchReads], steps: range, ahead: int | Non
 def draw_batch(reads: BatchReads, backbone, x0_tables: list, encoded: EncodedDataset, config: TrainConfig,
                device) -> TrainBatch:
     """x0 of each row (of its mirror image, drawn at random under --random-flip) and its caption states,
-    the empty caption's where it is dropped for classifier-free guidance. Values read from the tables on disk
+    the empty caption's where it is dropped for classifier-free guidance. Values read on the host
     (``reads``) are copied to ``device`` without waiting; tables held there (:func:`held_on`) are indexed there."""
     non_blocking = reads.rows.is_pinned()
     rows = reads.rows.to(device, non_blocking=non_blocking)
@@ -829,55 +539,6 @@ def draw_batch(reads: BatchReads, backbone, x0_tables: list, encoded: EncodedDat
 
 
 # --- checkpoints and validation, during the loop ---
-
-def save_checkpoint(accelerator: Accelerator, out: Path, step: int, total_limit: int | None,
-                    options: dict | None = None) -> None:
-    """Save the full training state atomically: written to a temporary folder, then renamed; with ``options``
-    (the run's own, see :func:`options_to_keep`), a record of them and of each file's sha256 goes with it.
-
-    A failed write (disk full) removes the temporary folder and raises a one-line error;
-    the checkpoints saved before stay as they were.
-    """
-    accelerator.wait_for_everyone()
-    final = out / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    with reported_write_errors(final, out, cleanup=tmp if accelerator.is_main_process else None):
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            apply_umask_to_tree(tmp)
-            if options is not None:
-                write_checkpoint_record(tmp, options)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():  # resumed from an earlier checkpoint: this step's new state replaces the old one
-            old = out / f".checkpoint-{step}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        if total_limit:
-            for old in checkpoints(out)[:-total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-@contextlib.contextmanager
-def reported_write_errors(target: Path, out: Path, cleanup: Path | None = None):
-    """Turn a failed write of ``target`` (disk full, permissions) into a one-line error saying how to go on."""
-    try:
-        with write_errors_as_os_errors(target):
-            yield
-    except OSError as error:
-        if cleanup is not None:
-            remove_quietly(cleanup)
-        raise PogdiffError(f"{target}: cannot write ({error.strerror or error}); free space, then "
-                           f"{how_to_continue(out)}") from None
-
 
 def log_validation(accelerator: Accelerator, backbone, config: TrainConfig, out: Path, step: int, ema,
                    trained: list[torch.nn.Parameter]) -> None:

@@ -21,7 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pogdiff.cache import default_cache_dir
+from pogdiff.cache import cache_folder
 from pogdiff.errors import PogdiffError, first_line
 from pogdiff.files import atomic_path, safe_stem
 
@@ -54,7 +54,7 @@ def dataset_folder(name: str | Path, image_column: str = "file_name", cache_dir:
                            "dataset with datasets.load_dataset(NAME).save_to_disk(DIR) and pass DIR")
     if (folder / "metadata.jsonl").is_file():
         return folder
-    target = Path(cache_dir or default_cache_dir()) / "datasets" / \
+    target = cache_folder(cache_dir) / "datasets" / \
         f"{safe_stem(folder.resolve().name)}-{folder_key(folder, image_column)}"
     with PartialState().local_main_process_first():
         if not (target / "metadata.jsonl").is_file():

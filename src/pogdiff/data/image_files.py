@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pogdiff.cache import default_cache_dir
+from pogdiff.cache import cache_folder
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, and_more, load_image
 from pogdiff.errors import DatasetError, PogdiffWarning
 from pogdiff.files import sha256, write_text_atomic
@@ -160,7 +160,7 @@ def file_digests(dataset: ImageTextDataset, cache_dir: str | Path | None = None,
     """sha256 of each image file's bytes, in row order; remembered by (size, mtime, inode) in the cache folder."""
     from tqdm.auto import tqdm
 
-    memo_path = Path(cache_dir or default_cache_dir()) / \
+    memo_path = cache_folder(cache_dir) / \
         f"file-digests-{hashlib.sha256(str(dataset.root.resolve()).encode()).hexdigest()[:16]}.json"
     try:
         memo = json.loads(memo_path.read_text())

@@ -70,12 +70,13 @@ from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge
 from pogdiff.evaluation.report import ReportData, write_report
 from pogdiff.evaluation.results_table import all_few_table, format_value, markdown_table
 from pogdiff.evaluation.samples import batches_of, find_samples, resolution_of, write_samples
-from pogdiff.files import check_writable_folder, file_stems, remove_quietly
+from pogdiff.files import file_stems, remove_quietly
 from pogdiff.images import save_grid
 from pogdiff.neighbour_features import EFFICIENTNET_SPACE
 from pogdiff.options import check_values
+from pogdiff.ownership import EVALUATION
 from pogdiff.processes import process_state
-from pogdiff.run_folder import load_psi, load_psi_summary, read_run_info, run_label
+from pogdiff.run_folder import RunFolder, load_psi, load_psi_summary, read_run_info, run_label
 from pogdiff.shipped import resolve_run_dir
 
 PROMPT = "An image of {name}."  # App. B: the default --prompt-template
@@ -383,24 +384,14 @@ class Evaluation:
         return {**dict.fromkeys(METRIC_KEYS), "train_images": self.counts[name], "generated_images": 0}
 
 
-EVALUATION_MARK = ".pogdiff-evaluation"  # in an --out that `pogdiff evaluate` wrote: its outputs are its own
 EVALUATION_OUTPUTS = ("metrics.json", "report.html", "samples", "samples-*.png")
 
 
-def check_evaluation_folder(out_dir: Path, data_dir: Path, own_folder: bool = False) -> None:
-    """Refuse, before any work, an --out that is a file, lies in the dataset, cannot be written, or holds
-    files evaluate would replace that an earlier `pogdiff evaluate` did not write."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PogdiffError(f"{out_dir}: --out is a file; choose a folder")
-    if out_dir.resolve().is_relative_to(data_dir.resolve()):
-        raise PogdiffError(f"{out_dir}: --out is inside the dataset {data_dir}, whose folder should hold only its "
-                           "images and metadata; choose an --out outside it")
-    if out_dir.is_dir() and not own_folder and not (out_dir / EVALUATION_MARK).is_file():
-        taken = sorted(p.name for pattern in EVALUATION_OUTPUTS for p in out_dir.glob(pattern))
-        if taken:
-            raise PogdiffError(f"{out_dir / taken[0]}: already exists and `pogdiff evaluate` did not write it; "
-                               "choose another --out, or move it away")
-    check_writable_folder(out_dir, "--out")
+def evaluation_folder(out_dir: Path, data_dir: Path, own_folder: bool = False) -> RunFolder:
+    """--out, which must not lie in the dataset nor hold files evaluate would replace that an earlier
+    `pogdiff evaluate` did not write (``own_folder``: the caller's own, any file of it may be replaced)."""
+    return RunFolder(out_dir, EVALUATION, "--out", data_dir=data_dir,
+                     outputs=() if own_folder else EVALUATION_OUTPUTS)
 
 
 def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path | None, out_dir: str | Path,
@@ -427,7 +418,7 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path | None, out_d
     each ``features`` by default (:func:`pogdiff.evaluation.features.load_feature_extractor`: a name
     or an extractor object); ``identity_judge`` is one of :data:`JUDGES`. The dataset is ``data_dir``,
     or ``dataset_name`` (as ``pogdiff train --dataset-name`` reads it), with the given metadata columns.
-    ``out_dir`` is checked first (:func:`check_evaluation_folder`; ``own_folder``: the caller's own, e.g. a
+    ``out_dir`` is checked first (:func:`evaluation_folder`; ``own_folder``: the caller's own, e.g. a
     benchmark cell's). Under ``accelerate launch`` every process samples its share; the main process
     scores and returns the metrics, the others return None.
     """
@@ -443,7 +434,8 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path | None, out_d
                   "few_max_images": few_max_images, "recall_threshold": recall_threshold,
                   "max_identities": max_identities, "prompt_template": prompt_template}, command="evaluate")
     data_dir = data_folder(data_dir, dataset_name, image_column, cache_dir)
-    check_evaluation_folder(out_dir, data_dir, own_folder)
+    folder = evaluation_folder(out_dir, data_dir, own_folder)
+    folder.check()
     check_cache_dir(cache_dir)
     infos = [read_run_info(run_dir) for run_dir in run_dirs]  # a broken run fails now, before any work
     labels = unique_labels([run_label(info["config"]) for info in infos] + [folder.name for folder in samples])
@@ -463,8 +455,7 @@ def evaluate_runs(run_dirs: list[str | Path], data_dir: str | Path | None, out_d
     num_images_few = num_images_few or num_images
     samples_for = {n: num_images_few if n in evaluation.few else num_images for n in evaluation.names}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EVALUATION_MARK).touch()
+    folder.create()
     for run_dir, info, label in zip(run_dirs, infos, labels):
         warn_if_judge_shares_neighbour_space(label, info, evaluation)
         sample_run(run_dir, out_dir / "samples" / stems[label], evaluation, samples_for, state, prompt_template,
