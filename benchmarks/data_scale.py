@@ -1,7 +1,7 @@
 """Memory and time of `pogdiff encode` and one training step against the number of photos.
 
 Writes N synthetic 512 px JPEGs with an identity column (default N = 1,000 and 8,000) and a
-Stable Diffusion-shaped folder with random weights (`pogdiff.random_pipeline`: ``tiny-x8``,
+Stable Diffusion-shaped folder with random weights (`pogdiff.backbones.random_pipeline`: ``tiny-x8``,
 SD's x8 VAE downsampling, tiny channels, so that it runs on a CPU; ``--shape sd15`` for SD
 v1.5's sizes on a GPU), then for each N runs, each in a fresh process:
 
@@ -93,7 +93,7 @@ def main() -> None:
                         "data-scale; the photos are kept there between runs)")
     args = parser.parse_args()
 
-    from pogdiff.random_pipeline import write_random_pipeline
+    from pogdiff.backbones.random_pipeline import write_random_pipeline
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from pogdiff.data.dataset import load_dataset, load_image
 from pogdiff.data.image_files import ImageFiles, decode_workers
-from pogdiff.train import TrainConfig
+from pogdiff.training.train import TrainConfig
 
 TARGET = 0.35
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from pogdiff.data.synth import write_dataset
-from pogdiff.losses import METHODS
-from pogdiff.train import TrainConfig, train
+from pogdiff.objectives.losses import METHODS
+from pogdiff.training.train import TrainConfig, train
 
 
 def timed_train(data: Path, out: Path, method: str, steps: int, batch: int, cache: Path) -> float:

@@ -35,12 +35,12 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from pogdiff.comparison import (BASELINE, PAIRED_METRICS, Budget, cell_path, format_interval, paired_difference,
+from pogdiff.compare.comparison import (BASELINE, PAIRED_METRICS, Budget, cell_path, format_interval, paired_difference,
                                 parse_method, run_benchmark, summarise_finished)
 from pogdiff.data.synth import write_dataset
 from pogdiff.evaluation.results_table import markdown_table
 from pogdiff.files import atomic_path
-from pogdiff.losses import method_parameters
+from pogdiff.objectives.losses import method_parameters
 
 OLD_DEFAULTS = "pogdiff:k=10,a2=1,psi_txt_max_ratio=10,neighbour_features=efficientnet-lite0"
 ROWS = (BASELINE, "cbdm", "t2h", "resample", "pogdiff", "pogdiff+balanced", OLD_DEFAULTS)

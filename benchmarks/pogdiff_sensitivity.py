@@ -40,7 +40,7 @@ from statistics import fmean
 
 from matplotlib.figure import Figure
 
-from pogdiff.comparison import BASELINE, format_interval, parse_method, run_benchmark, summarise_finished
+from pogdiff.compare.comparison import BASELINE, format_interval, parse_method, run_benchmark, summarise_finished
 from pogdiff.data.synth import write_dataset
 from pogdiff.files import atomic_path
 

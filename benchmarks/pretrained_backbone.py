@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pogdiff.backbone import load_backbone
+from pogdiff.backbones.backbone import load_backbone
 from pogdiff.data.synth import BACKGROUNDS, GLASSES, HAIR_COLOURS, draw_portrait, random_look, random_traits
 from pogdiff.evaluation.features import load_feature_extractor
 from pogdiff.evaluation.identity import _SmallCNN
 from pogdiff.evaluation.metrics import frechet_distance
-from pogdiff.shipped import SHIPPED_NAME
-from pogdiff.sampling import generate
+from pogdiff.backbones.shipped import SHIPPED_NAME
+from pogdiff.backbones.sampling import generate
 
 TRAITS = {  # trait -> (values, prompt); values index the classifier's head for the trait
     "hair_colour": (tuple(HAIR_COLOURS), "An image of a person with {} hair."),

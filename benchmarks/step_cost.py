@@ -1,6 +1,6 @@
 """What a PoGDiff training step costs against a vanilla one: time and peak-memory ratios.
 
-A step is what ``pogdiff train`` runs per batch: the method's loss from ``pogdiff.losses``
+A step is what ``pogdiff train`` runs per batch: the method's loss from ``pogdiff.objectives.losses``
 (PoGDiff adds a forward pass under the neighbour's caption, without autograd), backward,
 AdamW. Both methods see the same latents, captions and neighbour tables (random).
 
@@ -29,10 +29,10 @@ import time
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from pogdiff.loss_tables import loss_tables
-from pogdiff.losses import METHODS, TrainBatch, neighbour_request
-from pogdiff.neighbours import find_neighbours
-from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.encode.loss_tables import loss_tables
+from pogdiff.objectives.losses import METHODS, TrainBatch, neighbour_request
+from pogdiff.encode.neighbours import find_neighbours
+from pogdiff.encode.encoded_dataset import EncodedDataset
 
 TARGETS = {"cpu": 1.40, "cuda": 1.35}
 ROWS = 64  # dataset rows the batches are drawn from
@@ -62,7 +62,7 @@ class RandomNeighbours:
 
 
 class Bench:
-    """One method's training step on random data, as in pogdiff.train."""
+    """One method's training step on random data, as in pogdiff.training.train."""
 
     def __init__(self, method: str, device: str, autocast_dtype: torch.dtype | None = None, batch: int = 8):
         make_unet, size, tokens, dim = SETTINGS["cuda" if device == "cuda" else "cpu"]

@@ -1,6 +1,6 @@
 """Host milliseconds per training step spent choosing and reading a batch's rows, at 100k and 1M rows.
 
-What the training loop's background thread runs each micro-step (``pogdiff.train.batch_reader``): the row
+What the training loop's background thread runs each micro-step (``pogdiff.training.train.batch_reader``): the row
 sampler's draw (``RowSchedule``, uniform or balanced) and the reads of the batch's rows from the cache's
 shards (x0 and caption states), no model. The shards are synthetic and shaped as Stable Diffusion v1.5's at
 512 px (latent mean and log-variance 8x64x64, caption states 77x768, float16, 1,024 rows a shard); one shard
@@ -27,10 +27,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from pogdiff.encoded_dataset import EncodedDataset
-from pogdiff.row_sampler import RowSchedule, batch_rows, identity_balanced_weights
-from pogdiff.shards import DEFAULT_SHARD_ROWS, ShardedCache, ShardedTable
-from pogdiff.train import batch_reader
+from pogdiff.encode.encoded_dataset import EncodedDataset
+from pogdiff.training.row_sampler import RowSchedule, batch_rows, identity_balanced_weights
+from pogdiff.encode.shards import DEFAULT_SHARD_ROWS, ShardedCache, ShardedTable
+from pogdiff.training.train import batch_reader
 
 TARGET_MS = 1.0
 LATENT, STATES = (8, 64, 64), (77, 768)

@@ -27,7 +27,7 @@ def training_loss(backbone, images, tables):
     """Vanilla loss of a backbone on every training image, 8 fixed noise draws each (the global RNG is left alone)."""
     import torch
 
-    from pogdiff.losses import TrainBatch, VanillaLoss
+    from pogdiff.objectives.losses import TrainBatch, VanillaLoss
 
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)

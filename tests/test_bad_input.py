@@ -23,10 +23,10 @@ from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset, load_image
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
 from pogdiff.files import file_stems
-from pogdiff.pretrained import check_pipeline_files
-from pogdiff.psi import image_similarity_weight, inverse_text_density_weight
-from pogdiff.ownership import MARK_FILE, entries
-from pogdiff.train import TrainConfig, check_output_dir, claimed_output_dir
+from pogdiff.backbones.pretrained import check_pipeline_files
+from pogdiff.objectives.psi import image_similarity_weight, inverse_text_density_weight
+from pogdiff.training.ownership import MARK_FILE, entries
+from pogdiff.training.train import TrainConfig, check_output_dir, claimed_output_dir
 
 
 @pytest.fixture(scope="module")
@@ -419,8 +419,8 @@ def test_option_values_out_of_range_are_refused_when_parsed(case, allowed, toy_d
 
 
 def test_python_callers_get_the_same_checks(toy_data, tmp_path):
-    from pogdiff.comparison import parse_method
-    from pogdiff.train import train
+    from pogdiff.compare.comparison import parse_method
+    from pogdiff.training.train import train
 
     with pytest.raises(PogdiffError, match=r"--train-batch-size: 0 is out of range; pass an integer >= 1"):
         train(TrainConfig(str(toy_data), str(tmp_path / "run"), train_batch_size=0))
@@ -553,7 +553,7 @@ def test_output_folder_under_a_file(tmp_path, toy_data, capsys):
 def test_unwritable_output_folder(tmp_path, toy_data, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
-    monkeypatch.setattr("pogdiff.train.os.access", lambda path, mode: False)  # root may write anywhere
+    monkeypatch.setattr("pogdiff.training.train.os.access", lambda path, mode: False)  # root may write anywhere
     with pytest.raises(PogdiffError, match="locked is not writable.*choose another --output-dir"):
         check_output_dir(TrainConfig(str(toy_data), str(locked / "run")))
     assert list(locked.iterdir()) == []

@@ -7,15 +7,15 @@ import torch
 from diffusers import DDPMScheduler
 from test_losses import TinyDenoiser, make_batch, make_tables
 
-from pogdiff.backbone import load_backbone
+from pogdiff.backbones.backbone import load_backbone
 from pogdiff.cli import build_parser, main
-from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.encode.encoded_dataset import EncodedDataset
 from pogdiff.errors import PogdiffError
-from pogdiff.loss_tables import loss_tables
-from pogdiff.losses import METHODS, CBDMLoss, T2HLoss, TrainBatch, method_parameters
-from pogdiff.run_folder import run_label
-from pogdiff.shipped import SHIPPED_NAME
-from pogdiff.train import TrainConfig, train
+from pogdiff.encode.loss_tables import loss_tables
+from pogdiff.objectives.losses import METHODS, CBDMLoss, T2HLoss, TrainBatch, method_parameters
+from pogdiff.training.run_folder import run_label
+from pogdiff.backbones.shipped import SHIPPED_NAME
+from pogdiff.training.train import TrainConfig, train
 
 
 def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():

@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-import pogdiff.comparison as benchmark
-from pogdiff.comparison import Budget, MethodSpec, aggregate, mean_interval, paired_difference, parse_method
+import pogdiff.compare.comparison as benchmark
+from pogdiff.compare.comparison import Budget, MethodSpec, aggregate, mean_interval, paired_difference, parse_method
 from pogdiff.cli import main
 from pogdiff.errors import PogdiffError
-from pogdiff.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
+from pogdiff.backbones.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
 
 T_975_2DF = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (printed tables: 4.303)
 T_975_1DF = 12.706204736174698  # the same, 1 degree of freedom (printed tables: 12.706)

@@ -12,7 +12,7 @@ import pytest
 from conftest import write_toy_dataset
 
 from pogdiff.cli import main
-from pogdiff.random_pipeline import write_random_pipeline
+from pogdiff.backbones.random_pipeline import write_random_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 import math
 
 from pogdiff.cli import main
-from pogdiff.ownership import MARK_FILE
+from pogdiff.training.ownership import MARK_FILE
 
 
 def run_cli(capsys, *argv):

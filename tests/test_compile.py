@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pogdiff import train as train_module
-from pogdiff.train import TrainConfig, train
+from pogdiff.training import train as train_module
+from pogdiff.training.train import TrainConfig, train
 
 
 def weights(run):

@@ -7,7 +7,7 @@ import pytest
 from conftest import write_toy_dataset
 
 from pogdiff.cli import main
-from pogdiff.random_pipeline import write_random_pipeline
+from pogdiff.backbones.random_pipeline import write_random_pipeline
 
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 

@@ -16,14 +16,14 @@ from PIL import Image
 from test_scale import SRC, free_port
 from test_stable_diffusion import sd_data, tiny_sd  # noqa: F401 (fixtures)
 
-from pogdiff import shards as shards_module
-from pogdiff.backbone import PixelBackbone, StableDiffusionBackbone
+from pogdiff.encode import shards as shards_module
+from pogdiff.backbones.backbone import PixelBackbone, StableDiffusionBackbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.data.image_files import ImageFiles, file_digests
-from pogdiff.encoded_dataset import encode_dataset, training_latents
-from pogdiff.shards import ShardedCache, ShardedTable
-from pogdiff.text_density import fit_text_density
+from pogdiff.encode.encoded_dataset import encode_dataset, training_latents
+from pogdiff.encode.shards import ShardedCache, ShardedTable
+from pogdiff.encode.text_density import fit_text_density
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ from PIL import Image
 from test_scale import SRC, free_port
 from test_stable_diffusion import sd_data, tiny_sd  # noqa: F401 (fixtures)
 
-from pogdiff.backbone import load_backbone
+from pogdiff.backbones.backbone import load_backbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.evaluation.evaluate import identity_order
 from pogdiff.evaluation.features import FeatureSpaces
-from pogdiff.sampling import sample_rows
+from pogdiff.backbones.sampling import sample_rows
 
 STEPS = ["--num-inference-steps", 2]
 

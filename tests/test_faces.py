@@ -14,10 +14,10 @@ from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.evaluate import Evaluation
 from pogdiff.errors import PogdiffWarning
 from pogdiff.evaluation.faces import FaceJudge
-from pogdiff.face_descriptor import FaceDescriptor
+from pogdiff.encode.face_descriptor import FaceDescriptor
 from pogdiff.images import to_pil
-from pogdiff.neighbour_features import neighbour_feature_space
-from pogdiff.neighbours import similarity_by_identity
+from pogdiff.encode.neighbour_features import neighbour_feature_space
+from pogdiff.encode.neighbours import similarity_by_identity
 
 pytest.importorskip("dlib")
 NAMES = ("Lukas", "Emma", "Noah")

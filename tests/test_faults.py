@@ -20,20 +20,20 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pogdiff import cache as cache_module
-from pogdiff import encoded_dataset as encoded_dataset_module
-from pogdiff import shards as shards_module
+from pogdiff.encode import cache as cache_module
+from pogdiff.encode import encoded_dataset as encoded_dataset_module
+from pogdiff.encode import shards as shards_module
 from pogdiff.data.image_files import ImageFiles
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
-from pogdiff.encoders import TextEmbeddings
+from pogdiff.encode.encoders import TextEmbeddings
 from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.files import incomplete
-from pogdiff.cache import cache_path
-from pogdiff.encoded_dataset import encode_dataset
-from pogdiff.ownership import claimed
-from pogdiff.run_folder import latest_checkpoint, save_checkpoint
-from pogdiff.train import TrainConfig, check_output_dir, claimed_output_dir
+from pogdiff.encode.cache import cache_path
+from pogdiff.encode.encoded_dataset import encode_dataset
+from pogdiff.training.ownership import claimed
+from pogdiff.training.run_folder import latest_checkpoint, save_checkpoint
+from pogdiff.training.train import TrainConfig, check_output_dir, claimed_output_dir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -238,7 +238,7 @@ def train_args(data, out, cache, *extra):
 
 
 def read_steps(run):
-    """{micro_step: rows} from a --log-rows file (pogdiff.row_log)."""
+    """{micro_step: rows} from a --log-rows file (pogdiff.training.row_log)."""
     records = [json.loads(line) for line in (run / "rows-rank0.jsonl").read_text().splitlines()]
     return {r["micro_step"]: r["rows"] for r in records if "micro_step" in r}
 
@@ -340,11 +340,11 @@ def assert_one_line(err, *expected):
         assert text in err, err
 
 
-# --- two writers: the run folder's lock (pogdiff.ownership) ---
+# --- two writers: the run folder's lock (pogdiff.training.ownership) ---
 
 HOLD_THE_LOCK = """
 import sys, time
-from pogdiff.ownership import claimed
+from pogdiff.training.ownership import claimed
 with claimed(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
@@ -393,7 +393,7 @@ def test_a_run_finished_by_another_writer_meanwhile_is_not_replaced(toy_data, tm
 
 def interrupt_at_draw(monkeypatch, number):
     """Make the ``number``-th batch draw of the training loop raise KeyboardInterrupt, as Ctrl-C would."""
-    from pogdiff import train as train_module
+    from pogdiff.training import train as train_module
 
     draw, calls = train_module.draw_batch, []
 
@@ -457,7 +457,7 @@ def test_ctrl_c_before_the_run_folder_exists(toy_data, tmp_path, capsys, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pogdiff.train.load_dataset", interrupted)
+    monkeypatch.setattr("pogdiff.training.train.load_dataset", interrupted)
     code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", tmp_path / "cache"))
     assert code == 130 and err == "pogdiff: error: interrupted; run the command again\n"
     assert not (tmp_path / "run").exists()

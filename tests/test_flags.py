@@ -16,11 +16,11 @@ from PIL import Image
 from test_scale import SRC
 from test_stable_diffusion import sd_data, tiny_sd  # noqa: F401 (fixtures)
 
-from pogdiff.backbone import StableDiffusionBackbone, load_backbone
+from pogdiff.backbones.backbone import StableDiffusionBackbone, load_backbone
 from pogdiff.cli import build_parser, main, train_config
 from pogdiff.data.dataset import load_dataset
-from pogdiff.losses import VanillaLoss
-from pogdiff.train import TrainConfig, train_steps
+from pogdiff.objectives.losses import VanillaLoss
+from pogdiff.training.train import TrainConfig, train_steps
 
 DOCS = SRC.parent / "docs"
 
@@ -388,7 +388,7 @@ def test_a_prompt_template_without_name_is_one_line(command, template, capsys):
 
 
 def test_benchmark_records_the_prompt_template(tmp_path):
-    from pogdiff.comparison import Budget, describe
+    from pogdiff.compare.comparison import Budget, describe
 
     budget = Budget(prompt_template="A photo of {name}.")
     metrics = {"settings": {"data": "d", "budget": vars(budget)}, "num_identities": {"all": 2, "few": 1},

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from pogdiff.cli import main
-from pogdiff.ownership import is_marked
+from pogdiff.training.ownership import is_marked
 from conftest import write_toy_dataset
 
 CASES = 150

@@ -1,4 +1,4 @@
-"""Hugging Face image models by type (pogdiff.encoders.HuggingFaceImageFeatures): tiny random checkpoints, offline."""
+"""Hugging Face image models by type (pogdiff.encode.encoders.HuggingFaceImageFeatures): tiny random checkpoints, offline."""
 
 import json
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from pogdiff.cli import main
-from pogdiff.encoders import HF_IMAGE_MODEL_TYPES
+from pogdiff.encode.encoders import HF_IMAGE_MODEL_TYPES
 from pogdiff.errors import PogdiffError
 from pogdiff.evaluation.features import load_feature_extractor
 from pogdiff.images import to_uint8
-from pogdiff.neighbour_features import neighbour_feature_space
+from pogdiff.encode.neighbour_features import neighbour_feature_space
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 TINY_TEXT = dict(TINY, vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)

@@ -9,10 +9,10 @@ import stat
 import pytest
 from test_bad_input import assert_one_line_error, run_cli, snapshot
 
-from pogdiff import comparison
-from pogdiff import sampling as sampling_module
+from pogdiff.compare import comparison
+from pogdiff.backbones import sampling as sampling_module
 from pogdiff.errors import Interrupted
-from pogdiff.ownership import MARK_FILE
+from pogdiff.training.ownership import MARK_FILE
 
 T = ["--max-train-steps", 3, "--train-batch-size", 2, "--no-progress"]
 E = ["--num-images", 1, "--num-inference-steps", 2, "--no-progress"]

@@ -4,10 +4,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from pogdiff.loss_tables import loss_tables
-from pogdiff.losses import PoGDiffLoss, TrainBatch, VanillaLoss
-from pogdiff.neighbours import NeighbourRequest, NeighbourTable
-from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.encode.loss_tables import loss_tables
+from pogdiff.objectives.losses import PoGDiffLoss, TrainBatch, VanillaLoss
+from pogdiff.encode.neighbours import NeighbourRequest, NeighbourTable
+from pogdiff.encode.encoded_dataset import EncodedDataset
 
 
 class TinyDenoiser(torch.nn.Module):

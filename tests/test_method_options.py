@@ -8,9 +8,9 @@ from diffusers import DDPMScheduler
 from test_losses import TinyDenoiser, make_batch, make_tables
 
 from pogdiff.cli import build_parser, train_config
-from pogdiff.comparison import parse_method
-from pogdiff.losses import METHODS, method_parameters
-from pogdiff.train import TrainConfig, make_loss
+from pogdiff.compare.comparison import parse_method
+from pogdiff.objectives.losses import METHODS, method_parameters
+from pogdiff.training.train import TrainConfig, make_loss
 
 BACKBONE = SimpleNamespace(scheduler=DDPMScheduler(num_train_timesteps=100))
 ENCODED = make_tables()  # its GivenNeighbours records which table of Eq. 8 the loss's tables were built with

@@ -9,7 +9,7 @@ from conftest import write_toy_dataset
 
 from pogdiff.data.dataset import load_dataset
 from pogdiff.data.synth import load_identities
-from pogdiff.encoders import ImageEncoder
+from pogdiff.encode.encoders import ImageEncoder
 from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.evaluation import metrics as m
 from pogdiff.evaluation.evaluate import Evaluation, average, identity_summary
@@ -259,7 +259,7 @@ def test_a_pogdiff_run_whose_neighbours_share_the_judges_space_is_warned_about()
     from types import SimpleNamespace
 
     from pogdiff.evaluation.evaluate import warn_if_judge_shares_neighbour_space
-    from pogdiff.losses import options_in_effect
+    from pogdiff.objectives.losses import options_in_effect
 
     def run(method: str, space: str | None = None, recorded: bool = True) -> dict:
         options = {"neighbour_features": space} if space else {}

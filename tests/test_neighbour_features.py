@@ -8,19 +8,19 @@ import pytest
 import torch
 from test_losses import GivenNeighbours, make_tables
 
-from pogdiff.backbone import PixelBackbone
+from pogdiff.backbones.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.data.image_files import ImageFiles, pixels_to_float
-from pogdiff.encoded_dataset import encode_dataset, training_latents
+from pogdiff.encode.encoded_dataset import encode_dataset, training_latents
 from pogdiff.errors import PogdiffError
-from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES, UNetSpace, neighbour_feature_space
-from pogdiff.neighbours import NeighbourRequest, NeighbourTable, other_identity_share, similarity_by_identity
-from pogdiff.psi import summarise, summarise_similarity
-from pogdiff.run_folder import save_psi
+from pogdiff.encode.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES, UNetSpace, neighbour_feature_space
+from pogdiff.encode.neighbours import NeighbourRequest, NeighbourTable, other_identity_share, similarity_by_identity
+from pogdiff.objectives.psi import summarise, summarise_similarity
+from pogdiff.training.run_folder import save_psi
 
 
 def test_training_modules_do_not_import_the_evaluation():
-    code = ("import sys, pogdiff.train, pogdiff.neighbour_features, pogdiff.cli; "
+    code = ("import sys, pogdiff.training.train, pogdiff.encode.neighbour_features, pogdiff.cli; "
             "print([m for m in sys.modules if m.startswith('pogdiff.evaluation')])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
 
@@ -110,8 +110,8 @@ def test_similarity_by_identity_splits_pairs_and_is_summarised_with_a_histogram(
 def test_pogdiff_writes_the_diagnostics_into_psi_summary(tmp_path):
     from diffusers import DDPMScheduler
 
-    from pogdiff.loss_tables import loss_tables, neighbour_space
-    from pogdiff.losses import PoGDiffLoss
+    from pogdiff.encode.loss_tables import loss_tables, neighbour_space
+    from pogdiff.objectives.losses import PoGDiffLoss
 
     tables = make_tables()
     tables.image_features = GivenNeighbours(tables.image_features.table, torch.eye(4))

@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from pogdiff.neighbours import NeighbourTable, find_neighbours
-from pogdiff.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
-from pogdiff.text_density import fit_text_density
+from pogdiff.encode.neighbours import NeighbourTable, find_neighbours
+from pogdiff.objectives.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
+from pogdiff.encode.text_density import fit_text_density
 
 
 def test_eq8_weights_are_similarities_normalised_per_row():

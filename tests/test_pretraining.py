@@ -54,10 +54,10 @@ def test_same_arguments_write_the_same_corpus(tmp_path):
 
 
 def test_pretrain_runs_resumes_and_releases_verified_weights(corpus, tmp_path, capsys):
-    from pogdiff.backbone import load_backbone
+    from pogdiff.backbones.backbone import load_backbone
     from pogdiff.errors import PogdiffError
-    from pogdiff.pretraining import MANIFEST_FILE, previous_release_dir, sha256, write_release
-    from pogdiff.shipped import WEIGHTS_FILE, shipped_backbone_dir
+    from pogdiff.training.pretraining import MANIFEST_FILE, previous_release_dir, sha256, write_release
+    from pogdiff.backbones.shipped import WEIGHTS_FILE, shipped_backbone_dir
 
     run, release = tmp_path / "run", tmp_path / "release"
     common = [str(corpus), "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
@@ -103,9 +103,9 @@ def test_a_release_never_replaces_a_folder_of_the_users(corpus, tmp_path, capsys
 
 
 def test_from_shipped_continues_the_shipped_weights_and_its_manifest_says_so(corpus, tmp_path):
-    from pogdiff.backbone import PixelBackbone, load_backbone
-    from pogdiff.pretraining import MANIFEST_FILE
-    from pogdiff.shipped import SHIPPED_DIR, SHIPPED_NAME
+    from pogdiff.backbones.backbone import PixelBackbone, load_backbone
+    from pogdiff.training.pretraining import MANIFEST_FILE
+    from pogdiff.backbones.shipped import SHIPPED_DIR, SHIPPED_NAME
 
     run, release = tmp_path / "run", tmp_path / "release"
     assert main(["pretrain", str(corpus), "--output-dir", str(run), "--from-shipped", "--max-train-steps", "1",

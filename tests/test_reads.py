@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pogdiff import train as train_module
+from pogdiff.training import train as train_module
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset, load_image
 from pogdiff.data.image_files import ImageFiles, UnreadableImages, decode_workers
-from pogdiff.encoded_dataset import EncodedDataset
-from pogdiff.row_sampler import RowSchedule, batch_rows
-from pogdiff.shards import ShardedCache
-from pogdiff.train import TrainConfig, batch_reader, draw_batch, read_ahead
+from pogdiff.encode.encoded_dataset import EncodedDataset
+from pogdiff.training.row_sampler import RowSchedule, batch_rows
+from pogdiff.encode.shards import ShardedCache
+from pogdiff.training.train import TrainConfig, batch_reader, draw_batch, read_ahead
 
 
 # --- the row schedule ---

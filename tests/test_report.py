@@ -12,7 +12,7 @@ from PIL import Image
 
 from pogdiff.data.synth import PRESETS
 from pogdiff.evaluation.evaluate import evaluate_runs, format_table, identity_sample
-from pogdiff.train import TrainConfig, train
+from pogdiff.training.train import TrainConfig, train
 
 
 class PixelFeatures:

@@ -7,10 +7,10 @@ import torch
 from test_losses import make_tables
 
 from pogdiff.cli import main
-from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.encode.encoded_dataset import EncodedDataset
 from pogdiff.errors import PogdiffError
-from pogdiff.row_sampler import batch_rows, row_weights
-from pogdiff.train import TrainConfig, check_options, sampler_of
+from pogdiff.training.row_sampler import batch_rows, row_weights
+from pogdiff.training.train import TrainConfig, check_options, sampler_of
 
 
 def test_balanced_sampler_gives_every_identity_the_same_share():

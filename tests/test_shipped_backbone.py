@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff.backbone import PixelBackbone, load_backbone
+from pogdiff.backbones.backbone import PixelBackbone, load_backbone
 from pogdiff.cli import main
 from pogdiff.data.synth import BACKGROUNDS
 from pogdiff.errors import PogdiffError, PogdiffWarning
-from pogdiff.run_folder import read_run_info
-from pogdiff.sampling import generate
-from pogdiff.shipped import (MANIFEST_FILE, SHIPPED_DIR, SHIPPED_NAME, WEIGHTS_FILE, resolve_run_dir, sha256,
+from pogdiff.training.run_folder import read_run_info
+from pogdiff.backbones.sampling import generate
+from pogdiff.backbones.shipped import (MANIFEST_FILE, SHIPPED_DIR, SHIPPED_NAME, WEIGHTS_FILE, resolve_run_dir, sha256,
                              shipped_backbone_dir)
-from pogdiff.train import TrainConfig, check_options, train
+from pogdiff.training.train import TrainConfig, check_options, train
 
 
 def test_shipped_weights_match_their_manifest_and_are_small():
@@ -48,8 +48,8 @@ def test_damaged_or_missing_shipped_weights_are_a_one_line_error(tmp_path, damag
 @pytest.mark.parametrize("damage", ["edited unet config", "no scheduler config", "no run file"])
 def test_a_shipped_folder_that_does_not_load_says_reinstall(damage, tmp_path, monkeypatch):
     """The shipped manifest of this release hashes only the weights: other files are checked when they load."""
-    from pogdiff import shipped
-    from pogdiff.backbone import load_backbone
+    from pogdiff.backbones import shipped
+    from pogdiff.backbones.backbone import load_backbone
 
     copy = shutil.copytree(SHIPPED_DIR, tmp_path / SHIPPED_NAME)
     monkeypatch.setattr(shipped, "SHIPPED_DIR", copy)

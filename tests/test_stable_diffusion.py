@@ -14,14 +14,14 @@ from conftest import write_toy_dataset
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from pogdiff.backbone import StableDiffusionBackbone, load_backbone
+from pogdiff.backbones.backbone import StableDiffusionBackbone, load_backbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
-from pogdiff.ownership import MARK_FILE
-from pogdiff.random_pipeline import write_random_pipeline
-from pogdiff.sampling import generate
+from pogdiff.training.ownership import MARK_FILE
+from pogdiff.backbones.random_pipeline import write_random_pipeline
+from pogdiff.backbones.sampling import generate
 from pogdiff.data.image_files import ImageFiles
-from pogdiff.encoded_dataset import training_latents
+from pogdiff.encode.encoded_dataset import training_latents
 
 PROMPT = "An image of Chen."
 

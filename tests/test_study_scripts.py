@@ -62,7 +62,7 @@ def test_a_confirmation_verdict_is_a_win_or_loss_only_when_the_interval_excludes
 
 
 def test_the_confirmation_knows_whether_the_defaults_are_still_the_old_ones(monkeypatch):
-    from pogdiff.losses import method_parameters
+    from pogdiff.objectives.losses import method_parameters
 
     k = method_parameters("pogdiff")["k"].default
     monkeypatch.setattr(confirmation, "OLD_DEFAULTS", f"pogdiff:k={k},use_psi_img=true")

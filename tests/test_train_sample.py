@@ -4,16 +4,16 @@ import pytest
 import torch
 from conftest import training_loss
 
-from pogdiff.backbone import load_backbone
+from pogdiff.backbones.backbone import load_backbone
 from pogdiff.data.dataset import load_dataset
-from pogdiff.losses import DEFAULT_K, method_parameters
-from pogdiff.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
-from pogdiff.sampling import generate
+from pogdiff.objectives.losses import DEFAULT_K, method_parameters
+from pogdiff.encode.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
+from pogdiff.backbones.sampling import generate
 from pogdiff.data.image_files import ImageFiles, read_images
-from pogdiff.encoded_dataset import encode_dataset
-from pogdiff.row_sampler import batch_rows
-from pogdiff.shipped import SHIPPED_NAME
-from pogdiff.train import TrainConfig, train
+from pogdiff.encode.encoded_dataset import encode_dataset
+from pogdiff.training.row_sampler import batch_rows
+from pogdiff.backbones.shipped import SHIPPED_NAME
+from pogdiff.training.train import TrainConfig, train
 
 
 def test_short_pogdiff_run_lowers_the_loss_and_samples(toy_data, tmp_path, cache_dir):

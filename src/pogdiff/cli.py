@@ -36,7 +36,7 @@ def _data_paper(args) -> None:
 
 
 def _train(args) -> None:
-    from pogdiff.train import train
+    from pogdiff.training.train import train
 
     if getattr(args, "dry_run", False):
         _print_training_plan(args, "train")
@@ -46,7 +46,7 @@ def _train(args) -> None:
 
 
 def _encode(args) -> None:
-    from pogdiff.train import encode
+    from pogdiff.training.train import encode
 
     if getattr(args, "dry_run", False):
         _print_training_plan(args, "encode")
@@ -59,14 +59,14 @@ def _encode(args) -> None:
 
 
 def _print_training_plan(args, command: str) -> None:
-    from pogdiff.dry_run import training_plan
+    from pogdiff.compare.dry_run import training_plan
 
     print(training_plan(train_config(args), command))
 
 
 def train_config(args):
     """The TrainConfig of parsed ``pogdiff train`` arguments: a method's flags go into its method_options."""
-    from pogdiff.losses import method_parameters
+    from pogdiff.objectives.losses import method_parameters
     from pogdiff.options import PAPER_PRESETS, TrainConfig, config_fields
 
     typed = vars(args)
@@ -101,9 +101,9 @@ def data_dir_of(typed: dict) -> str:
 
 
 def _pretrain(args) -> None:
-    from pogdiff.pretraining import PRETRAINING, check_release_dir, previous_release_dir, write_release
+    from pogdiff.training.pretraining import PRETRAINING, check_release_dir, previous_release_dir, write_release
     from pogdiff.options import TrainConfig, config_fields
-    from pogdiff.train import train
+    from pogdiff.training.train import train
 
     if getattr(args, "release_dir", None):
         check_release_dir(args.release_dir, args.output_dir)  # before hours of training, not after
@@ -118,11 +118,11 @@ def _pretrain(args) -> None:
 
 
 def _sample(args) -> None:
-    from pogdiff.backbone import load_backbone
+    from pogdiff.backbones.backbone import load_backbone
     from pogdiff.images import to_pil
-    from pogdiff.ownership import SAMPLES
-    from pogdiff.run_folder import RunFolder
-    from pogdiff.sampling import generate_batches
+    from pogdiff.training.ownership import SAMPLES
+    from pogdiff.training.run_folder import RunFolder
+    from pogdiff.backbones.sampling import generate_batches
 
     names = tuple(f"{i:04d}.png" for i in range(args.num_images))
     out = RunFolder(args.out, SAMPLES, "--out", outputs=names).check()  # before sampling, not after
@@ -161,7 +161,7 @@ def _evaluate(args) -> None:
 
 
 def _demo(args) -> None:
-    from pogdiff.demo import run_demo
+    from pogdiff.compare.demo import run_demo
 
     run_demo(args.out, preset=args.preset, seed=args.seed, max_train_steps=args.max_train_steps,
              num_images=args.num_images, num_inference_steps=args.num_inference_steps, cache_dir=args.cache_dir,
@@ -169,7 +169,7 @@ def _demo(args) -> None:
 
 
 def _benchmark(args) -> None:
-    from pogdiff.comparison import DEFAULT_METHODS, DEFAULT_SEEDS, QUICK_SEEDS, budget_from, run_benchmark
+    from pogdiff.compare.comparison import DEFAULT_METHODS, DEFAULT_SEEDS, QUICK_SEEDS, budget_from, run_benchmark
 
     budget = budget_from(args.quick, args.preset, max_train_steps=args.max_train_steps,
                          train_batch_size=args.train_batch_size, learning_rate=args.learning_rate,
@@ -187,8 +187,8 @@ def _benchmark(args) -> None:
                          identity_judge=args.identity_judge)
     seeds = args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS
     if args.dry_run:
-        from pogdiff.comparison import parse_methods
-        from pogdiff.dry_run import benchmark_plan
+        from pogdiff.compare.comparison import parse_methods
+        from pogdiff.compare.dry_run import benchmark_plan
 
         print(benchmark_plan(parse_methods(args.methods or DEFAULT_METHODS), list(dict.fromkeys(seeds)), budget,
                              args.data, args.data_preset))
@@ -300,8 +300,8 @@ def add_data_parser(sub, seed: argparse.ArgumentParser) -> None:
 
 def add_pretrain_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.options import ACCELERATE_PRECISION
-    from pogdiff.pretraining import PRETRAINING
-    from pogdiff.shipped import SHIPPED_DIR
+    from pogdiff.training.pretraining import PRETRAINING
+    from pogdiff.backbones.shipped import SHIPPED_DIR
 
     p = sub.add_parser("pretrain", parents=parents, argument_default=argparse.SUPPRESS,
                        help="pretrain the small backbone from random weights on `pogdiff data synth --preset pretrain`",
@@ -428,7 +428,7 @@ def add_training_option(parser, name: str, help: str | None = None, shown=None) 
 def add_method_options(parser: argparse.ArgumentParser) -> dict[str, str]:
     """One group per method: a flag for each option of its loss's constructor, with the constructor's
     default and the class's OPTION_HELP. Returns {option name: flag}; the option name is the flag's dest."""
-    from pogdiff.losses import METHODS, method_parameters
+    from pogdiff.objectives.losses import METHODS, method_parameters
 
     method_flags = {}
     for method, loss in METHODS.items():
@@ -450,7 +450,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 def add_sample_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    from pogdiff.shipped import SHIPPED_NAME
+    from pogdiff.backbones.shipped import SHIPPED_NAME
 
     s = sub.add_parser("sample", parents=parents, help="generate images from a run", epilog=docs("cli.md"))
     s.add_argument("run", help=f"run folder written by `pogdiff train`, {SHIPPED_NAME}, or any Stable Diffusion "
@@ -505,10 +505,10 @@ def add_evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
-    from pogdiff.comparison import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
+    from pogdiff.compare.comparison import ABLATIONS, DEFAULT_METHODS, QUICK, Budget
     from pogdiff.data.synth import PRESETS
     from pogdiff.evaluation.evaluate import JUDGES, MAX_IDENTITIES_HELP
-    from pogdiff.losses import METHODS
+    from pogdiff.objectives.losses import METHODS
     from pogdiff.options import ACCELERATE_PRECISION, PAPER_PRESETS
 
     full = Budget()
@@ -571,7 +571,7 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
 
 def add_demo_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     from pogdiff.data.synth import PRESETS
-    from pogdiff.demo import DEMO_INFERENCE_STEPS, DEMO_STEPS
+    from pogdiff.compare.demo import DEMO_INFERENCE_STEPS, DEMO_STEPS
 
     m = sub.add_parser("demo", parents=parents, help="vanilla vs PoGDiff on the embedded medium preset",
                        description="Write the embedded medium preset (10 people, 30 down to 2 photos each), fine-tune "

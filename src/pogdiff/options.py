@@ -7,7 +7,7 @@ those of the other commands' options.
 
 A value out of range is refused by argparse before any work, on one line that names the
 option and the allowed range (``pogdiff: error: argument --train-batch-size: 0 is out of
-range; pass an integer >= 1``). The Python entry points (:func:`pogdiff.train.train`,
+range; pass an integer >= 1``). The Python entry points (:func:`pogdiff.training.train.train`,
 :func:`pogdiff.evaluation.evaluate.evaluate_runs`) check their arguments against the same
 table with :func:`check_values`, and so does a benchmark row (``cbdm:tau=-1``).
 """
@@ -22,7 +22,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
 
 from pogdiff.errors import PogdiffError
-from pogdiff.shipped import SHIPPED_NAME
+from pogdiff.backbones.shipped import SHIPPED_NAME
 
 SEED_MAX = 2**32 - 1  # numpy and accelerate seed with 32 bits
 TRAIN_TIMESTEPS = 1000  # both backbones' noise schedules: DDIM cannot take more steps than this
@@ -102,7 +102,7 @@ PROMPT_TEMPLATE = Rule(_is_prompt_template, "a prompt with {name} where each ide
 
 # --- training options: each declared once, as a field of TrainConfig ---
 
-SAMPLERS = ("uniform", "balanced")  # --sampler: pogdiff.row_sampler
+SAMPLERS = ("uniform", "balanced")  # --sampler: pogdiff.training.row_sampler
 PRECISIONS = ("no", "fp16", "bf16")  # --mixed-precision
 DEFAULT_MAX_TRAIN_STEPS = 500
 ACCELERATE_PRECISION = "accelerate's setting (accelerate launch --mixed_precision, accelerate config), else no"
@@ -144,8 +144,8 @@ def option(default: Any = MISSING, help: str | None = None, *, aliases: tuple[st
 
 
 def method_names() -> list[str]:
-    """--method's choices: the losses of :data:`pogdiff.losses.METHODS`."""
-    from pogdiff.losses import METHODS
+    """--method's choices: the losses of :data:`pogdiff.objectives.losses.METHODS`."""
+    from pogdiff.objectives.losses import METHODS
 
     return sorted(METHODS)
 
@@ -155,7 +155,7 @@ class TrainConfig:
     """Training options, named and meant as in diffusers' ``train_text_to_image.py``, each declared once: the
     field's default, and in :func:`option` its flag, help, ``--help`` group, range and whether a resume may change
     it; ``pogdiff train``/``encode`` (:func:`pogdiff.cli.add_train_options`), :data:`RULES` and
-    :func:`pogdiff.train.options_to_keep` read them from here.
+    :func:`pogdiff.training.train.options_to_keep` read them from here.
 
     ``None`` defaults depend on the backbone: the small CPU one (``pretrained=None``) or a
     diffusers checkpoint. ``PAPER_PRESETS`` hold Sec. 4.1's settings.
@@ -273,8 +273,8 @@ class TrainConfig:
                               "one builds the neighbour table)", group=BOOKS, resumable=True)
     log_rows: bool = option(False, "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per "
                             "micro-step and digests of its tables and weights (checks multi-process runs)",
-                            group=BOOKS, resumable=True)  # pogdiff.row_log
-    # method: its loss's constructor options (pogdiff.losses, pogdiff.cli.add_method_options), and the row sampler
+                            group=BOOKS, resumable=True)  # pogdiff.training.row_log
+    # method: its loss's constructor options (pogdiff.objectives.losses, pogdiff.cli.add_method_options), and the row sampler
     method_options: dict = option({})
     sampler: str | None = option(None, "which rows a batch holds: uniform (an epoch shuffle) or balanced (every "
                                  "identity equally often; without identities, by inverse text density)",
@@ -359,7 +359,7 @@ def check_values(values: dict[str, Any], command: str = "train") -> None:
 
 def flag_name(dest: str) -> str:
     """The command-line flag of an option (a method option may have its own, e.g. tau: --cbdm-tau)."""
-    from pogdiff.losses import METHODS
+    from pogdiff.objectives.losses import METHODS
 
     for loss in METHODS.values():
         if dest in loss.OPTION_FLAGS:

@@ -21,7 +21,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pogdiff.cache import cache_folder
+from pogdiff.encode.cache import cache_folder
 from pogdiff.errors import PogdiffError, first_line
 from pogdiff.files import atomic_path, safe_stem
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pogdiff.cache import cache_folder
+from pogdiff.encode.cache import cache_folder
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, and_more, load_image
 from pogdiff.errors import DatasetError, PogdiffWarning
 from pogdiff.files import sha256, write_text_atomic

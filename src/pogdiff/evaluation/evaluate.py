@@ -42,7 +42,7 @@ Memory does not grow with the number of images: every run's samples are written 
 a time, exactly as ``--samples`` folders are (:mod:`pogdiff.evaluation.samples`), and the real
 images are read a batch at a time; only their features and a few thumbnails per identity (for
 the report) are kept. Under ``accelerate launch`` every process samples its share of the
-batches (:func:`pogdiff.sampling.sample_rows`: the same images for any number of processes);
+batches (:func:`pogdiff.backbones.sampling.sample_rows`: the same images for any number of processes);
 the main process scores and writes metrics.json and the report.
 """
 
@@ -58,8 +58,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pogdiff.backbone import load_backbone
-from pogdiff.cache import check_cache_dir
+from pogdiff.backbones.backbone import load_backbone
+from pogdiff.encode.cache import check_cache_dir
 from pogdiff.data.dataset import FEW_MAX_IMAGES, METADATA_FILE, ImageTextDataset, load_dataset
 from pogdiff.data.image_files import ImageFiles, pixels_to_float
 from pogdiff.data.synth import load_identities
@@ -72,12 +72,12 @@ from pogdiff.evaluation.results_table import all_few_table, format_value, markdo
 from pogdiff.evaluation.samples import batches_of, find_samples, resolution_of, write_samples
 from pogdiff.files import file_stems, remove_quietly
 from pogdiff.images import save_grid
-from pogdiff.neighbour_features import EFFICIENTNET_SPACE
+from pogdiff.encode.neighbour_features import EFFICIENTNET_SPACE
 from pogdiff.options import check_values
-from pogdiff.ownership import EVALUATION
+from pogdiff.training.ownership import EVALUATION
 from pogdiff.processes import process_state
-from pogdiff.run_folder import RunFolder, load_psi, load_psi_summary, read_run_info, run_label
-from pogdiff.shipped import resolve_run_dir
+from pogdiff.training.run_folder import RunFolder, load_psi, load_psi_summary, read_run_info, run_label
+from pogdiff.backbones.shipped import resolve_run_dir
 
 PROMPT = "An image of {name}."  # App. B: the default --prompt-template
 METRIC_KEYS = ("fd", "sim", "recall", "id_acc")

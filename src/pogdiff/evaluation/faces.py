@@ -1,4 +1,4 @@
-"""Faces: a nearest-identity judge on dlib's 128-d face descriptor (:mod:`pogdiff.face_descriptor`).
+"""Faces: a nearest-identity judge on dlib's 128-d face descriptor (:mod:`pogdiff.encode.face_descriptor`).
 
 A stand-in for the paper's human judges on datasets of people (Sec. 4, App. B): each
 generated image is assigned to the identity whose centroid of real-image descriptors is
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 
 from pogdiff.errors import PogdiffError
-from pogdiff.face_descriptor import FaceDescriptor
+from pogdiff.encode.face_descriptor import FaceDescriptor
 
 
 class FaceJudge:

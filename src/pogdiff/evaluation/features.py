@@ -5,13 +5,13 @@ features (App. B, E). Neither network's weights ship with a Python package, so t
 default is the offline EfficientNet-Lite0 space (also one of the neighbour spaces of
 Eq. 8); the others load when the user has their weights:
 
-- ``"efficientnet-lite0"`` (default): :class:`pogdiff.encoders.ImageEncoder`, 1280-d.
+- ``"efficientnet-lite0"`` (default): :class:`pogdiff.encode.encoders.ImageEncoder`, 1280-d.
 - ``"inception"``: the standard FID network (2048-d pool features of the 2015 TF
   Inception v3) through torchmetrics' ``NoTrainInceptionV3``, which needs
   ``torch-fidelity`` (extra ``pogdiff[inception]``; it imports torchvision) and the
   weights file ``pt_inception-2015-12-05-6726825d.pth`` given by ``inception_weights``.
 - anything else: a Hugging Face DINOv2, CLIP, SigLIP or ViT/DINO v1 model id or folder (e.g.
-  ``facebook/dinov2-base``), :class:`pogdiff.encoders.HuggingFaceImageFeatures`.
+  ``facebook/dinov2-base``), :class:`pogdiff.encode.encoders.HuggingFaceImageFeatures`.
 
 Each extractor has a ``name``, written next to every number measured in its space. Any
 object with a ``name`` and ``__call__(images) -> (N, D)`` can be passed instead of a name.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pogdiff.encoders import HuggingFaceImageFeatures, ImageEncoder
+from pogdiff.encode.encoders import HuggingFaceImageFeatures, ImageEncoder
 from pogdiff.errors import PogdiffError
 from pogdiff.images import to_uint8
 

@@ -6,7 +6,7 @@ intended one. Judges:
 
 - :class:`SynthIdentityJudge`: for the embedded synthetic people, a small CNN trained on
   many fresh renders of every identity (the ground truth is known), cached on disk
-  (:mod:`pogdiff.cache`).
+  (:mod:`pogdiff.encode.cache`).
 - :class:`CentroidJudge`: any dataset: the nearest identity centroid of real images in a
   frozen feature space.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pogdiff.cache import cached
+from pogdiff.encode.cache import cached
 from pogdiff.errors import PogdiffWarning
 from pogdiff.images import from_uint8
 

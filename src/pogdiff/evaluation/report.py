@@ -25,7 +25,7 @@ from PIL import Image
 
 from pogdiff.evaluation.results_table import SPLITS, all_few_columns, feature_spaces_text, format_value
 from pogdiff.images import labelled_grid
-from pogdiff.run_folder import IS_FEW_KEY, NEIGHBOUR_SPACE_KEY, PSI_FILE, PSI_KEYS
+from pogdiff.training.run_folder import IS_FEW_KEY, NEIGHBOUR_SPACE_KEY, PSI_FILE, PSI_KEYS
 
 LOWER_IS_BETTER = {"fd"}
 METRIC_TITLES = {"fd": "FD ↓", "sim": "Similarity ↑", "recall": "Recall ↑", "id_acc": "Identity accuracy ↑"}

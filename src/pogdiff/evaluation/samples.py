@@ -22,7 +22,7 @@ from pogdiff.data.image_files import pixels_to_float
 from pogdiff.errors import PogdiffError
 from pogdiff.files import file_stems
 from pogdiff.images import to_pil
-from pogdiff.sampling import sample_rows
+from pogdiff.backbones.sampling import sample_rows
 
 SUFFIX = ".png"
 READ_BATCH = 32  # images decoded and scored at a time
@@ -34,7 +34,7 @@ def write_samples(backbone, samples_for: dict[str, int], folder: Path, stems: di
     """``samples_for[name]`` images of ``prompt_template`` per identity into ``folder/<stem>/<NNN>.png`` (``stems``:
     :func:`pogdiff.files.file_stems` of every identity of the dataset), each batch as soon as it is done;
     identities with the same count are sampled together, with the noise stream of
-    :func:`pogdiff.sampling.generate`. ``shard``: this process's batches (:func:`sample_rows`)."""
+    :func:`pogdiff.backbones.sampling.generate`. ``shard``: this process's batches (:func:`sample_rows`)."""
     for count in sorted(set(samples_for.values())):
         group = [n for n in samples_for if samples_for[n] == count]
         for identity in group:

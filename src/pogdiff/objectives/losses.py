@@ -7,10 +7,10 @@ Every loss shares one call contract::
 
 where ``tables`` is a :class:`LossTables`: what the losses look up by training row, as
 tensors, built once from the encoded dataset by the encode stage
-(:func:`pogdiff.loss_tables.loss_tables`, given the Eq. 8 table the method asks for with
+(:func:`pogdiff.encode.loss_tables.loss_tables`, given the Eq. 8 table the method asks for with
 :meth:`~DiffusionLoss.neighbour_request`); ``denoiser(x_t, t, cond)`` returns the model
 output (epsilon or v) and ``batch`` is a :class:`TrainBatch`. Which rows a batch holds
-is the row sampler's business (:mod:`pogdiff.row_sampler`, ``--sampler``), not the
+is the row sampler's business (:mod:`pogdiff.training.row_sampler`, ``--sampler``), not the
 loss's; a class only names the sampler it implies (``SAMPLER``: ``resample`` is vanilla
 on balanced batches). An optional hook, with a neutral default on :class:`DiffusionLoss`,
 for a method with PoGDiff's weight psi: :meth:`~DiffusionLoss.psi_per_row`. A class's
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from pogdiff.errors import PogdiffError
-from pogdiff.neighbours import DEFAULT_NEIGHBOUR_FEATURES, NeighbourRequest, NeighbourTable, other_identity_share
-from pogdiff.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
+from pogdiff.encode.neighbours import DEFAULT_NEIGHBOUR_FEATURES, NeighbourRequest, NeighbourTable, other_identity_share
+from pogdiff.objectives.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
 
 DEFAULT_K = 10  # PoGDiff's neighbours per image (Eq. 8)
 
@@ -41,7 +41,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class LossTables:
     """What the losses look up by training row, as tensors: built from the encoded dataset by the encode stage
-    (:func:`pogdiff.loss_tables.loss_tables`), so that constructing a loss does no dataset work."""
+    (:func:`pogdiff.encode.loss_tables.loss_tables`), so that constructing a loss does no dataset work."""
 
     caption_states: Callable[[torch.Tensor], torch.Tensor]  # rows -> (B, L, D) float32 caption states y, read per batch
     identity: torch.Tensor           # (N,) identity codes: Eq. 9's indicator 1[I(x) != I(x')]
@@ -80,7 +80,7 @@ class DiffusionLoss:
     OPTION_HELP: ClassVar[dict[str, str]] = {}  # constructor option -> its help
     OPTION_FLAGS: ClassVar[dict[str, str]] = {}  # constructor option -> its flag, where not --option-name
     OPTION_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}  # text option -> its values, where fixed
-    SAMPLER: ClassVar[str] = "uniform"  # the row sampler the method implies (pogdiff.row_sampler)
+    SAMPLER: ClassVar[str] = "uniform"  # the row sampler the method implies (pogdiff.training.row_sampler)
 
     def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0):
         self.scheduler = scheduler
@@ -145,7 +145,7 @@ class PoGDiffLoss(DiffusionLoss):
         L = ||eps_theta(x_t, y) - eps||^2 + psi * ||eps_theta(x_t, y) - eps_theta(x_t, y')||^2
 
     y' is the caption of one of the k nearest neighbours in the feature space
-    ``neighbour_features`` (:mod:`pogdiff.neighbour_features`), drawn by Eq. 8 from
+    ``neighbour_features`` (:mod:`pogdiff.encode.neighbour_features`), drawn by Eq. 8 from
     ``tables.neighbours`` (these two options choose the table that the encode stage builds,
     :meth:`neighbour_request`); psi = psi_img * psi_txt (Eqs. 9, 11, 12), computed from the
     tables' tensors. eps_theta(x_t, y') is a target to match (the
@@ -182,7 +182,7 @@ class PoGDiffLoss(DiffusionLoss):
         super().__init__(scheduler, tables, snr_gamma, noise_offset)
         if tables.neighbours is None:
             raise PogdiffError("PoGDiff draws y' from Eq. 8's neighbour table and its tables hold none; build them "
-                               "with pogdiff.loss_tables.loss_tables(encoded, neighbour_request('pogdiff', options))")
+                               "with pogdiff.encode.loss_tables.loss_tables(encoded, neighbour_request('pogdiff', options))")
         self.a1, self.a2 = a1, a2
         self.use_psi_img, self.use_psi_txt = use_psi_img, use_psi_txt
         self.target_grad = target_grad
@@ -344,7 +344,7 @@ class T2HLoss(DiffusionLoss):
 
 class ResampleLoss(VanillaLoss):
     """Balanced resampling: the standard loss on batches that oversample the minority, i.e. vanilla
-    with ``--sampler balanced`` (:mod:`pogdiff.row_sampler`), under a name of its own.
+    with ``--sampler balanced`` (:mod:`pogdiff.training.row_sampler`), under a name of its own.
 
     Not in the paper; what practitioners do today with per-folder repeats (kohya-ss
     sd-scripts' ``num_repeats``).

@@ -12,7 +12,7 @@ training noise schedule), ``text_encoder``, ``resolution``, ``cache_images`` (wh
 encoded dataset stores per image, from uint8 pixels; ``image_cache_name`` names it and
 ``cache_dtype`` is how it is stored), ``x0_from_cache`` (x0 of Eq. 1 drawn from it) and
 ``x0_mean`` (its expectation, for neighbour features), ``decode``, ``to``, ``run_info`` and ``save``. A run folder holds ``pogdiff_run.json``
-next to the weights in diffusers' own layout (:mod:`pogdiff.run_folder`).
+next to the weights in diffusers' own layout (:mod:`pogdiff.training.run_folder`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors import SafetensorError
 
 from pogdiff.data.image_files import pixels_to_float
-from pogdiff.encoders import TextEncoder, weights_fingerprint
+from pogdiff.encode.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, first_line
-from pogdiff.pretrained import PIPELINE_FILE, check_pipeline_files
-from pogdiff.run_folder import DAMAGED_RUN_FIX, PIPELINE_BACKBONE, RUN_FILE, read_run_info
-from pogdiff.shipped import WEIGHTS_FILE, loading_shipped, resolve_run_dir, sha256
+from pogdiff.backbones.pretrained import PIPELINE_FILE, check_pipeline_files
+from pogdiff.training.run_folder import DAMAGED_RUN_FIX, PIPELINE_BACKBONE, RUN_FILE, read_run_info
+from pogdiff.backbones.shipped import WEIGHTS_FILE, loading_shipped, resolve_run_dir, sha256
 
 
 class PixelBackbone:

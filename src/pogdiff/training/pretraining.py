@@ -12,7 +12,7 @@ released into a folder that ships inside the package:
     release/manifest.json    command, corpus, steps, batch, learning rate, EMA, time,
                              hardware, held-out loss, sha256 of the weights
 
-The shipped release lives in :mod:`pogdiff.shipped`.
+The shipped release lives in :mod:`pogdiff.backbones.shipped`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from pogdiff.backbone import PixelBackbone
+from pogdiff.backbones.backbone import PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.errors import PogdiffError
-from pogdiff.ownership import RELEASE
-from pogdiff.run_folder import RUN_FILE, RunFolder, read_run_info
-from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME, sha256, shipped_manifest
+from pogdiff.training.ownership import RELEASE
+from pogdiff.training.run_folder import RUN_FILE, RunFolder, read_run_info
+from pogdiff.backbones.shipped import MANIFEST_FILE, SHIPPED_NAME, sha256, shipped_manifest
 from pogdiff.data.image_files import read_images
 
 # The recipe of the shipped weights: from random weights, EMA on, large batches (a GPU wants

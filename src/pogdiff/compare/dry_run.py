@@ -47,8 +47,8 @@ class BackboneShape:
 def backbone_shape(pretrained: str | None, resolution: int | None) -> BackboneShape:
     """The shape of the small backbone, or of the checkpoint ``pretrained`` from its config files alone."""
     if not pretrained:
-        from pogdiff.run_folder import read_run_info
-        from pogdiff.shipped import SHIPPED_RESOLUTION, shipped_backbone_dir
+        from pogdiff.training.run_folder import read_run_info
+        from pogdiff.backbones.shipped import SHIPPED_RESOLUTION, shipped_backbone_dir
 
         tokens = read_run_info(shipped_backbone_dir())["text_max_length"]
         side = resolution or SHIPPED_RESOLUTION
@@ -188,7 +188,7 @@ def describe_backbone(pretrained: str | None, lora_rank: int | None, shape: Back
 def training_plan(config, command: str = "train") -> str:
     """``pogdiff train|encode --dry-run``: the data, the steps, the images to sample, the cache, the time."""
     from pogdiff.data.dataset import FEW_MAX_IMAGES
-    from pogdiff.train import check_options, neighbours_of, train_steps
+    from pogdiff.training.train import check_options, neighbours_of, train_steps
 
     check_options(config)
     data = DataCounts.of_folder(dry_run_data_dir(config), config.caption_column, config.identity_column,
@@ -227,7 +227,7 @@ def dry_run_data_dir(config) -> str:
 
 def benchmark_plan(specs: list, seeds: list[int], budget, data: str | Path | None, data_preset: str) -> str:
     """``pogdiff benchmark --dry-run``: cells, steps and images to sample per cell, the cache, the time."""
-    from pogdiff.losses import neighbour_request
+    from pogdiff.objectives.losses import neighbour_request
 
     data_counts = DataCounts.of_folder(data) if data else DataCounts.of_preset(data_preset)
     shape = backbone_shape(budget.pretrained, budget.resolution)

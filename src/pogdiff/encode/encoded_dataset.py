@@ -4,7 +4,7 @@ Because phi and the image encoders are frozen, the caption states y, the image f
 and neighbour tables (Eq. 8) and the text density (Eq. 10) depend only on the dataset,
 the encoders and a few parameters. Each is cached on its own, keyed by exactly what it
 depends on (docs/bad-input.md, "Caches"); per-row tables too large to hold are sharded
-and read by row (:mod:`pogdiff.shards`), the rest are single files (:mod:`pogdiff.cache`):
+and read by row (:mod:`pogdiff.encode.shards`), the rest are single files (:mod:`pogdiff.encode.cache`):
 
 | cache | key | per |
 |---|---|---|
@@ -33,16 +33,16 @@ from typing import Callable
 import torch
 from accelerate import PartialState
 
-from pogdiff.cache import Tensors, cached
+from pogdiff.encode.cache import Tensors, cached
 from pogdiff.data.dataset import ImageTextDataset
-from pogdiff.backbone import precision_dtype
+from pogdiff.backbones.backbone import precision_dtype
 from pogdiff.data.image_files import ImageFiles, pixels_to_float
-from pogdiff.encoders import TextEncoder
+from pogdiff.encode.encoders import TextEncoder
 from pogdiff.errors import PogdiffError
-from pogdiff.neighbour_features import neighbour_feature_space
-from pogdiff.neighbours import NeighbourTable, check_neighbour_count, find_neighbours
-from pogdiff.shards import ShardedCache, ShardedTable
-from pogdiff.text_density import fit_text_density
+from pogdiff.encode.neighbour_features import neighbour_feature_space
+from pogdiff.encode.neighbours import NeighbourTable, check_neighbour_count, find_neighbours
+from pogdiff.encode.shards import ShardedCache, ShardedTable
+from pogdiff.encode.text_density import fit_text_density
 
 _FEATURE_BATCH = 64
 
@@ -51,7 +51,7 @@ class ImageFeatureSpaces:
     """The training images in the feature spaces of Eq. 8, and their k-nearest-neighbour tables, cached.
 
     ``spaces(name)`` returns a feature space (a ``name`` naming its weights, called on images in [-1, 1], or
-    with an ``embed_rows(rows)`` of its own: :mod:`pogdiff.neighbour_features`); ``images`` decodes the
+    with an ``embed_rows(rows)`` of its own: :mod:`pogdiff.encode.neighbour_features`); ``images`` decodes the
     training images a shard at a time on a cache miss. The global RNG is left as it was.
     """
 
@@ -276,7 +276,7 @@ def encode_for_training(dataset: ImageTextDataset, backbone, config, device, pre
     and table. Each process encodes its share of the shards; the tables built from all rows (text density,
     neighbours) are built by the local main process while the others wait, then read from its cache.
 
-    ``config`` holds the data options of :class:`pogdiff.train.TrainConfig`. The frozen encoders run in
+    ``config`` holds the data options of :class:`pogdiff.training.train.TrainConfig`. The frozen encoders run in
     float32 on ``device``; the 'unet' neighbour features run under ``precision``, after the backbone is
     cast to it, as the training loop will.
     """

@@ -35,25 +35,25 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pogdiff.backbone import PixelBackbone, StableDiffusionBackbone
-from pogdiff.cache import cache_folder, check_cache_dir
+from pogdiff.backbones.backbone import PixelBackbone, StableDiffusionBackbone
+from pogdiff.encode.cache import cache_folder, check_cache_dir
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, load_dataset
-from pogdiff.encoded_dataset import EncodedDataset, encode_for_training
+from pogdiff.encode.encoded_dataset import EncodedDataset, encode_for_training
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
 from pogdiff.files import apply_umask_to_tree, sha256
 from pogdiff.images import save_grid
-from pogdiff.loss_tables import check_neighbours_fit, loss_tables, neighbour_space
-from pogdiff.losses import METHODS, DiffusionLoss, TrainBatch, neighbour_request, options_in_effect
-from pogdiff.neighbour_features import UNET_SPACE
-from pogdiff.neighbours import NeighbourRequest
+from pogdiff.encode.loss_tables import check_neighbours_fit, loss_tables, neighbour_space
+from pogdiff.objectives.losses import METHODS, DiffusionLoss, TrainBatch, neighbour_request, options_in_effect
+from pogdiff.encode.neighbour_features import UNET_SPACE
+from pogdiff.encode.neighbours import NeighbourRequest
 from pogdiff.options import DEFAULT_MAX_TRAIN_STEPS, RESUMABLE_CHANGES, TrainConfig, check_sampler, check_values
-from pogdiff.ownership import entries
-from pogdiff.row_log import RowLog
-from pogdiff.row_sampler import RowSchedule, row_weights
-from pogdiff.run_folder import (PSI_FILE, RunFolder, checkpoint_step, checkpoint_trained_weights_only, is_run_entry,
+from pogdiff.training.ownership import entries
+from pogdiff.training.row_log import RowLog
+from pogdiff.training.row_sampler import RowSchedule, row_weights
+from pogdiff.training.run_folder import (PSI_FILE, RunFolder, checkpoint_step, checkpoint_trained_weights_only, is_run_entry,
                                 load_checkpoint, reported_write_errors, save_checkpoint, save_psi, write_run_info)
-from pogdiff.sampling import generate
-from pogdiff.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, loading_shipped, shipped_backbone_dir
+from pogdiff.backbones.sampling import generate
+from pogdiff.backbones.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, loading_shipped, shipped_backbone_dir
 
 LOSS_EVERY = 10  # steps between reading the loss back (a host synchronisation) for the bar, the log and NaN
 HELD_MAX_BYTES = 4 * 2**30  # the small backbone's tables are held on the device up to this size

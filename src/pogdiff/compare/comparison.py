@@ -11,7 +11,7 @@ seed on Few identity accuracy and Few similarity (paired 95% intervals). A finis
 cell is never run again, so re-running the same command continues an interrupted benchmark.
 
 Methods are named ``METHOD[+SAMPLER][:option=value,...]``: a loss of
-:data:`pogdiff.losses.METHODS`, optionally a row sampler of :mod:`pogdiff.row_sampler`
+:data:`pogdiff.objectives.losses.METHODS`, optionally a row sampler of :mod:`pogdiff.training.row_sampler`
 (``pogdiff+balanced``, ``cbdm+balanced``; ``resample`` is ``vanilla+balanced``), and
 constructor arguments of the method's loss (``cbdm:tau=0.5``,
 ``pogdiff:k=3,a2=10,psi_txt_max_ratio=2,neighbour_features=unet``) or the balanced
@@ -37,23 +37,23 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pogdiff.backbone import check_pipeline_folder
+from pogdiff.backbones.backbone import check_pipeline_folder
 from pogdiff.data.dataset import FEW_MAX_IMAGES, load_dataset
 from pogdiff.data.image_files import dataset_digest
 from pogdiff.data.synth import write_dataset
-from pogdiff.cache import check_cache_dir
+from pogdiff.encode.cache import check_cache_dir
 from pogdiff.errors import Interrupted, PogdiffError
 from pogdiff.evaluation.evaluate import PROMPT, evaluate_runs
 from pogdiff.evaluation.results_table import all_few_table, feature_spaces_text, html_table, markdown_table
 from pogdiff.files import atomic_path, safe_stem, write_text_atomic
-from pogdiff.losses import METHODS, method_parameters
-from pogdiff.pretrained import local_pipeline_folder, pipeline_fingerprint
+from pogdiff.objectives.losses import METHODS, method_parameters
+from pogdiff.backbones.pretrained import local_pipeline_folder, pipeline_fingerprint
 from pogdiff.processes import on_main_process, process_state
 from pogdiff.options import PAPER_PRESETS, check_sampler, check_values
-from pogdiff.ownership import BENCHMARK
-from pogdiff.run_folder import RunFolder, is_finished
-from pogdiff.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
-from pogdiff.train import TrainConfig, train
+from pogdiff.training.ownership import BENCHMARK
+from pogdiff.training.run_folder import RunFolder, is_finished
+from pogdiff.backbones.shipped import SHIPPED_NAME, WEIGHTS_FILE, shipped_manifest
+from pogdiff.training.train import TrainConfig, train
 
 DEFAULT_METHODS = ("vanilla", "cbdm", "t2h", "resample", "pogdiff")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -99,7 +99,7 @@ class Budget:
     use_ema: bool = False
 
     def train_options(self) -> dict:
-        """The fields of :class:`pogdiff.train.TrainConfig` this budget sets, for every cell alike."""
+        """The fields of :class:`pogdiff.training.train.TrainConfig` this budget sets, for every cell alike."""
         return {name: value for name, value in asdict(self).items() if name in TRAINED_BY_BUDGET}
 
 

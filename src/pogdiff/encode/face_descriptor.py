@@ -7,7 +7,7 @@ or the CNN ``mmod_human_face_detector``), the 5-point landmark model for alignme
 than ``min_size`` pixels are upscaled first: the detector misses faces below ~80 pixels.
 
 Shared by training (a feature space for PoGDiff's neighbours, Eq. 8:
-:mod:`pogdiff.neighbour_features`) and evaluation (the faces judge,
+:mod:`pogdiff.encode.neighbour_features`) and evaluation (the faces judge,
 :mod:`pogdiff.evaluation.faces`).
 """
 

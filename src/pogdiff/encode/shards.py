@@ -2,7 +2,7 @@
 image features), written in shards as they are computed and read a batch at a time.
 
 A table of N rows lives in ``CACHE_DIR/<kind>-<key>/shard-<i>-<content>.safetensors``:
-``key`` a hash of how rows are computed (the encoder, the transform: :func:`pogdiff.cache.cache_key`),
+``key`` a hash of how rows are computed (the encoder, the transform: :func:`pogdiff.encode.cache.cache_key`),
 shard ``i`` holding rows ``i * shard_rows`` to ``(i + 1) * shard_rows``, ``content`` a hash of
 what those rows are computed from (their image files' or captions' keys). So a shard is reused
 whenever its own rows are unchanged: a dataset with one image replaced, or with a corrupt image
@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pogdiff.cache import cache_folder, cache_key
+from pogdiff.encode.cache import cache_folder, cache_key
 from pogdiff.data.dataset import and_more
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
 from pogdiff.files import atomic_path, apply_umask

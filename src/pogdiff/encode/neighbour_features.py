@@ -4,8 +4,8 @@ Eq. 8 needs "a pretrained image encoder"; which one decides who counts as a look
 so it is an option of the method:
 
 - ``efficientnet-lite0``: ImageNet features of EfficientNet-Lite0, global
-  average pool, 1280-d (:class:`pogdiff.encoders.ImageEncoder`; offline).
-- ``faces``: dlib's 128-d face descriptor (:mod:`pogdiff.face_descriptor`), for photos
+  average pool, 1280-d (:class:`pogdiff.encode.encoders.ImageEncoder`; offline).
+- ``faces``: dlib's 128-d face descriptor (:mod:`pogdiff.encode.face_descriptor`), for photos
   of real people, the paper's domain (``pip install 'pogdiff[faces]'``). An image where
   no face is found gets the zero vector: cosine 0 to every image, so its own neighbours
   are drawn uniformly (Eq. 8's fallback) with psi_img = 0, and it is nobody's likely
@@ -22,7 +22,7 @@ so it is an option of the method:
   the precision, not by LoRA adapters (zero at their start) nor the seed: a full and a LoRA run
   of one checkpoint share them.
 - anything else: a Hugging Face DINOv2, CLIP, SigLIP or ViT/DINO v1 model id or folder the user
-  has, e.g. ``facebook/dinov2-base`` (:class:`pogdiff.encoders.HuggingFaceImageFeatures`).
+  has, e.g. ``facebook/dinov2-base`` (:class:`pogdiff.encode.encoders.HuggingFaceImageFeatures`).
 
 Never the evaluation's identity judge (its CNN, or its faces/features judge paired with
 the same space): the method would then see the test. Every space here has a ``name``
@@ -39,11 +39,11 @@ import warnings
 
 import torch
 
-from pogdiff.backbone import precision_dtype
-from pogdiff.encoders import HuggingFaceImageFeatures, ImageEncoder, weights_fingerprint
+from pogdiff.backbones.backbone import precision_dtype
+from pogdiff.encode.encoders import HuggingFaceImageFeatures, ImageEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, PogdiffWarning
 # The spaces' names live with Eq. 8's tables (pure: the losses name their default without loading encoders).
-from pogdiff.neighbours import (BUILT_IN_SPACES, DEFAULT_NEIGHBOUR_FEATURES,  # noqa: F401 -- named here too
+from pogdiff.encode.neighbours import (BUILT_IN_SPACES, DEFAULT_NEIGHBOUR_FEATURES,  # noqa: F401 -- named here too
                                 EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE)
 
 UNET_TIMESTEP = 50
@@ -51,7 +51,7 @@ UNET_TIMESTEP = 50
 
 def neighbour_feature_space(space: str, backbone=None, x0=None, precision: str = "no"):
     """The feature space ``space`` names (see the module docstring); ``unet`` needs the backbone, the
-    table x0 is drawn from (:func:`pogdiff.encoded_dataset.training_latents`) and the mixed precision."""
+    table x0 is drawn from (:func:`pogdiff.encode.encoded_dataset.training_latents`) and the mixed precision."""
     if space == EFFICIENTNET_SPACE:
         return EfficientNetSpace()
     if space == FACE_SPACE:
@@ -82,7 +82,7 @@ class FaceSpace:
         self.name = f"dlib-face-descriptor-v1-{detector}@{min_size}"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from pogdiff.face_descriptor import FaceDescriptor
+        from pogdiff.encode.face_descriptor import FaceDescriptor
 
         descriptors, found = FaceDescriptor(self.detector, self.min_size)(images)
         if not found.all():

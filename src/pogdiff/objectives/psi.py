@@ -3,7 +3,7 @@
 psi = psi_img * psi_txt: how much of the neighbour's prediction to borrow, larger when
 the neighbour image looks alike (and more so when it shows the same identity), and
 larger for captions in sparse regions of the text space. The summaries at the end are
-what a run's ``psi_summary.json`` holds (:func:`pogdiff.run_folder.save_psi`).
+what a run's ``psi_summary.json`` holds (:func:`pogdiff.training.run_folder.save_psi`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def image_similarity_weight(similarity: torch.Tensor, same_identity: torch.Tenso
     """Eq. 9: psi_img = max(0, s) ** (a1 + a2 * 1[I(x) != I(x')]).
 
     The paper's footnote: s = 0.4, a1 = a2 = 1 gives 0.4 for the same person, 0.16 otherwise.
-    No defaults here: PoGDiff's are :class:`pogdiff.losses.PoGDiffLoss`'s arguments. The exponents must be
+    No defaults here: PoGDiff's are :class:`pogdiff.objectives.losses.PoGDiffLoss`'s arguments. The exponents must be
     >= 0 (a negative one turns s = 0 into an infinite weight): refused by the options' rules.
     """
     check_values({"a1": a1, "a2": a2})

@@ -10,13 +10,13 @@
                              other-identity cosine similarity in the neighbour feature space
     RUN/checkpoint-N/        training states (--checkpointing-steps), with pogdiff_checkpoint.json: the
                              options the run was started with and the sha256 of each file
-    RUN/rows-rank<R>.jsonl   --log-rows (pogdiff.row_log)
+    RUN/rows-rank<R>.jsonl   --log-rows (pogdiff.training.row_log)
 
 A plain diffusers pipeline folder reads as a Stable Diffusion run labelled by its folder name.
 
 :class:`RunFolder` is the one owner of every folder a command writes (a run, an evaluation, a
 benchmark, a demo, samples, a release): it checks, creates and claims it under the one rule of
-:mod:`pogdiff.ownership`, and, for a run, finds the checkpoint to resume; the functions after it
+:mod:`pogdiff.training.ownership`, and, for a run, finds the checkpoint to resume; the functions after it
 save, check and load a run's checkpoints.
 """
 
@@ -36,14 +36,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pogdiff import psi
+from pogdiff.objectives import psi
 from pogdiff.errors import Interrupted, PogdiffError, first_line
 from pogdiff.files import (apply_umask_to_tree, incomplete, remove_quietly, sha256, write_errors_as_os_errors,
                            write_text_atomic)
-from pogdiff.ownership import (BENCHMARK, DEMO, EVALUATION, MARKS, RELEASE, RUN, SAMPLES, claimed, entries,
+from pogdiff.training.ownership import (BENCHMARK, DEMO, EVALUATION, MARKS, RELEASE, RUN, SAMPLES, claimed, entries,
                                is_marked, refuse_if_in_use)
-from pogdiff.pretrained import PIPELINE_FILE
-from pogdiff.shipped import SHIPPED_NAME
+from pogdiff.backbones.pretrained import PIPELINE_FILE
+from pogdiff.backbones.shipped import SHIPPED_NAME
 
 RUN_FILE = "pogdiff_run.json"
 PIPELINE_BACKBONE = "stable-diffusion"  # the backbone kind of a plain pipeline folder
@@ -153,7 +153,7 @@ def save_psi(run_dir: Path, psi_per_row: dict[str, torch.Tensor], is_few: torch.
     """The per-row values (PSI_FILE) and their quantiles, majority vs minority (PSI_SUMMARY_FILE).
 
     ``neighbour_space``: the feature space of Eq. 8 (``name``, ``k``) and its cosine similarities
-    of same-identity and other-identity pairs (:func:`pogdiff.neighbours.similarity_by_identity`),
+    of same-identity and other-identity pairs (:func:`pogdiff.encode.neighbours.similarity_by_identity`),
     summarised under ``"neighbour_features"``.
     """
     weights = {k: v.float().cpu().contiguous() for k, v in psi_per_row.items()}
@@ -211,7 +211,7 @@ NOT_OURS = {
 class RunFolder:
     """A folder a command writes, in plain values; the one rule of what it may write there, and how it claims it.
 
-    ``kind``: whose folder it is (:mod:`pogdiff.ownership`: ``run`` for `pogdiff train`, ``evaluation``,
+    ``kind``: whose folder it is (:mod:`pogdiff.training.ownership`: ``run`` for `pogdiff train`, ``evaluation``,
     ``benchmark``, ``demo``, ``samples``, ``release``); ``flag``: the option naming it, in messages.
     ``data_dir``: the dataset, which the folder must not lie in; ``inputs``: (what, folder) pairs that must not
     lie in the folder (a new run or --overwrite would mix with them). ``outputs``: the names (glob patterns)
@@ -307,7 +307,7 @@ class RunFolder:
 
     @contextlib.contextmanager
     def claimed(self) -> Iterator[Path]:
-        """Create the folder, claim it (mark and lock it, :func:`pogdiff.ownership.claimed`), check it again under
+        """Create the folder, claim it (mark and lock it, :func:`pogdiff.training.ownership.claimed`), check it again under
         the lock, and for a run with --overwrite empty it of what `train` wrote; the claim lasts for the block.
 
         A Ctrl-C inside a run's block becomes a one-line error that says how to continue the run.
@@ -452,7 +452,7 @@ def checkpoint_trained_weights_only(accelerator) -> None:
 
 def save_checkpoint(accelerator, out: Path, step: int, total_limit: int | None, options: dict | None = None) -> None:
     """Save the full training state atomically: written to a temporary folder, then renamed; with ``options``
-    (the run's own, see :func:`pogdiff.train.options_to_keep`), a record of them and of each file's sha256 goes
+    (the run's own, see :func:`pogdiff.training.train.options_to_keep`), a record of them and of each file's sha256 goes
     with it.
 
     A failed write (disk full) removes the temporary folder and raises a one-line error;

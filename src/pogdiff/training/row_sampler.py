@@ -10,16 +10,16 @@ Separate from the losses, so that any objective can be trained on balanced batch
   text density of Eq. 11, exp(-ELBO) relative to the median, clipped to
   [1/density_max_ratio, density_max_ratio] so that no single caption takes over.
 
-The method ``resample`` is vanilla + ``balanced`` (:class:`pogdiff.losses.ResampleLoss`).
+The method ``resample`` is vanilla + ``balanced`` (:class:`pogdiff.objectives.losses.ResampleLoss`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from pogdiff.encoded_dataset import EncodedDataset
+from pogdiff.encode.encoded_dataset import EncodedDataset
 from pogdiff.options import check_sampler
-from pogdiff.psi import inverse_text_density_weight
+from pogdiff.objectives.psi import inverse_text_density_weight
 
 
 def identity_balanced_weights(identity: torch.Tensor) -> torch.Tensor:

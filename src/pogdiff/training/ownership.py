@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pogdiff.errors import PogdiffError
-from pogdiff.shipped import MANIFEST_FILE, SHIPPED_NAME
+from pogdiff.backbones.shipped import MANIFEST_FILE, SHIPPED_NAME
 
 RUN, EVALUATION, BENCHMARK, DEMO, RELEASE, SAMPLES = "run", "evaluation", "benchmark", "demo", "release", "samples"
 MARKS = {kind: f".pogdiff-{kind}" for kind in (RUN, EVALUATION, BENCHMARK, DEMO)}

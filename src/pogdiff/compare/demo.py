@@ -14,9 +14,9 @@ from pathlib import Path
 from pogdiff.data.synth import write_dataset
 from pogdiff.evaluation.evaluate import evaluate_runs, format_table
 from pogdiff.evaluation.results_table import feature_spaces_text
-from pogdiff.ownership import DEMO
-from pogdiff.run_folder import RunFolder, is_finished
-from pogdiff.train import TrainConfig, train
+from pogdiff.training.ownership import DEMO
+from pogdiff.training.run_folder import RunFolder, is_finished
+from pogdiff.training.train import TrainConfig, train
 
 DEMO_METHODS = ("vanilla", "pogdiff")
 # Sized so that `make demo`, install and identity judge included, ends within 15 minutes on

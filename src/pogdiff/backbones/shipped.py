@@ -1,4 +1,4 @@
-"""The small backbone that ships inside the package, pretrained by ``pogdiff pretrain`` (:mod:`pogdiff.pretraining`).
+"""The small backbone that ships inside the package, pretrained by ``pogdiff pretrain`` (:mod:`pogdiff.training.pretraining`).
 
 :data:`SHIPPED_DIR` is a run folder like any other (``unet/`` in fp16, ``scheduler/``,
 ``pogdiff_run.json``) plus ``manifest.json``, which records how it was made and the
@@ -20,7 +20,7 @@ from pogdiff.errors import PogdiffError
 from pogdiff.files import sha256
 
 SHIPPED_NAME = "pogdiff-small-people"
-SHIPPED_DIR = Path(__file__).parent / "weights" / SHIPPED_NAME
+SHIPPED_DIR = Path(__file__).parent.parent / "weights" / SHIPPED_NAME
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "unet/diffusion_pytorch_model.safetensors"
 SHIPPED_RESOLUTION = 32
@@ -62,7 +62,7 @@ def loading_shipped(folder: str | Path) -> Iterator[None]:
 
 
 def shipped_manifest() -> dict:
-    """How the shipped weights were made (:mod:`pogdiff.pretraining`), once they match its sha256."""
+    """How the shipped weights were made (:mod:`pogdiff.training.pretraining`), once they match its sha256."""
     return json.loads((shipped_backbone_dir() / MANIFEST_FILE).read_text())
 
 

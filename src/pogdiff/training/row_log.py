@@ -4,7 +4,7 @@ Every process appends JSON lines to ``OUTPUT_DIR/rows-rank<R>.jsonl``:
 
 - ``{"rank": R, "num_rows": N, "tables": {name: sha256}}`` once per start (resumes add one):
   digests of the per-row tables every process must share (caption states of every row,
-  read whole: a check for test-sized runs; identity codes, ELBO of Eq. 10: see :class:`~pogdiff.encoded_dataset.EncodedDataset`; and the
+  read whole: a check for test-sized runs; identity codes, ELBO of Eq. 10: see :class:`~pogdiff.encode.encoded_dataset.EncodedDataset`; and the
   neighbour index and similarity of Eq. 8 and psi of Eq. 12 where the method has them);
 - ``{"micro_step": m, "rows": [...]}`` per micro-batch: the dataset rows this process trained on;
 - ``{"weights": sha256}`` at the end: a digest of the trained weights as this process holds them.
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pogdiff.cache import tensor_digest
-from pogdiff.encoded_dataset import EncodedDataset
-from pogdiff.neighbours import NeighbourTable
+from pogdiff.encode.cache import tensor_digest
+from pogdiff.encode.encoded_dataset import EncodedDataset
+from pogdiff.encode.neighbours import NeighbourTable
 
 
 class RowLog:

@@ -1,7 +1,7 @@
 """Neighbour sampling of PoGDiff (Sec. 3.2, Eq. 8).
 
 Every training image is embedded with a frozen image encoder (a feature space of
-:mod:`pogdiff.neighbour_features`); its k most similar other
+:mod:`pogdiff.encode.neighbour_features`); its k most similar other
 images by cosine similarity are its neighbours. At each step one neighbour j is drawn
 with probability w_j = s_j / sum_j s_j (Eq. 8) and its caption embedding becomes y'.
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pogdiff.errors import PogdiffError
 
-# The feature spaces of Eq. 8 by name (``--neighbour-features``; built by :mod:`pogdiff.neighbour_features`).
+# The feature spaces of Eq. 8 by name (``--neighbour-features``; built by :mod:`pogdiff.encode.neighbour_features`).
 EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE = "efficientnet-lite0", "faces", "unet"
 BUILT_IN_SPACES = (EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE)
 DEFAULT_NEIGHBOUR_FEATURES = UNET_SPACE

@@ -1,0 +1,1 @@
+"""What denoises: the small backbone and diffusers checkpoints, their loading, the shipped weights and the sampler."""

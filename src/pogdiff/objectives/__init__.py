@@ -1,0 +1,1 @@
+"""The training objectives: PoGDiff (Eq. 13) with its weights psi (Eqs. 9, 11, 12), and the baselines."""
