@@ -608,6 +608,14 @@ def test_a_partial_pipeline_folder_is_named(damage, expected, tmp_path):
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
+def test_sample_refuses_an_unfinished_stable_diffusion_run(tmp_path, capsys):
+    run = write_pipeline(tmp_path / "run")  # a full-weights SD run stopped before it wrote pogdiff_run.json
+    (run / MARK_FILE).write_text("")
+    code, _, err = run_cli(capsys, "sample", run, "--prompt", "An image of Anna.", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "run: an unfinished run (no pogdiff_run.json)", "--overwrite")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_single_checkpoint_file_is_not_a_pipeline_folder(tmp_path):
     (tmp_path / "v1-5-pruned.safetensors").write_bytes(b"\0" * 16)
     with pytest.raises(PogdiffError, match="a single checkpoint file.*from_single_file"):

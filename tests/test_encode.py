@@ -113,12 +113,14 @@ def test_every_unreadable_image_of_every_shard_is_counted(toy_data, tmp_path, fo
     assert f"(2 more unreadable: {dataset.files[9]}, {dataset.files[17]})" in err
 
 
-def test_a_bad_shard_size_is_one_line(toy_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("POGDIFF_SHARD_ROWS", "0")
+@pytest.mark.parametrize("value", ["0", "\u00b2", "1" + "0" * 22], ids=["zero", "superscript two", "23 digits"])
+def test_a_bad_shard_size_is_one_line(value, toy_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("POGDIFF_SHARD_ROWS", value)
     assert encode_cli(toy_data, tmp_path / "cache", "--method", "vanilla") == 2
     err = capsys.readouterr().err
-    assert err.strip() == "pogdiff: error: POGDIFF_SHARD_ROWS='0': rows per cache shard must be a whole number >= 1; " \
-                          "unset it or fix it"
+    assert err.strip() == f"pogdiff: error: POGDIFF_SHARD_ROWS={value!r}: rows per cache shard must be a whole " \
+                          "number from 1 to 2147483647; unset it or fix it"
+    assert not list((tmp_path / "cache").glob("*/shard-*"))  # refused before any shard was encoded
 
 
 def test_sharded_table_reads_rows_in_any_order_across_shards(tmp_path):

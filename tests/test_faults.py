@@ -180,6 +180,26 @@ def test_damaged_cache_files_are_computed_again(toy_data, tmp_path, counted):
     assert counted["density"] == 2 and torch.isfinite(load_file(density_file)["elbo"]).all()
 
 
+def zero_the_data(file):
+    """Zero every byte of a safetensors file after its header: a valid file of the right table, all values 0."""
+    data = file.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    file.write_bytes(data[:start] + bytes(len(data) - start))
+
+
+def test_zeroed_cache_files_and_shards_are_computed_again(toy_data, tmp_path, counted):
+    text, image, cache = FakeTextEncoder(), FakeImageEncoder(), tmp_path / "cache"
+    good, good_table = build(toy_data, text, image, cache)
+    zero_the_data(next(cache.glob("neighbours-*.safetensors")))  # it gave psi = 0 on every row: vanilla
+    zero_the_data(next(cache.glob("text-*/shard-*.safetensors")))
+    with pytest.warns(PogdiffWarning, match="bytes changed since it was written") as caught:
+        again, table = build(toy_data, text, image, cache)
+    messages = [str(w.message) for w in caught]
+    assert any("/neighbours-" in m for m in messages) and any("/shard-" in m for m in messages)
+    assert counted["neighbours"] == 2 and text.calls == 2
+    assert torch.equal(table.similarity, good_table.similarity) and torch.equal(states(again), states(good))
+
+
 def test_a_cache_file_of_another_table_is_computed_again(toy_data, tmp_path, counted):
     cache = tmp_path / "cache"
     _, good = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
@@ -475,7 +495,7 @@ def test_a_cache_inside_the_output_folder_is_refused(toy_data, tmp_path, capsys)
 
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory, shared_cache):
-    """A finished 3-step run with checkpoint-1 and checkpoint-2 (copied by each test that damages it)."""
+    """A finished 3-step run with checkpoint-1, -2 and -3 (copied by each test that damages it)."""
     from conftest import write_toy_dataset
 
     root = tmp_path_factory.mktemp("checkpointed")
@@ -501,14 +521,14 @@ def test_a_damaged_checkpoint_names_itself_and_the_one_before(damage, expected, 
                                                               shared_cache, capsys):
     data, finished = checkpointed_run
     run = shutil.copytree(finished, tmp_path / "run")
-    damage(run / "checkpoint-2")
-    code, err = run_main(capsys, *train_args(data, run, shared_cache, "--max-train-steps", 3,
+    damage(run / "checkpoint-3")
+    code, err = run_main(capsys, *train_args(data, run, shared_cache, "--max-train-steps", 4,
                                              "--resume-from-checkpoint", "latest"))
     assert code == 2
-    assert_one_line(err, "checkpoint-2: ", expected, "resume from the one before with --resume-from-checkpoint "
-                    "checkpoint-1, or start the run afresh with --overwrite")
-    code, err = run_main(capsys, *train_args(data, run, shared_cache, "--max-train-steps", 3,
-                                             "--resume-from-checkpoint", "checkpoint-1"))
+    assert_one_line(err, "checkpoint-3: ", expected, "resume from the one before with --resume-from-checkpoint "
+                    "checkpoint-2, or start the run afresh with --overwrite")
+    code, err = run_main(capsys, *train_args(data, run, shared_cache, "--max-train-steps", 4,
+                                             "--resume-from-checkpoint", "checkpoint-2"))
     assert code == 0, err
 
 

@@ -234,8 +234,9 @@ def test_lora_alpha_and_target_modules_shape_the_adapters(tiny_sd, sd_data, tmp_
 
 @pytest.mark.parametrize("options, expected", [
     (["--lora-target-modules", "nothing_like_this"], "--lora-target-modules nothing_like_this"),
+    (["--lora-target-modules", "to_q", "nonsense"], "--lora-target-modules nonsense: no module of the UNet"),
     (["--lora-alpha", 0], "argument --lora-alpha: 0 is out of range"),
-], ids=["unknown module", "alpha 0"])
+], ids=["unknown module", "one unknown module among known ones", "alpha 0"])
 def test_bad_lora_options_are_one_line(options, expected, tiny_sd, sd_data, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", sd_data, "--pretrained", tiny_sd, "--output-dir", tmp_path / "run",
                            "--rank", 4, *options, "--no-progress")
@@ -381,10 +382,25 @@ def test_evaluate_samples_and_records_the_prompt_template(small_synth, tmp_path,
 
 
 @pytest.mark.parametrize("command", ["evaluate RUN --data D --out O", "benchmark"])
-@pytest.mark.parametrize("template", ["An image of a person.", "An image of {person}."])
+@pytest.mark.parametrize("template", ["An image of a person.", "An image of {person}.", "A photo of {{name}}."])
 def test_a_prompt_template_without_name_is_one_line(command, template, capsys):
     code, _, err = run_cli(capsys, *command.split(), "--prompt-template", template)
     assert_one_line_error(code, err, "argument --prompt-template", "is not a template holding {name}")
+
+
+def test_a_template_that_pushes_the_name_past_the_last_token_is_one_line(small_synth, tmp_path, capsys,
+                                                                          monkeypatch):
+    from pogdiff.evaluation import samples as samples_module
+
+    data, cache = small_synth
+    sampled = []
+    monkeypatch.setattr(samples_module, "sample_rows", lambda *args, **kwargs: sampled.append(args) or iter(()))
+    template = "A " + "very " * 60 + "old photo of {name}."  # the shipped backbone's text encoder reads 56 tokens
+    code, _, err = run_cli(capsys, "evaluate", "pogdiff-small-people", "--data", data, "--out", tmp_path / "eval",
+                           "--prompt-template", template, "--num-images", 1, "--num-inference-steps", 2,
+                           "--identity-judge", "features", "--cache-dir", cache, "--no-progress")
+    assert_one_line_error(code, err, "--prompt-template", "same prompt once cut to the text encoder's 56 tokens")
+    assert not sampled
 
 
 def test_benchmark_records_the_prompt_template(tmp_path):

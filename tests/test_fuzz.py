@@ -29,7 +29,7 @@ SEED = 14
 TRAIN_OPTIONS = [
     ("--train-batch-size", [0, -1, 3, "two", 100]), ("--gradient-accumulation-steps", [0, 2]),
     ("--learning-rate", [-1, 0, "nan", "inf", "1e-3"]), ("--lr-scheduler", ["foo", "cosine"]),
-    ("--seed", [-1, 2**32, 7]), ("--max-train-steps", [0, -5, 2]), ("--checkpointing-steps", [0, 1]),
+    ("--seed", [-1, 2**32, 7]), ("--max-train-steps", [0, -5, 2, 4]), ("--checkpointing-steps", [0, 1]),
     ("--checkpoints-total-limit", [-1, 0, 1]), ("--caption-dropout", [5, "nan", 0.5]),
     ("--resolution", [0, -8, 4, 8, 36]), ("--mixed-precision", ["fp16", "fp8", "no"]),
     ("--vae-latent-dim", [0, 2]), ("--k", [0, 1, 100]), ("--method", ["vanilla", "cbdm", "t2h", "resample", "magic"]),
@@ -38,6 +38,7 @@ TRAIN_OPTIONS = [
     ("--overwrite", [None]), ("--use-ema", [None]), ("--random-flip", [None]), ("--ema-decay", [2, 0.9]),
     ("--validation-steps", [0]), ("--num-validation-images", [0]), ("--identity-column", ["person"]),
     ("--caption-column", ["caption"]), ("--snr-gamma", [0, 5]), ("--lora-rank", [0, 4]),
+    ("--logging-dir", [".", "..", "eval/tb", "logs"]),
 ]
 SAMPLE_OPTIONS = [
     ("--num-images", [0, -1, 2]), ("--num-inference-steps", [0, -3, 5000, 2]),
@@ -92,7 +93,10 @@ RUN_DAMAGE = {
     "weights truncated": lambda r: (r / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 100),
     "scheduler gone": lambda r: shutil.rmtree(r / "scheduler"),
     "run file gone": lambda r: (r / "pogdiff_run.json").unlink(),
-    "checkpoint bytes changed": lambda r: zero_middle(r / "checkpoint-1" / "optimizer.bin"),
+    "checkpoint bytes changed": lambda r: zero_middle(r / "checkpoint-2" / "optimizer.bin"),
+    "checkpoint record truncated": lambda r: (r / "checkpoint-2" / "pogdiff_checkpoint.json").write_text(
+        (r / "checkpoint-2" / "pogdiff_checkpoint.json").read_text()[:100]),
+    "checkpoint record gone": lambda r: (r / "checkpoint-2" / "pogdiff_checkpoint.json").unlink(),
 }
 
 
@@ -108,8 +112,8 @@ def zero_middle(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory):
-    """A small dataset (3 + 3 images, 16 px) and a 2-step run trained on it, with checkpoint-1; each case works on
-    copies."""
+    """A small dataset (3 + 3 images, 16 px) and a 2-step run trained on it, with checkpoint-1 and checkpoint-2 (its
+    final step); each case works on copies."""
     root = tmp_path_factory.mktemp("fuzz")
     data = write_toy_dataset(root / "data", counts=(3, 3), size=16)
     code = main(["train", str(data), "--output-dir", str(root / "run"), *train_basics(root / "cache"),
@@ -136,8 +140,8 @@ def draw_case(number: int, sandbox: Path, cache: Path) -> tuple[list[str], Path,
     data, run = str(sandbox / "data"), str(sandbox / "run")
     if command == "train":
         argv, pool = ["train", data, "--output-dir", str(out), *train_basics(cache)], TRAIN_OPTIONS
-    elif command == "resume":  # the run's own options, then random changes to them
-        argv = ["train", data, "--output-dir", run, *train_basics(cache), "--max-train-steps", "2",
+    elif command == "resume":  # the run's own options, continued a step further, then random changes to them
+        argv = ["train", data, "--output-dir", run, *train_basics(cache), "--max-train-steps", "3",
                 "--checkpointing-steps", "1", "--resume-from-checkpoint", "latest"]
         pool = TRAIN_OPTIONS
     elif command == "sample":

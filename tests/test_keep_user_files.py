@@ -20,7 +20,7 @@ E = ["--num-images", 1, "--num-inference-steps", 2, "--no-progress"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A PoGDiff run of 3 steps on the toy set with checkpoint-2, and the cache it filled."""
+    """A PoGDiff run of 3 steps on the toy set with checkpoint-2 and checkpoint-3, and the cache it filled."""
     from conftest import write_toy_dataset
     from pogdiff.cli import main
 
@@ -85,7 +85,7 @@ def test_overwrite_removes_only_what_train_wrote(trained, tmp_path, capsys):
 @pytest.mark.parametrize("change, expected", [
     (["--method", "vanilla"], "method (run: 'pogdiff', now: 'vanilla')"),
     (["--use-ema"], "use_ema (run: False, now: True)"),
-    (["--max-train-steps", 1], "already past --max-train-steps 1"),
+    (["--max-train-steps", 1], "holds a run finished at step 3; pass a --max-train-steps above 3"),
     (["--other-data"], "the dataset's metadata.jsonl"),
 ])
 def test_resume_with_other_options_or_data_is_refused_before_any_work(change, expected, trained, tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_resume_with_other_options_or_data_is_refused_before_any_work(change, ex
     before = snapshot(own)
     code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache,
                            "--resume-from-checkpoint", "latest", *T, *change)
-    assert_one_line_error(code, err, "checkpoint-2", expected)
+    assert_one_line_error(code, err, "checkpoint-3" if change != ["--max-train-steps", 1] else "run", expected)
     assert snapshot(own) == before  # psi.safetensors and the rest untouched
 
 
@@ -115,14 +115,14 @@ def test_resume_with_the_runs_own_options_goes_on(trained, tmp_path, capsys):
 def test_a_checkpoint_whose_bytes_changed_is_refused(trained, tmp_path, capsys):
     data, run, cache = trained
     own = copy_run(run, tmp_path)
-    optimizer = own / "checkpoint-2" / "optimizer.bin"
+    optimizer = own / "checkpoint-3" / "optimizer.bin"
     payload = bytearray(optimizer.read_bytes())
     middle = len(payload) // 2
     payload[middle:middle + 4096] = bytes(min(4096, len(payload) - middle))  # still a whole zip: only the sha256 tells
     optimizer.write_bytes(bytes(payload))
     code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache,
                            "--resume-from-checkpoint", "latest", *T)
-    assert_one_line_error(code, err, "checkpoint-2: optimizer.bin is damaged", "sha256", "start the run afresh")
+    assert_one_line_error(code, err, "checkpoint-3: optimizer.bin is damaged", "sha256", "start the run afresh")
 
 
 def test_a_run_copied_without_its_mark_says_so(trained, tmp_path, capsys):
@@ -131,7 +131,96 @@ def test_a_run_copied_without_its_mark_says_so(trained, tmp_path, capsys):
     (own / MARK_FILE).unlink()
     code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache,
                            "--resume-from-checkpoint", "latest", *T)
-    assert_one_line_error(code, err, "holds checkpoint-2 but no .pogdiff-run (copied without its hidden files?)")
+    assert_one_line_error(code, err, "holds checkpoint-2, checkpoint-3 but no .pogdiff-run (copied without its "
+                                     "hidden files?)")
+
+
+def test_logging_dir_is_owned_exactly_and_never_the_run_folder(trained, tmp_path, capsys):
+    """#105: --overwrite --logging-dir eval/tb removed the user's eval/; --logging-dir . failed after training."""
+    data, run, cache = trained
+    own = copy_run(run, tmp_path)
+    (own / "eval").mkdir()
+    (own / "eval" / "metrics.json").write_text('{"mine": 1}')
+    code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache, "--overwrite",
+                           "--logging-dir", "eval/tb", *T)
+    assert code == 0, err
+    assert (own / "eval" / "metrics.json").read_text() == '{"mine": 1}'
+    before = snapshot(own)
+    for outside in [".", "..", "logs/../..", tmp_path / "elsewhere"]:
+        code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache, "--overwrite",
+                               "--logging-dir", outside, *T)
+        assert_one_line_error(code, err, f"--logging-dir {outside}: not a folder inside --output-dir",
+                              "pass a folder name such as logs")
+        assert snapshot(own) == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_finished_run_is_continued_from_its_final_step_and_never_shortened(trained, tmp_path, capsys):
+    """#106: the final step was not checkpointed, and a resume to fewer steps replaced the final weights."""
+    data, run, cache = trained
+    assert (run / "checkpoint-3").is_dir()  # the final step, so the run can be continued
+    own = copy_run(run, tmp_path)
+    before = snapshot(own)
+    for steps in (2, 3):
+        code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache,
+                               "--resume-from-checkpoint", "checkpoint-2", "--max-train-steps", steps, *T[2:])
+        assert_one_line_error(code, err, "holds a run finished at step 3", "or add --overwrite")
+        assert snapshot(own) == before
+    code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache,
+                           "--resume-from-checkpoint", "latest", "--max-train-steps", 5, *T[2:])
+    assert code == 0, err
+    info = json.loads((own / "pogdiff_run.json").read_text())
+    assert info["steps"] == 5 and len(info["train_sessions"]) == 2  # continued from checkpoint-3, not started anew
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "not a record"])
+def test_a_missing_or_damaged_checkpoint_record_is_refused(damage, trained, tmp_path, capsys):
+    """#107: such a checkpoint was taken as one saved before records, and no resume check ran."""
+    data, run, cache = trained
+    own = copy_run(run, tmp_path)
+    record = own / "checkpoint-2" / "pogdiff_checkpoint.json"
+    if damage == "missing":
+        record.unlink()
+    else:
+        record.write_text(record.read_text()[:100] if damage == "truncated" else '{"sha256": {}}')
+    before = snapshot(own)
+    code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache,
+                           "--resume-from-checkpoint", "checkpoint-2", "--max-train-steps", 4, *T[2:])
+    assert_one_line_error(code, err, "checkpoint-2/pogdiff_checkpoint.json: missing or damaged",
+                          "start the run afresh with --overwrite")
+    assert snapshot(own) == before
+
+
+def test_a_resume_on_other_images_is_refused(trained, tmp_path, capsys):
+    """#109: every image inverted, metadata.jsonl untouched: it resumed and trained on the new images."""
+    from PIL import Image, ImageOps
+
+    data, run, cache = trained
+    own = copy_run(run, tmp_path)
+    data = shutil.copytree(data, tmp_path / "inverted")
+    for image in sorted(data.rglob("*.png")):
+        ImageOps.invert(Image.open(image).convert("RGB")).save(image)
+    before = snapshot(own)
+    code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache,
+                           "--resume-from-checkpoint", "latest", "--max-train-steps", 4, *T[2:])
+    assert_one_line_error(code, err, "checkpoint-3: the run was started on other data: the bytes of the dataset's "
+                                     "images changed since")
+    assert snapshot(own) == before
+
+
+def test_a_resume_with_another_global_batch_is_refused(trained, tmp_path, capsys):
+    """#108: 2 processes x 4 resumed as 1 x 4 went on at half the batch."""
+    data, run, cache = trained
+    own = copy_run(run, tmp_path)
+    path = own / "checkpoint-3" / "pogdiff_checkpoint.json"  # as a run of 2 processes records it
+    record = json.loads(path.read_text())
+    assert record["options"]["global_batch"] == "1 x 2"
+    record["options"]["global_batch"] = "2 x 2"
+    path.write_text(json.dumps(record))
+    before = snapshot(own)
+    code, _, err = run_cli(capsys, "train", data, "--output-dir", own, "--cache-dir", cache,
+                           "--resume-from-checkpoint", "latest", "--max-train-steps", 4, *T[2:])
+    assert_one_line_error(code, err, "the global batch, processes x --train-batch-size (run: 2 x 2, now: 1 x 2)")
+    assert snapshot(own) == before
 
 
 def test_a_run_folder_inside_the_dataset_is_refused(trained, tmp_path, capsys):

@@ -116,7 +116,7 @@ def test_resumed_run_ends_with_the_same_weights(options, tiny_sd, sd_data, tmp_p
     cache = tmp_path / "cache"
     whole = train_cli(sd_data, tiny_sd, tmp_path / "whole", cache, "--max-train-steps", 4,
                       "--checkpointing-steps", 2, "--learning-rate", 1e-3, *options)
-    assert sorted(p.name for p in whole.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert sorted(p.name for p in whole.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # and the final
     resumed = tmp_path / "resumed"  # the run as it stood when stopped after the checkpoint
     resumed.mkdir()
     shutil.copy(whole / MARK_FILE, resumed / MARK_FILE)  # pogdiff's own run folder

@@ -89,15 +89,17 @@ HALF_PRECISION = Rule(lambda v: v != "fp16" or _cuda_visible(), "bf16 or no",
 
 
 def _is_prompt_template(text: str) -> bool:
-    """A str.format template whose only field is {name}, present at least once."""
+    """A str.format template whose only field is {name}, present at least once (an escaped ``{{name}}`` is
+    literal text: every identity would get the same prompt)."""
     try:
-        return "{name}" in text and isinstance(text.format(name=""), str)
-    except (KeyError, IndexError, ValueError):
+        return text.format(name="a") != text.format(name="b")
+    except (AttributeError, KeyError, IndexError, ValueError):
         return False
 
 
 PROMPT_TEMPLATE = Rule(_is_prompt_template, "a prompt with {name} where each identity's name goes, e.g. "
-                       "'A photo of {name}.' (write a literal brace twice: {{ }})",
+                       "'A photo of {name}.' (write a literal brace twice: {{ }}, but {name} once: {{name}} "
+                       "is the literal text {name})",
                        problem="is not a template holding {name}")
 
 # --- training options: each declared once, as a field of TrainConfig ---

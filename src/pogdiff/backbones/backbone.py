@@ -27,7 +27,9 @@ from pogdiff.data.image_files import pixels_to_float
 from pogdiff.encode.encoders import TextEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, first_line
 from pogdiff.backbones.pretrained import PIPELINE_FILE, check_pipeline_files
-from pogdiff.training.run_folder import DAMAGED_RUN_FIX, PIPELINE_BACKBONE, RUN_FILE, read_run_info
+from pogdiff.training.ownership import is_marked
+from pogdiff.training.run_folder import (DAMAGED_RUN_FIX, PIPELINE_BACKBONE, RUN_FILE, how_to_continue,
+                                         read_run_info)
 from pogdiff.backbones.shipped import WEIGHTS_FILE, loading_shipped, resolve_run_dir, sha256
 
 
@@ -176,6 +178,11 @@ class StableDiffusionBackbone:
         from peft import LoraConfig
 
         targets = list(target_modules or self.lora_target_modules)
+        names = [name for name, _ in self.unet.named_modules()]
+        for target in targets:  # peft drops a target matching no module silently
+            if not any(name == target or name.endswith(f".{target}") for name in names):
+                raise PogdiffError(f"--lora-target-modules {target}: no module of the UNet is called so; pass names "
+                                   f"of the UNet's modules, e.g. {' '.join(self.lora_target_modules)}")
         self.unet.requires_grad_(False)
         try:
             self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
@@ -287,6 +294,8 @@ def load_backbone(run_dir: str | Path, device: str | torch.device | None = None)
     on the GPU in half precision where there is one, else on the CPU in float32. ``run_dir`` may be
     the shipped backbone's name."""
     run_dir = resolve_run_dir(run_dir)
+    if is_marked(run_dir) and not (Path(run_dir) / RUN_FILE).is_file():  # else a full SD run loads as a pipeline
+        raise PogdiffError(f"{run_dir}: an unfinished run (no {RUN_FILE}); {how_to_continue(Path(run_dir))}")
     with loading_shipped(run_dir):
         info = read_run_info(run_dir)
         if info["backbone"] not in BACKBONES:

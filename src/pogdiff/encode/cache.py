@@ -2,9 +2,10 @@
 
 A cache file is ``CACHE_DIR/<kind>-<key>.safetensors``, ``key`` a hash of the parameters
 that determine its content (docs/bad-input.md, "Caches"). Files are written to a
-temporary name and renamed, so a killed run never leaves a file that loads; an unreadable
-or non-finite file is computed again; a cache that cannot be written is skipped with a
-warning.
+temporary name and renamed, so a killed run never leaves a file that loads. Its metadata holds
+the sha256 of its tensors (:func:`tensors_sha256`), checked when it is read: an unreadable or
+non-finite file, or one whose bytes changed (a zeroed block), is computed again with a warning.
+A cache that cannot be written is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from pogdiff.errors import PogdiffError, PogdiffWarning
 from pogdiff.files import apply_umask, atomic_path
 
-CACHE_VERSION = 3  # bump when a cached quantity is computed differently
+CACHE_VERSION = 4  # bump when a cached quantity is computed or stored differently (4: with its sha256)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -67,10 +68,13 @@ def cached(cache_dir: str | Path | None, kind: str, params: dict, compute: Calla
             if metadata.get("kind") != kind or metadata.get("key") != cache_key(kind, params):
                 warnings.warn(f"{path}: this cache file holds another table (copied or renamed?); computing it again",
                               PogdiffWarning)
-            elif all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
-                return tensors
-            else:
+            elif not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
                 warnings.warn(f"{path}: NaN or inf in this cache file; computing it again", PogdiffWarning)
+            elif metadata.get("sha256") != tensors_sha256(tensors):
+                warnings.warn(f"{path}: this cache file's bytes changed since it was written (its sha256 differs); "
+                              "computing it again", PogdiffWarning)
+            else:
+                return tensors
     tensors = compute()
     _save(tensors, path, kind, params)
     return tensors
@@ -83,11 +87,18 @@ def _save(tensors: Tensors, path: Path, kind: str, params: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             save_file({name: t.contiguous() for name, t in tensors.items()}, tmp,
-                      metadata={"kind": kind, "key": cache_key(kind, params), "params": json.dumps(params)})
+                      metadata={"kind": kind, "key": cache_key(kind, params), "params": json.dumps(params),
+                                "sha256": tensors_sha256(tensors)})
             apply_umask(tmp)
     except OSError as error:
         warnings.warn(f"{path}: cannot write this cache file ({error.strerror or error}); going on without it "
                       "(free space or pass --cache-dir)", PogdiffWarning)
+
+
+def tensors_sha256(tensors: Tensors) -> str:
+    """The sha256 of named tensors (:func:`tensor_digest` of each): what a cache entry records of its content."""
+    digests = {name: tensor_digest(tensor.detach().cpu()) for name, tensor in tensors.items()}
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -73,7 +73,9 @@ class TextEncoder:
         holding the same encoder share caches, and a folder whose weights change does not.
         """
         from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging
 
+        logging.disable_progress_bar()
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
         model = CLIPTextModel.from_pretrained(path, subfolder=subfolder)
         return cls(tokenizer, model, tokenizer.model_max_length, "pooler",

@@ -10,7 +10,8 @@ fixed, recomputes one shard. Each shard is written to a temporary name and renam
 encode leaves only whole shards and the next one computes just the missing ones. Under ``accelerate launch`` process ``r`` of ``P`` computes the shards with
 ``i % P == r``: all processes encode at once, each its share of the rows.
 
-Shards are safetensors files whose header says which table and rows they hold; a read copies
+Shards are safetensors files whose header says which table and rows they hold, and the sha256 of
+their tensors, checked with their values before each encode (a zeroed shard is computed again); a read copies
 just the rows asked for from the file, so reading a batch touches only its rows and memory stays
 bounded whatever N is. A shard that cannot be written (disk full, read-only cache) is kept in memory
 with a warning and the run goes on. Either way the rows are one :class:`ShardedTable`, which can
@@ -35,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from pogdiff.encode.cache import cache_folder, cache_key
+from pogdiff.encode.cache import cache_folder, cache_key, tensors_sha256
 from pogdiff.data.dataset import and_more
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
 from pogdiff.files import atomic_path, apply_umask
@@ -45,15 +46,18 @@ Tensors = dict[str, torch.Tensor]
 # Rows per shard: the unit of resumption and of the work split over processes. 1,024 rows of Stable
 # Diffusion latents in float16 are 64 MiB. $POGDIFF_SHARD_ROWS overrides it (docs/scale.md).
 DEFAULT_SHARD_ROWS = 1024
+MAX_SHARD_ROWS = 2**31 - 1  # far past any table; a size past int64 overflowed numpy's row arithmetic after encoding
 
 
 def shard_rows() -> int:
+    """Rows per shard: $POGDIFF_SHARD_ROWS, else :data:`DEFAULT_SHARD_ROWS`."""
     value = os.environ.get("POGDIFF_SHARD_ROWS", "")
     if not value:
         return DEFAULT_SHARD_ROWS
-    if not value.isdigit() or int(value) < 1:
-        raise PogdiffError(f"POGDIFF_SHARD_ROWS={value!r}: rows per cache shard must be a whole number >= 1; "
-                           "unset it or fix it")
+    # isdigit() alone takes "²", which int() refuses
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_SHARD_ROWS:
+        raise PogdiffError(f"POGDIFF_SHARD_ROWS={value!r}: rows per cache shard must be a whole number from 1 to "
+                           f"{MAX_SHARD_ROWS}; unset it or fix it")
     return int(value)
 
 
@@ -190,7 +194,8 @@ class ShardedCache:
         return self.folder / f"shard-{shard:05d}-{self.shard_key(shard)}.safetensors"
 
     def damage(self, shard: int, check_values: bool = True) -> str | None:
-        """Why shard ``shard`` cannot be used ("absent", cut short, another table's, NaN or inf), None when whole."""
+        """Why shard ``shard`` cannot be used ("absent", cut short, another table's; with ``check_values``, bytes
+        changed since it was written or NaN or inf), None when whole."""
         if shard in self.held:
             return None
         path = self.path(shard)
@@ -205,9 +210,13 @@ class ShardedCache:
                                                                      f"{rows.start}:{rows.stop}") \
                 or any(len(a) != len(rows) for a in arrays.values()):
             return "this cache shard holds other rows or another table (copied or renamed?)"
-        if check_values and any(not torch.isfinite(a.read()).all() for a in arrays.values()
-                                if a.dtype.is_floating_point):
+        if not check_values:
+            return None
+        values = {name: a.read() for name, a in arrays.items()}
+        if any(not torch.isfinite(v).all() for v in values.values() if v.is_floating_point()):
             return "NaN or inf in this cache shard"
+        if meta.get("sha256") != tensors_sha256(values):
+            return "this cache shard's bytes changed since it was written (its sha256 differs)"
         return None
 
     def complete(self) -> bool:
@@ -251,7 +260,7 @@ class ShardedCache:
         path = self.path(shard)
         rows = self.rows(shard)
         metadata = {"kind": self.kind, "key": self.shard_key(shard), "rows": f"{rows.start}:{rows.stop}",
-                    "params": json.dumps(self.params), "written_by": writer}
+                    "params": json.dumps(self.params), "written_by": writer, "sha256": tensors_sha256(tensors)}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:

@@ -35,6 +35,7 @@ def write_samples(backbone, samples_for: dict[str, int], folder: Path, stems: di
     :func:`pogdiff.files.file_stems` of every identity of the dataset), each batch as soon as it is done;
     identities with the same count are sampled together, with the noise stream of
     :func:`pogdiff.backbones.sampling.generate`. ``shard``: this process's batches (:func:`sample_rows`)."""
+    check_prompts_differ(backbone.text_encoder, prompt_template, list(samples_for))
     for count in sorted(set(samples_for.values())):
         group = [n for n in samples_for if samples_for[n] == count]
         for identity in group:
@@ -43,6 +44,22 @@ def write_samples(backbone, samples_for: dict[str, int], folder: Path, stems: di
                                         num_inference_steps, guidance_scale, seed, progress=progress, shard=shard):
             for row, image in zip(rows, images):
                 to_pil(image).save(folder / stems[group[row // count]] / f"{row % count:03d}{SUFFIX}")
+
+
+def check_prompts_differ(text_encoder, prompt_template: str, names: list[str]) -> None:
+    """One line when two identities' prompts become the same tokens once cut to what ``text_encoder`` reads (a long
+    template pushes the name past its last token): they would be sampled from one prompt. Names the tokenizer
+    reads alike whole (``AC/DC`` and ``ac/dc`` for an uncased one) are not the template's doing."""
+    prompts = [prompt_template.format(name=name) for name in names]
+    whole = text_encoder.tokenizer(prompts, verbose=False)["input_ids"]  # no warning that they are too long
+    cut = text_encoder.tokenizer(prompts, truncation=True, max_length=text_encoder.max_length)["input_ids"]
+    first_of: dict[tuple[int, ...], tuple[str, list[int]]] = {}
+    for name, ids, whole_ids in zip(names, cut, whole):
+        other, other_whole = first_of.setdefault(tuple(ids), (name, whole_ids))
+        if other_whole != whole_ids:
+            raise PogdiffError(f"--prompt-template {prompt_template!r}: identities {other!r} and {name!r} get the "
+                               f"same prompt once cut to the text encoder's {text_encoder.max_length} tokens; "
+                               "shorten the template or put {name} nearer its start")
 
 
 def find_samples(folder: Path, identities: list[str], scored: list[str]) -> dict[str, list[Path]]:

@@ -8,8 +8,9 @@
                              share of drawn y' of another identity (Eq. 8), is_few
     RUN/psi_summary.json     their means and quantiles, majority vs minority rows; same- vs
                              other-identity cosine similarity in the neighbour feature space
-    RUN/checkpoint-N/        training states (--checkpointing-steps), with pogdiff_checkpoint.json: the
-                             options the run was started with and the sha256 of each file
+    RUN/checkpoint-N/        training states (every --checkpointing-steps and the final step), with
+                             pogdiff_checkpoint.json: the options the run was started with, its global batch,
+                             the sha256 of the dataset's images and of each file
     RUN/rows-rank<R>.jsonl   --log-rows (pogdiff.training.row_log)
 
 A plain diffusers pipeline folder reads as a Stable Diffusion run labelled by its folder name.
@@ -56,16 +57,32 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_RECORD = "pogdiff_checkpoint.json"
 TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"  # in each checkpoint-N folder
 # What `train` writes at the top of a run folder; --overwrite removes these and nothing else (an eval/
-# or notes of the user's stay). The trackers' --logging-dir is added by is_run_entry.
+# or notes of the user's stay). The trackers' --logging-dir is owned exactly: logging_folder.
 RUN_ENTRIES = (RUN_FILE, PSI_FILE, PSI_SUMMARY_FILE, "unet", "scheduler", "vae", "text_encoder", "tokenizer",
                "model_index.json", "pytorch_lora_weights.safetensors", "validation", "rows-rank*.jsonl",
                f"{CHECKPOINT_PREFIX}*", ".checkpoint-*", ".write-test")
 
 
-def is_run_entry(name: str, logging_dir: str = "logs") -> bool:
-    """Whether ``name`` (at the top of a run folder) is something `train` writes there."""
-    own = [*RUN_ENTRIES] + ([Path(logging_dir).parts[0]] if not Path(logging_dir).is_absolute() else [])
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in own)
+def is_run_entry(name: str) -> bool:
+    """Whether ``name`` (at the top of a run folder) is something `train` writes there (besides the logs)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_ENTRIES)
+
+
+def logging_folder(run_dir: str | Path, logging_dir: str) -> Path:
+    """The trackers' folder (--logging-dir, relative to the run folder): `train` owns exactly this folder, never
+    the one above it (``eval/tb`` leaves the user's ``eval/`` alone), the run folder itself or a folder outside it."""
+    run = Path(os.path.normpath(Path(run_dir).absolute()))
+    folder = Path(os.path.normpath(run / logging_dir))
+    if folder == run or not folder.is_relative_to(run):
+        raise PogdiffError(f"--logging-dir {logging_dir}: not a folder inside --output-dir {run_dir}, which is "
+                           "where train writes the trackers' logs; pass a folder name such as logs")
+    return folder
+
+
+def written_by_train(run_dir: str | Path, logging_dir: str) -> list[Path]:
+    """What `train` wrote into a run folder (:func:`is_run_entry`, :func:`logging_folder`); never the user's files."""
+    logs = logging_folder(run_dir, logging_dir)
+    return [e for e in entries(run_dir) if is_run_entry(e.name)] + ([logs] if logs.exists() else [])
 
 
 def write_checkpoint_record(checkpoint: Path, options: dict) -> None:
@@ -75,19 +92,22 @@ def write_checkpoint_record(checkpoint: Path, options: dict) -> None:
     write_text_atomic(checkpoint / CHECKPOINT_RECORD, json.dumps(record, indent=2, default=str))
 
 
-def read_checkpoint_record(checkpoint: Path) -> dict | None:
-    """A checkpoint's record (None for a checkpoint saved before records were written, or a damaged one)."""
+def read_checkpoint_record(checkpoint: Path) -> dict:
+    """A checkpoint's record; a missing or damaged one is a one-line error (nothing of the checkpoint could be
+    checked: not its options, data or bytes)."""
     try:
         record = json.loads((checkpoint / CHECKPOINT_RECORD).read_text())
     except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("sha256"), dict) else None
+        record = None
+    if isinstance(record, dict) and isinstance(record.get("sha256"), dict) and isinstance(record.get("options"), dict):
+        return record
+    raise PogdiffError(f"{checkpoint / CHECKPOINT_RECORD}: missing or damaged, so this checkpoint's options, data "
+                       f"and bytes cannot be checked; {restart_from_before(checkpoint)}")
 
 
 def changed_checkpoint_file(checkpoint: Path) -> str | None:
     """The first file of a checkpoint that is missing or differs from the sha256 its record holds."""
-    record = read_checkpoint_record(checkpoint)
-    for name, digest in (record or {}).get("sha256", {}).items():
+    for name, digest in read_checkpoint_record(checkpoint)["sha256"].items():
         path = checkpoint / name
         if not path.is_file() or sha256(path) != digest:
             return name
@@ -244,6 +264,8 @@ class RunFolder:
         out = self.path
         if out.exists() and not out.is_dir():
             raise PogdiffError(f"{out}: {self.flag} is a file; choose a folder")
+        if self.kind == RUN:
+            logging_folder(out, self.logging_dir)
         self._check_inputs_outside()
         self._check_contents()
         if self.kind in MARKS:
@@ -333,10 +355,8 @@ class RunFolder:
                 raise Interrupted(f"{out}: interrupted; {how_to_continue(out)}") from None
 
     def _remove_run(self) -> None:
-        """What `train` wrote (:func:`is_run_entry`): an eval/ or notes of the user's stay."""
-        for entry in entries(self.path):
-            if not is_run_entry(entry.name, self.logging_dir):
-                continue
+        """What `train` wrote (:func:`written_by_train`): an eval/ or notes of the user's stay."""
+        for entry in written_by_train(self.path, self.logging_dir):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
@@ -357,8 +377,8 @@ class RunFolder:
                                "drop --resume-from-checkpoint to start afresh, or pass the --output-dir of the run")
         saved = checkpoints(out)
         if not saved:
-            raise PogdiffError(f"{out}: no checkpoint to resume from: the run saved none; start it afresh with "
-                               "--overwrite")
+            why = "it was trained without --checkpointing-steps" if is_finished(out) else "the run saved none"
+            raise PogdiffError(f"{out}: no checkpoint to resume from: {why}; start it afresh with --overwrite")
         if wanted == "latest":
             checkpoint = saved[-1]
         else:
@@ -373,28 +393,61 @@ class RunFolder:
         return checkpoint
 
     def check_resume(self, given: dict, max_train_steps: int | None) -> Path:
-        """The checkpoint to resume from; refused, before any work, when its bytes changed since it was saved,
-        its run was started with other options or data than ``given``, or it is past ``max_train_steps``."""
+        """The checkpoint to resume from; refused, before any work, when its record is missing or damaged, its
+        bytes changed since it was saved, or its run was started with other options, data or global batch than
+        ``given``; then :meth:`check_steps` (``max_train_steps`` None: not known yet, the caller checks them)."""
         checkpoint = self.checkpoint_to_resume()
+        record = read_checkpoint_record(checkpoint)
         changed = changed_checkpoint_file(checkpoint)
         if changed:
             raise PogdiffError(f"{checkpoint}: {changed} is damaged (missing, or its bytes differ from the sha256 in "
                                f"{CHECKPOINT_RECORD}); {restart_from_before(checkpoint)}")
-        record = read_checkpoint_record(checkpoint)
-        if record is not None:
-            started = json.loads(json.dumps(record["options"]))
-            now = json.loads(json.dumps(given, default=str))
-            differ = [k for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k)]
-            if differ:
-                shown = ", ".join("the dataset's metadata.jsonl" if k == "data" else
-                                  f"{k} (run: {started.get(k)!r}, now: {now.get(k)!r})" for k in differ[:3])
-                raise PogdiffError(f"{checkpoint}: the run was started with other options or data: {shown}"
-                                   f"{' and more' if len(differ) > 3 else ''}; resume with the run's own options, "
-                                   "or start a new run in another --output-dir")
-        if max_train_steps is not None and max_train_steps < checkpoint_step(checkpoint):
+        started = json.loads(json.dumps(record["options"]))
+        now = json.loads(json.dumps(given, default=str))
+        differ = [k for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k) and k != DATA_CONTENT
+                  and not (k == GLOBAL_BATCH and k not in started)]  # saved before the global batch was recorded
+        if differ:
+            shown = ", ".join(_option_change(k, started.get(k), now.get(k)) for k in differ[:3])
+            raise PogdiffError(f"{checkpoint}: the run was started with other options or data: {shown}"
+                               f"{' and more' if len(differ) > 3 else ''}; resume with the run's own options, "
+                               "or start a new run in another --output-dir")
+        if max_train_steps is not None:
+            self.check_steps(checkpoint, max_train_steps)
+        return checkpoint
+
+    def check_data_content(self, checkpoint: Path, content: str) -> None:
+        """Refuse a resume on other image files than the run's (``content``: :func:`pogdiff.data.image_files.
+        dataset_digest`, known once the dataset is read); checkpoints saved before it was recorded are not compared."""
+        started = read_checkpoint_record(checkpoint)["options"].get(DATA_CONTENT)
+        if started is not None and started != content:
+            raise PogdiffError(f"{checkpoint}: the run was started on other data: the bytes of the dataset's images "
+                               "changed since; resume on the run's own images, or start a new run in another "
+                               "--output-dir")
+
+    def check_steps(self, checkpoint: Path, max_train_steps: int) -> None:
+        """Refuse a resume from ``checkpoint`` past ``max_train_steps``, or of a run finished at
+        ``max_train_steps`` or later (its final weights are replaced only with --overwrite)."""
+        finished_at = read_run_info(self.path).get("steps") if is_finished(self.path) else None
+        if finished_at is not None and max_train_steps <= finished_at and not self.overwrite:
+            raise PogdiffError(f"{self.path}: holds a run finished at step {finished_at}; pass a --max-train-steps "
+                               f"above {finished_at} to continue it, or add --overwrite to replace its final weights "
+                               f"with those of step {max_train_steps}")
+        if max_train_steps < checkpoint_step(checkpoint):
             raise PogdiffError(f"{checkpoint}: already past --max-train-steps {max_train_steps}; pass a larger "
                                f"--max-train-steps, or resume from an earlier checkpoint")
-        return checkpoint
+
+
+GLOBAL_BATCH = "global_batch"  # in a checkpoint record's options: "<processes> x <--train-batch-size>"
+DATA_CONTENT = "data_content"  # in a checkpoint record's options: the dataset's bytes (RunFolder.check_data_content)
+
+
+def _option_change(key: str, started, now) -> str:
+    """How a refused resume names one option (or the data) that differs from the run's."""
+    if key == "data":
+        return "the dataset's metadata.jsonl"
+    if key == GLOBAL_BATCH:
+        return f"the global batch, processes x --train-batch-size (run: {started}, now: {now})"
+    return f"{key} (run: {started!r}, now: {now!r})"
 
 
 def how_to_continue(out: Path) -> str:

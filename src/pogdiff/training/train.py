@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from pogdiff.backbones.backbone import PixelBackbone, StableDiffusionBackbone
 from pogdiff.encode.cache import cache_folder, check_cache_dir
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, load_dataset
+from pogdiff.data.image_files import dataset_digest
 from pogdiff.encode.encoded_dataset import EncodedDataset, encode_for_training
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
 from pogdiff.files import apply_umask_to_tree, sha256
@@ -47,11 +48,11 @@ from pogdiff.objectives.losses import METHODS, DiffusionLoss, TrainBatch, neighb
 from pogdiff.encode.neighbour_features import UNET_SPACE
 from pogdiff.encode.neighbours import NeighbourRequest
 from pogdiff.options import DEFAULT_MAX_TRAIN_STEPS, RESUMABLE_CHANGES, TrainConfig, check_sampler, check_values
-from pogdiff.training.ownership import entries
 from pogdiff.training.row_log import RowLog
 from pogdiff.training.row_sampler import RowSchedule, row_weights
-from pogdiff.training.run_folder import (PSI_FILE, RunFolder, checkpoint_step, checkpoint_trained_weights_only, is_run_entry,
-                                load_checkpoint, reported_write_errors, save_checkpoint, save_psi, write_run_info)
+from pogdiff.training.run_folder import (DATA_CONTENT, GLOBAL_BATCH, PSI_FILE, RunFolder, checkpoint_step,
+                                         checkpoint_trained_weights_only, load_checkpoint, reported_write_errors,
+                                         save_checkpoint, save_psi, write_run_info, written_by_train)
 from pogdiff.backbones.sampling import generate
 from pogdiff.backbones.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, loading_shipped, shipped_backbone_dir
 
@@ -75,15 +76,25 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     check_options(config)
     config = with_dataset_folder(config)
     out = check_output_dir(config)
-    started_with = options_to_keep(config)  # what a resumed run must be given again (each checkpoint records it)
-    if config.resume_from_checkpoint:
-        output_folder(config).check_resume(started_with, config.max_train_steps)
     accelerator = make_accelerator(config, out)
+    # what a resumed run must be given again (each checkpoint records it)
+    started_with = {**options_to_keep(config),
+                    GLOBAL_BATCH: f"{accelerator.num_processes} x {config.train_batch_size}"}
+    # the steps are known here unless --num-train-epochs sets them, from the dataset's size: then checked once read
+    steps = config.max_train_steps or (None if config.num_train_epochs else DEFAULT_MAX_TRAIN_STEPS)
+    if config.resume_from_checkpoint:
+        checkpoint = output_folder(config).check_resume(started_with, steps)
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
+    if config.resume_from_checkpoint or config.checkpointing_steps:
+        started_with = {**started_with, DATA_CONTENT: dataset_digest(dataset, config.cache_dir)}
+    if config.resume_from_checkpoint:
+        output_folder(config).check_data_content(checkpoint, started_with[DATA_CONTENT])
     global_batch = config.train_batch_size * accelerator.num_processes
     check_batch_fits(dataset, global_batch, config)
     check_neighbours_fit(dataset, neighbours_of(config))
     config = replace(config, max_train_steps=train_steps(config, len(dataset), global_batch))
+    if config.resume_from_checkpoint and steps is None:
+        output_folder(config).check_steps(checkpoint, config.max_train_steps)
 
     # Model: the same initial weights (or LoRA adapters) on every rank and for every method.
     backbone = make_backbone(config)
@@ -182,8 +193,9 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
                                    "lower --learning-rate or check the data")
             bar.set_postfix(loss=f"{loss_value:.4f}")
             accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-        if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 \
-                and global_step < config.max_train_steps:
+        # the final step too: a finished run can be continued to more steps
+        if config.checkpointing_steps and (global_step % config.checkpointing_steps == 0
+                                           or global_step == config.max_train_steps):
             save_checkpoint(accelerator, out, global_step, config.checkpoints_total_limit, started_with)
         if config.validation_prompts and accelerator.is_main_process and \
                 (global_step % config.validation_steps == 0 or global_step == config.max_train_steps):
@@ -205,9 +217,8 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
                 "train_sessions": clock.sessions()}
         with reported_write_errors(out, out):  # a run folder without RUN_FILE is unfinished
             backbone.save(out, final)
-            for entry in entries(out):  # what train wrote, readable as the umask says (not the user's files)
-                if is_run_entry(entry.name, config.logging_dir):
-                    apply_umask_to_tree(entry)
+            for entry in written_by_train(out, config.logging_dir):  # readable as the umask says
+                apply_umask_to_tree(entry)
             write_run_info(out, info)
     accelerator.wait_for_everyone()  # every process returns a finished run (a benchmark evaluates it next)
     for tracker in accelerator.trackers:  # not end_training(), which also ends the process group: a benchmark
