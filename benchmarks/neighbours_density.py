@@ -38,7 +38,7 @@ def peak_mb() -> float:
 
 
 def child(task: str, n: int, dim: int, k: int) -> dict:
-    from pogdiff.encode.neighbours import find_neighbours
+    from pogdiff.objectives.neighbours import find_neighbours
     from pogdiff.encode.text_density import fit_text_density
 
     x = embeddings(n, dim)
@@ -70,7 +70,7 @@ def main() -> None:
         print(json.dumps(child(task, int(n), int(dim), int(k))))
         return
 
-    from pogdiff.encode.neighbours import find_neighbours  # noqa: F401  (fail here, not in a child, if not importable)
+    from pogdiff.objectives.neighbours import find_neighbours  # noqa: F401  (fail here, not in a child, if not importable)
     import importlib.util
 
     backend = "faiss" if importlib.util.find_spec("faiss") else "torch"

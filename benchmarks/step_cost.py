@@ -31,7 +31,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pogdiff.encode.loss_tables import loss_tables
 from pogdiff.objectives.losses import METHODS, TrainBatch, neighbour_request
-from pogdiff.encode.neighbours import find_neighbours
+from pogdiff.objectives.neighbours import find_neighbours
 from pogdiff.encode.encoded_dataset import EncodedDataset
 
 TARGETS = {"cpu": 1.40, "cuda": 1.35}

@@ -17,7 +17,7 @@ from pogdiff.evaluation.faces import FaceJudge
 from pogdiff.encode.face_descriptor import FaceDescriptor
 from pogdiff.images import to_pil
 from pogdiff.encode.neighbour_features import neighbour_feature_space
-from pogdiff.encode.neighbours import similarity_by_identity
+from pogdiff.objectives.neighbours import similarity_by_identity
 
 pytest.importorskip("dlib")
 NAMES = ("Lukas", "Emma", "Noah")

@@ -6,7 +6,7 @@ from diffusers import DDPMScheduler
 
 from pogdiff.encode.loss_tables import loss_tables
 from pogdiff.objectives.losses import PoGDiffLoss, TrainBatch, VanillaLoss
-from pogdiff.encode.neighbours import NeighbourRequest, NeighbourTable
+from pogdiff.objectives.neighbours import NeighbourRequest, NeighbourTable
 from pogdiff.encode.encoded_dataset import EncodedDataset
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from pogdiff.encode.neighbours import NeighbourTable, find_neighbours
+from pogdiff.objectives.neighbours import NeighbourTable, find_neighbours
 from pogdiff.objectives.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
 from pogdiff.encode.text_density import fit_text_density
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import training_loss
 
-from pogdiff.encode import neighbours as neighbours_module
+from pogdiff.objectives import neighbours as neighbours_module
 from pogdiff.backbones.backbone import load_backbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
-from pogdiff.encode.neighbours import find_neighbours
+from pogdiff.objectives.neighbours import find_neighbours
 from pogdiff.data.image_files import ImageFiles, read_images
 from pogdiff.encode.encoded_dataset import encode_dataset
 from pogdiff.training.row_sampler import batch_rows

@@ -40,7 +40,7 @@ from pogdiff.data.image_files import ImageFiles, pixels_to_float
 from pogdiff.encode.encoders import TextEncoder
 from pogdiff.errors import PogdiffError
 from pogdiff.encode.neighbour_features import neighbour_feature_space
-from pogdiff.encode.neighbours import NeighbourTable, check_neighbour_count, find_neighbours
+from pogdiff.objectives.neighbours import NeighbourTable, check_neighbour_count, find_neighbours
 from pogdiff.encode.shards import ShardedCache, ShardedTable
 from pogdiff.encode.text_density import fit_text_density
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pogdiff.data.dataset import ImageTextDataset
 from pogdiff.encode.encoded_dataset import EncodedDataset
 from pogdiff.objectives.losses import LossTables
-from pogdiff.encode.neighbours import NeighbourRequest, check_neighbour_count, similarity_by_identity
+from pogdiff.objectives.neighbours import NeighbourRequest, check_neighbour_count, similarity_by_identity
 from pogdiff.training.row_sampler import identity_balanced_weights
 
 

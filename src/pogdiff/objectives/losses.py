@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from pogdiff.errors import PogdiffError
-from pogdiff.encode.neighbours import DEFAULT_NEIGHBOUR_FEATURES, NeighbourRequest, NeighbourTable, other_identity_share
+from pogdiff.objectives.neighbours import (DEFAULT_NEIGHBOUR_FEATURES, NeighbourRequest, NeighbourTable,
+                                          other_identity_share)
 from pogdiff.objectives.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
 
 DEFAULT_K = 10  # PoGDiff's neighbours per image (Eq. 8)

@@ -24,7 +24,7 @@ import torch
 
 from pogdiff.encode.cache import tensor_digest
 from pogdiff.encode.encoded_dataset import EncodedDataset
-from pogdiff.encode.neighbours import NeighbourTable
+from pogdiff.objectives.neighbours import NeighbourTable
 
 
 class RowLog:

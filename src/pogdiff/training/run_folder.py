@@ -173,7 +173,7 @@ def save_psi(run_dir: Path, psi_per_row: dict[str, torch.Tensor], is_few: torch.
     """The per-row values (PSI_FILE) and their quantiles, majority vs minority (PSI_SUMMARY_FILE).
 
     ``neighbour_space``: the feature space of Eq. 8 (``name``, ``k``) and its cosine similarities
-    of same-identity and other-identity pairs (:func:`pogdiff.encode.neighbours.similarity_by_identity`),
+    of same-identity and other-identity pairs (:func:`pogdiff.objectives.neighbours.similarity_by_identity`),
     summarised under ``"neighbour_features"``.
     """
     weights = {k: v.float().cpu().contiguous() for k, v in psi_per_row.items()}

@@ -46,7 +46,7 @@ from pogdiff.images import save_grid
 from pogdiff.encode.loss_tables import check_neighbours_fit, loss_tables, neighbour_space
 from pogdiff.objectives.losses import METHODS, DiffusionLoss, TrainBatch, neighbour_request, options_in_effect
 from pogdiff.encode.neighbour_features import UNET_SPACE
-from pogdiff.encode.neighbours import NeighbourRequest
+from pogdiff.objectives.neighbours import NeighbourRequest
 from pogdiff.options import DEFAULT_MAX_TRAIN_STEPS, RESUMABLE_CHANGES, TrainConfig, check_sampler, check_values
 from pogdiff.training.row_log import RowLog
 from pogdiff.training.row_sampler import RowSchedule, row_weights
