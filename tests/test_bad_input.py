@@ -26,7 +26,7 @@ from pogdiff.files import file_stems
 from pogdiff.backbones.pretrained import check_pipeline_files
 from pogdiff.objectives.psi import image_similarity_weight, inverse_text_density_weight
 from pogdiff.training.ownership import MARK_FILE, entries
-from pogdiff.training.train import TrainConfig, check_output_dir, claimed_output_dir
+from pogdiff.training.train import TrainConfig, output_folder
 
 
 @pytest.fixture(scope="module")
@@ -528,7 +528,7 @@ def test_overwrite_replaces_a_run_only_once_the_inputs_are_good(tmp_path, toy_da
     code, _, err = run_cli(capsys, "train", toy_data, "--output-dir", out, "--overwrite", "--no-progress")
     assert_one_line_error(code, err, "0_0.png: cannot read this image")
     assert (out / "pogdiff_run.json").read_text() == "{}"  # the old run survives a failed start
-    with claimed_output_dir(TrainConfig(str(toy_data), str(out), overwrite=True)) as claimed:
+    with output_folder(TrainConfig(str(toy_data), str(out), overwrite=True)).claimed() as claimed:
         assert claimed == out and entries(out) == []
 
 
@@ -555,7 +555,7 @@ def test_unwritable_output_folder(tmp_path, toy_data, monkeypatch):
     locked.mkdir()
     monkeypatch.setattr("pogdiff.training.train.os.access", lambda path, mode: False)  # root may write anywhere
     with pytest.raises(PogdiffError, match="locked is not writable.*choose another --output-dir"):
-        check_output_dir(TrainConfig(str(toy_data), str(locked / "run")))
+        output_folder(TrainConfig(str(toy_data), str(locked / "run"))).check()
     assert list(locked.iterdir()) == []
 
 
@@ -565,7 +565,7 @@ def test_output_folder_on_a_read_only_disk(tmp_path, toy_data, monkeypatch):
 
     monkeypatch.setattr("pathlib.Path.touch", read_only)
     with pytest.raises(PogdiffError, match="cannot write to the output folder \\(Read-only file system\\)"):
-        with claimed_output_dir(TrainConfig(str(toy_data), str(tmp_path / "run"))):
+        with output_folder(TrainConfig(str(toy_data), str(tmp_path / "run"))).claimed():
             pass
 
 

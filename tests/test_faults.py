@@ -33,7 +33,7 @@ from pogdiff.encode.cache import cache_path
 from pogdiff.encode.encoded_dataset import encode_dataset
 from pogdiff.training.ownership import claimed
 from pogdiff.training.run_folder import latest_checkpoint, save_checkpoint
-from pogdiff.training.train import TrainConfig, check_output_dir, claimed_output_dir
+from pogdiff.training.train import TrainConfig, output_folder
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -396,11 +396,11 @@ def test_a_run_finished_by_another_writer_meanwhile_is_not_replaced(toy_data, tm
     """Two starts into one empty folder both pass the first check; the second finds the first's run under the lock."""
     run = tmp_path / "run"
     config = TrainConfig(str(toy_data), str(run))
-    check_output_dir(config)
-    with claimed_output_dir(config):  # the first writer: claims, writes its run, ends
+    output_folder(config).check()
+    with output_folder(config).claimed():  # the first writer: claims, writes its run, ends
         (run / "pogdiff_run.json").write_text("{}")
     with pytest.raises(PogdiffError, match="already holds a run"):
-        with claimed_output_dir(config):
+        with output_folder(config).claimed():
             pass
     assert (run / "pogdiff_run.json").read_text() == "{}"
     with claimed(run):  # and a live claim is exclusive, within one process too

@@ -13,7 +13,8 @@ from pogdiff.data.dataset import load_dataset
 from pogdiff.data.image_files import ImageFiles, pixels_to_float
 from pogdiff.encode.encoded_dataset import encode_dataset, training_latents
 from pogdiff.errors import PogdiffError
-from pogdiff.encode.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES, UNetSpace, neighbour_feature_space
+from pogdiff.encode.neighbour_features import UNetSpace, neighbour_feature_space
+from pogdiff.objectives.neighbours import DEFAULT_NEIGHBOUR_FEATURES
 from pogdiff.objectives.neighbours import NeighbourRequest, NeighbourTable, other_identity_share, similarity_by_identity
 from pogdiff.objectives.psi import summarise, summarise_similarity
 from pogdiff.training.run_folder import save_psi

@@ -7,7 +7,7 @@ from conftest import training_loss
 from pogdiff.backbones.backbone import load_backbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.objectives.losses import DEFAULT_K, method_parameters
-from pogdiff.encode.neighbour_features import DEFAULT_NEIGHBOUR_FEATURES
+from pogdiff.objectives.neighbours import DEFAULT_NEIGHBOUR_FEATURES
 from pogdiff.backbones.sampling import generate
 from pogdiff.data.image_files import ImageFiles, read_images
 from pogdiff.encode.encoded_dataset import encode_dataset

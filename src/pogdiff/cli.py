@@ -187,10 +187,10 @@ def _benchmark(args) -> None:
                          identity_judge=args.identity_judge)
     seeds = args.seeds if args.seeds is not None else QUICK_SEEDS if args.quick else DEFAULT_SEEDS
     if args.dry_run:
-        from pogdiff.compare.comparison import parse_methods
+        from pogdiff.compare.comparison import checked_cells
         from pogdiff.compare.dry_run import benchmark_plan
 
-        print(benchmark_plan(parse_methods(args.methods or DEFAULT_METHODS), list(dict.fromkeys(seeds)), budget,
+        print(benchmark_plan(*checked_cells(args.methods or DEFAULT_METHODS, seeds, budget, args.cache_dir), budget,
                              args.data, args.data_preset))
         return
     run_benchmark(args.out, args.methods or DEFAULT_METHODS, seeds, budget, data=args.data,
@@ -520,7 +520,7 @@ def add_benchmark_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
                        "medium one of demo and data synth. With --pretrained, every cell fine-tunes that checkpoint; "
                        "under accelerate launch, each cell trains and samples on every process.", epilog=docs("results.md", "cli.md"))
     b.add_argument("--out", default="benchmark-out", help="benchmark folder (default: benchmark-out)")
-    b.add_argument("--data", help="dataset folder (default: the embedded synthetic set of --preset, written into "
+    b.add_argument("--data", help="dataset folder (default: the embedded synthetic set of --data-preset, written into "
                    "OUT/data)")
     b.add_argument("--data-preset", choices=sorted(PRESETS), default="small", help="embedded set without --data "
                    "(default: small)")

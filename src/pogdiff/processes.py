@@ -8,7 +8,7 @@ from typing import TypeVar
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, first_line
 
 T = TypeVar("T")
 
@@ -24,13 +24,16 @@ def on_main_process(work: Callable[[], T]) -> T:
     state = process_state()
     if state.num_processes == 1:
         return work()
-    outcome = [None, None]
+    outcome, failure = [None, None], None
     if state.is_main_process:
         try:
             outcome = [work(), None]
-        except PogdiffError as error:
-            outcome = [None, str(error)]
+        except Exception as error:  # every error, not only ours: the others would wait for the broadcast
+            failure = error
+            outcome = [None, str(error) if isinstance(error, PogdiffError) else f"the main process: {first_line(error)}"]
     broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
     if outcome[1] is not None:
         raise PogdiffError(outcome[1])
     return outcome[0]

@@ -152,7 +152,7 @@ class StableDiffusionBackbone:
             scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
             text_encoder = TextEncoder.from_pretrained(path)
         except (OSError, ValueError) as error:
-            raise PogdiffError(f"{path}: cannot load a Stable Diffusion checkpoint ({str(error).splitlines()[0]}); "
+            raise PogdiffError(f"{path}: cannot load a Stable Diffusion checkpoint ({first_line(error)}); "
                                "pass a folder written by StableDiffusionPipeline.save_pretrained or a hub id "
                                "already in the local Hugging Face cache") from None
         backbone = cls(unet, vae, scheduler, text_encoder, str(path))

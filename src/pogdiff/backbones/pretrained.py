@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, first_line
 from pogdiff.files import sha256
 
 PIPELINE_FILE = "model_index.json"
@@ -41,11 +41,16 @@ def check_pipeline_files(folder: str | Path) -> dict:
         index = json.loads(index_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PogdiffError(f"{index_path}: not valid JSON ({error}); download the pipeline again") from None
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or None in entry:
-            continue  # metadata such as _class_name, or an optional component left out (null)
+    for name in components(index):
         _check_component(folder / name)
     return index
+
+
+def components(index: dict) -> list[str]:
+    """The component folders a model index lists: not metadata such as _class_name, nor an optional component
+    left out (null)."""
+    return [name for name, entry in index.items()
+            if not name.startswith("_") and isinstance(entry, list) and None not in entry]
 
 
 def _check_component(path: Path) -> None:
@@ -75,8 +80,8 @@ def local_pipeline_folder(path_or_hub_id: str | Path) -> Path:
     try:
         return Path(DiffusionPipeline.download(str(path_or_hub_id)))
     except Exception as error:  # huggingface_hub raises several kinds: offline, unknown id, gated, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PogdiffError(f"{path_or_hub_id}: not a local folder, and the hub id cannot be fetched ({reason}); "
+        raise PogdiffError(f"{path_or_hub_id}: not a local folder, and the hub id cannot be fetched "
+                           f"({first_line(error)}); "
                            "pass a local diffusers pipeline folder, or a hub id the machine can download") from None
 
 
@@ -86,8 +91,7 @@ def pipeline_fingerprint(folder: str | Path) -> str:
     folder = Path(folder)
     digest = hashlib.sha256()
     files = [folder / PIPELINE_FILE] + sorted(
-        file for name, entry in json.loads((folder / PIPELINE_FILE).read_text()).items()
-        if not name.startswith("_") and isinstance(entry, list) and None not in entry
+        file for name in components(json.loads((folder / PIPELINE_FILE).read_text()))
         for file in (folder / name).rglob("*") if file.is_file())
     for file in files:
         digest.update(f"{file.relative_to(folder).as_posix()}\0{sha256(file)}\n".encode())

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pogdiff.backbones.backbone import check_pipeline_folder
+from pogdiff.compare.dry_run import describe_backbone
 from pogdiff.data.dataset import FEW_MAX_IMAGES, load_dataset
 from pogdiff.data.image_files import dataset_digest
 from pogdiff.data.synth import write_dataset
@@ -190,14 +191,15 @@ def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: 
     the folder's settings, the cells' records and the reports are written by the main process alone.
     """
     out = Path(out)
-    specs, seeds, settings = plan_benchmark(methods, seeds, budget, data, data_preset, cache_dir)
+    specs, seeds = checked_cells(methods, seeds, budget, cache_dir)
     state = process_state()
 
-    def prepare_folder() -> Path:
+    def prepare_folder() -> tuple[dict, Path]:  # reads every byte of the checkpoint and data: once, not per process
+        settings = benchmark_settings(budget, data, data_preset, cache_dir)
         check_settings(out, settings)
-        return Path(data) if data else embedded_dataset(out, data_preset)
+        return settings, Path(data) if data else embedded_dataset(out, data_preset)
 
-    data_dir = on_main_process(prepare_folder)
+    settings, data_dir = on_main_process(prepare_folder)
     start = time.time()
     cells = [(spec, seed) for seed in seeds for spec in specs]
     results: dict[str, dict[int, dict]] = {spec.name: {} for spec in specs}
@@ -219,9 +221,9 @@ def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: 
     return metrics
 
 
-def plan_benchmark(methods: list[str], seeds: list[int], budget: Budget, data: str | Path | None, data_preset: str,
-                   cache_dir: str | Path | None) -> tuple[list[MethodSpec], list[int], dict]:
-    """The rows, the seeds and the settings benchmark.json records, every input checked; nothing is written."""
+def checked_cells(methods: list[str], seeds: list[int], budget: Budget,
+                  cache_dir: str | Path | None) -> tuple[list[MethodSpec], list[int]]:
+    """The rows and the seeds, each once, with every option checked; nothing is read or written."""
     specs = parse_methods(methods)
     seeds = list(dict.fromkeys(seeds))
     if not specs or not seeds:
@@ -229,11 +231,16 @@ def plan_benchmark(methods: list[str], seeds: list[int], budget: Budget, data: s
     check_values({"prompt_template": budget.prompt_template}, command="benchmark")
     check_values(budget.train_options())
     check_cache_dir(cache_dir)
+    return specs, seeds
+
+
+def benchmark_settings(budget: Budget, data: str | Path | None, data_preset: str, cache_dir: str | Path | None) -> dict:
+    """What benchmark.json records: the data (and its content), the budget, the backbone's weights."""
     settings = {"data": str(Path(data).resolve()) if data else f"embedded synthetic '{data_preset}' preset, seed 0",
                 "budget": asdict(budget), "backbone": backbone_weights(budget)}
     if data:  # a bad dataset fails here, before the folder is committed to these settings
         settings["data_content"] = dataset_digest(load_dataset(data), cache_dir)
-    return specs, seeds, settings
+    return settings
 
 
 def summarise_finished(out: str | Path, methods: list[str], seeds: list[int]) -> dict:
@@ -442,7 +449,9 @@ def describe(metrics: dict) -> str:
     s, b = metrics["settings"], metrics["settings"]["budget"]
     ids = metrics["num_identities"]
     guidance = b["guidance_scale"] if b["guidance_scale"] is not None else "backbone default"
-    backbone = describe_backbone(b, s.get("backbone", {}))
+    weights = s.get("backbone", {})  # its sha256 is not recorded in folders older than the record
+    backbone = describe_backbone(b.get("pretrained"), b.get("lora_rank"), b.get("from_scratch")) + \
+        (f" (sha256 {weights['sha256'][:12]})" if "sha256" in weights else "")
     lr = b["learning_rate"] if b["learning_rate"] is not None else "backbone default"
     accumulated = f" x {b['gradient_accumulation_steps']} accumulated" if b.get("gradient_accumulation_steps", 1) > 1 else ""
     extras = "".join(f", {text}" for text in (
@@ -461,17 +470,6 @@ def describe(metrics: dict) -> str:
             f"{b['num_inference_steps']} steps, guidance {guidance}, judge {metrics['identity_judge']}{spaces}. "
             f"Seeds {', '.join(map(str, metrics['seeds']))}: mean ± half-width of the "
             f"{metrics['confidence']:.0%} Student-t interval over seeds.")
-
-
-def describe_backbone(budget: dict, weights: dict) -> str:
-    """The backbone of a benchmark in words, with its weights' sha256 where recorded (folders older than the record
-    have none)."""
-    if budget.get("pretrained"):
-        text = (f"{budget['pretrained']}, LoRA rank {budget['lora_rank']}" if budget.get("lora_rank")
-                else f"{budget['pretrained']}, full fine-tuning")
-    else:
-        text = "small, from scratch" if budget.get("from_scratch") else "small, shipped pretrained"
-    return text + (f" (sha256 {weights['sha256'][:12]})" if "sha256" in weights else "")
 
 
 def results_rows(metrics: dict) -> dict:

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pogdiff.errors import PogdiffError
+from pogdiff.errors import PogdiffError, first_line
 from pogdiff.processes import process_state
 
 # Seconds of one vanilla optimizer step as measured: (seconds, batch, resolution, where).
@@ -78,7 +78,7 @@ def component_config(pretrained: str, component: str, file: str = "config.json")
     try:
         return _json(Path(hf_hub_download(pretrained, f"{component}/{file}")))
     except Exception as error:  # offline, unknown id, gated: huggingface_hub raises several kinds
-        raise PogdiffError(f"{pretrained}: cannot read {component}/{file} ({str(error).splitlines()[0]}); pass a "
+        raise PogdiffError(f"{pretrained}: cannot read {component}/{file} ({first_line(error)}); pass a "
                            "local diffusers pipeline folder or a hub id the machine can reach") from None
 
 
@@ -179,10 +179,11 @@ class DataCounts:
                 f"({few} Few: <= {few_max_images} images)")
 
 
-def describe_backbone(pretrained: str | None, lora_rank: int | None, shape: BackboneShape) -> str:
-    what = (f"{pretrained}, " + (f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning")) if pretrained \
-        else "the small backbone"
-    return f"{what}, {shape.resolution} px"
+def describe_backbone(pretrained: str | None, lora_rank: int | None, from_scratch: bool = False) -> str:
+    """A backbone and how it is trained, in words (the dry run's and the benchmark report's)."""
+    if pretrained:
+        return f"{pretrained}, " + (f"LoRA rank {lora_rank}" if lora_rank else "full fine-tuning")
+    return "small, from scratch" if from_scratch else "small, shipped pretrained"
 
 
 def training_plan(config, command: str = "train") -> str:
@@ -198,7 +199,8 @@ def training_plan(config, command: str = "train") -> str:
     steps = train_steps(config, data.rows, global_batch)
     shape = backbone_shape(config.pretrained, config.resolution)
     facts = [("data", data.describe(FEW_MAX_IMAGES)),
-             ("backbone", describe_backbone(config.pretrained, config.lora_rank, shape))]
+             ("backbone", f"{describe_backbone(config.pretrained, config.lora_rank, config.from_scratch)}, "
+                         f"{shape.resolution} px")]
     seconds = {}
     if command == "train":
         per_process = config.train_batch_size * config.gradient_accumulation_steps
@@ -240,7 +242,8 @@ def benchmark_plan(specs: list, seeds: list[int], budget, data: str | Path | Non
     few_images = f", {budget.num_images_few} per Few identity" if budget.num_images_few else ""
     per_process = budget.train_batch_size * budget.gradient_accumulation_steps
     facts = [("data", data_counts.describe(budget.few_max_images)),
-             ("backbone", describe_backbone(budget.pretrained, budget.lora_rank, shape)),
+             ("backbone", f"{describe_backbone(budget.pretrained, budget.lora_rank, budget.from_scratch)}, "
+                         f"{shape.resolution} px"),
              ("cells", f"{len(specs)} methods x {len(seeds)} seeds = {cells}, each {budget.max_train_steps} steps of "
                        f"{per_process * processes} images, then {images} images sampled "
                        f"({budget.num_images} per identity{few_images}, {budget.num_inference_steps} DDIM steps)")]

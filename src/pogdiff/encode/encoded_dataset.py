@@ -61,6 +61,7 @@ class ImageFeatureSpaces:
         self.backend, self.progress = backend, progress
         self._opened: dict[str, object] = {}
         self._caches: dict[str, ShardedCache] = {}
+        self._tables: dict[tuple[str, int], NeighbourTable] = {}  # encoding builds it, the losses read it: once
 
     @property
     def dataset(self) -> ImageTextDataset:
@@ -112,6 +113,8 @@ class ImageFeatureSpaces:
     def neighbours(self, name: str, k: int) -> NeighbourTable:
         """Eq. 8's table: the k most similar other training images of each, in the space ``name``."""
         check_neighbour_count(k, len(self.dataset), str(self.dataset.root))
+        if (name, k) in self._tables:
+            return self._tables[name, k]
 
         def search() -> Tensors:
             table = find_neighbours(self.features(name), k, self.backend)
@@ -119,7 +122,8 @@ class ImageFeatureSpaces:
 
         with torch.random.fork_rng(devices=[]):
             table = cached(self.cache_dir, "neighbours", {**self._key(name), "k": k}, search)
-        return NeighbourTable(table["index"], table["similarity"])
+        self._tables[name, k] = NeighbourTable(table["index"], table["similarity"])
+        return self._tables[name, k]
 
 
 @dataclass

@@ -42,9 +42,7 @@ import torch
 from pogdiff.backbones.backbone import precision_dtype
 from pogdiff.encode.encoders import HuggingFaceImageFeatures, ImageEncoder, weights_fingerprint
 from pogdiff.errors import PogdiffError, PogdiffWarning
-# The spaces' names live with Eq. 8's tables (pure: the losses name their default without loading encoders).
-from pogdiff.objectives.neighbours import (BUILT_IN_SPACES, DEFAULT_NEIGHBOUR_FEATURES,  # noqa: F401 -- named here too
-                                EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE)
+from pogdiff.objectives.neighbours import BUILT_IN_SPACES, EFFICIENTNET_SPACE, FACE_SPACE, UNET_SPACE
 
 UNET_TIMESTEP = 50
 

@@ -69,13 +69,13 @@ from pogdiff.evaluation.features import DEFAULT_FEATURES, FeatureSpaces
 from pogdiff.evaluation.identity import CentroidJudge, SynthIdentityJudge
 from pogdiff.evaluation.report import ReportData, write_report
 from pogdiff.evaluation.results_table import all_few_table, format_value, markdown_table
-from pogdiff.evaluation.samples import batches_of, find_samples, resolution_of, write_samples
+from pogdiff.evaluation.samples import READ_BATCH, batches_of, find_samples, resolution_of, write_samples
 from pogdiff.files import file_stems, remove_quietly
 from pogdiff.images import save_grid
-from pogdiff.encode.neighbour_features import EFFICIENTNET_SPACE
+from pogdiff.objectives.neighbours import EFFICIENTNET_SPACE
 from pogdiff.options import check_values
 from pogdiff.training.ownership import EVALUATION
-from pogdiff.processes import process_state
+from pogdiff.processes import on_main_process, process_state
 from pogdiff.training.run_folder import RunFolder, load_psi, load_psi_summary, read_run_info, run_label
 from pogdiff.backbones.shipped import resolve_run_dir
 
@@ -86,7 +86,6 @@ DATASET_COLUMNS = {"caption_column": "text", "identity_column": "identity", "ima
 HELDOUT_DIR = "heldout"
 HELD_OUT, LOOK_ALIKE = "real (held-out)", "real (look-alike)"  # calibration rows
 PREVIEW_IMAGES, THUMBNAIL = 8, 64  # per identity and set, kept for the report and the grids, at most 64 px
-REAL_BATCH = 32  # real images decoded and scored at a time
 MAX_IDENTITIES_HELP = ("score a fixed sample of at most N identities, stratified by training images, instead of "
                        "all (sampling time is per identity); the judge still chooses among every identity")
 
@@ -266,7 +265,7 @@ class Evaluation:
 
     @staticmethod
     def _dataset_batches(dataset: ImageTextDataset, rows: list[int], resolution: int) -> Batches:
-        return lambda: (pixels_to_float(batch) for batch in ImageFiles(dataset, resolution).batches(rows, REAL_BATCH))
+        return lambda: (pixels_to_float(batch) for batch in ImageFiles(dataset, resolution).batches(rows, READ_BATCH))
 
     def _make_judge(self, training: dict[str, ImageSet]):
         if self.judge_kind == "synth":
@@ -509,9 +508,7 @@ def sample_run(run_dir: Path, folder: Path, evaluation: Evaluation, samples_for:
                progress: bool) -> None:
     """A run's samples into ``folder`` (:func:`write_samples`), replacing an earlier evaluation's; each process
     of ``state`` (accelerate's) draws its share of the batches."""
-    if state.is_main_process:
-        remove_quietly(folder)  # an earlier evaluation's samples, maybe more of them
-    state.wait_for_everyone()
+    on_main_process(lambda: remove_quietly(folder))  # an earlier evaluation's samples, maybe more of them
     write_samples(load_backbone(run_dir, state.device), samples_for, folder, file_stems(evaluation.counts),
                   prompt_template, num_inference_steps, guidance_scale, seed, progress and state.is_main_process,
                   (state.process_index, state.num_processes))

@@ -87,7 +87,7 @@ class FeatureSpaces:
                  device: str | torch.device = "cpu"):
         self.specs = {"fd": fd, "sim": sim}
         self.fd = load_feature_extractor(fd, inception_weights, device)
-        self.sim = self.fd if sim is fd or sim == fd else load_feature_extractor(sim, inception_weights, device)
+        self.sim = self.fd if sim == fd else load_feature_extractor(sim, inception_weights, device)
 
     @property
     def names(self) -> dict[str, str]:

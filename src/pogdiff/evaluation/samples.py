@@ -18,10 +18,9 @@ import torch
 from PIL import Image
 
 from pogdiff.data.dataset import load_image
-from pogdiff.data.image_files import pixels_to_float
 from pogdiff.errors import PogdiffError
 from pogdiff.files import file_stems
-from pogdiff.images import to_pil
+from pogdiff.images import from_uint8, to_pil
 from pogdiff.backbones.sampling import sample_rows
 
 SUFFIX = ".png"
@@ -101,5 +100,5 @@ def batches_of(files: list[Path], resolution: int) -> Callable[[], Iterator[torc
     def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(files), READ_BATCH):
             pixels = np.stack([load_image(f, resolution) for f in files[start:start + READ_BATCH]])
-            yield pixels_to_float(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+            yield from_uint8(pixels)
     return batches

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from pogdiff.backbones.backbone import PixelBackbone, StableDiffusionBackbone
 from pogdiff.encode.cache import cache_folder, check_cache_dir
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, load_dataset
+from pogdiff.processes import on_main_process
 from pogdiff.data.image_files import dataset_digest
 from pogdiff.encode.encoded_dataset import EncodedDataset, encode_for_training
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
@@ -45,7 +46,7 @@ from pogdiff.files import apply_umask_to_tree, sha256
 from pogdiff.images import save_grid
 from pogdiff.encode.loss_tables import check_neighbours_fit, loss_tables, neighbour_space
 from pogdiff.objectives.losses import METHODS, DiffusionLoss, TrainBatch, neighbour_request, options_in_effect
-from pogdiff.encode.neighbour_features import UNET_SPACE
+from pogdiff.objectives.neighbours import UNET_SPACE
 from pogdiff.objectives.neighbours import NeighbourRequest
 from pogdiff.options import DEFAULT_MAX_TRAIN_STEPS, RESUMABLE_CHANGES, TrainConfig, check_sampler, check_values
 from pogdiff.training.row_log import RowLog
@@ -65,7 +66,7 @@ TRACKER_EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wand
 def train(config: TrainConfig) -> Path:
     """Fine-tune with ``config.method`` and write a run folder; returns its path.
 
-    The run folder is claimed (:func:`claimed_output_dir`) from its creation until this returns.
+    The run folder is claimed (:meth:`RunFolder.claimed`) from its creation until this returns.
     """
     with contextlib.ExitStack() as run_folder:
         return _train(config, run_folder)
@@ -75,7 +76,8 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     # Checks: whatever can be refused is refused before any work, and before anything is written.
     check_options(config)
     config = with_dataset_folder(config)
-    out = check_output_dir(config)
+    folder = output_folder(config)
+    out = folder.check()
     accelerator = make_accelerator(config, out)
     # what a resumed run must be given again (each checkpoint records it)
     started_with = {**options_to_keep(config),
@@ -83,18 +85,20 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     # the steps are known here unless --num-train-epochs sets them, from the dataset's size: then checked once read
     steps = config.max_train_steps or (None if config.num_train_epochs else DEFAULT_MAX_TRAIN_STEPS)
     if config.resume_from_checkpoint:
-        checkpoint = output_folder(config).check_resume(started_with, steps)
+        # reads the checkpoint's bytes back: one process does it, the others get its answer
+        checkpoint = on_main_process(lambda: folder.check_resume(started_with, steps))
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     if config.resume_from_checkpoint or config.checkpointing_steps:
-        started_with = {**started_with, DATA_CONTENT: dataset_digest(dataset, config.cache_dir)}
+        with accelerator.local_main_process_first():  # the others read the file digests this one remembered
+            started_with = {**started_with, DATA_CONTENT: dataset_digest(dataset, config.cache_dir)}
     if config.resume_from_checkpoint:
-        output_folder(config).check_data_content(checkpoint, started_with[DATA_CONTENT])
+        folder.check_data_content(checkpoint, started_with[DATA_CONTENT])
     global_batch = config.train_batch_size * accelerator.num_processes
     check_batch_fits(dataset, global_batch, config)
     check_neighbours_fit(dataset, neighbours_of(config))
     config = replace(config, max_train_steps=train_steps(config, len(dataset), global_batch))
     if config.resume_from_checkpoint and steps is None:
-        output_folder(config).check_steps(checkpoint, config.max_train_steps)
+        folder.check_steps(checkpoint, config.max_train_steps)
 
     # Model: the same initial weights (or LoRA adapters) on every rank and for every method.
     backbone = make_backbone(config)
@@ -114,7 +118,7 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
 
     # Run folder: the inputs are good, only now is anything written to it.
     if accelerator.is_main_process:
-        run_folder.enter_context(claimed_output_dir(config))
+        run_folder.enter_context(folder.claimed())
     accelerator.wait_for_everyone()
     row_log = None
     if config.log_rows:
@@ -149,7 +153,6 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     set_seed(config.seed, device_specific=True)
     global_step = 0
     if config.resume_from_checkpoint:
-        checkpoint = output_folder(config).checkpoint_to_resume()
         load_checkpoint(accelerator, checkpoint)
         if ema is not None:
             ema.to(accelerator.device)  # accelerate loads custom states onto the CPU
@@ -332,15 +335,6 @@ def output_folder(config: TrainConfig) -> RunFolder:
                      inputs=(("the dataset", config.data_dir), ("--cache-dir", cache_folder(config.cache_dir))),
                      overwrite=config.overwrite, resume=config.resume_from_checkpoint, logging_dir=config.logging_dir)
 
-
-def check_output_dir(config: TrainConfig) -> Path:
-    """Check --output-dir, writing nothing (:meth:`RunFolder.check`)."""
-    return output_folder(config).check()
-
-
-def claimed_output_dir(config: TrainConfig) -> contextlib.AbstractContextManager[Path]:
-    """Create and claim --output-dir for the block (:meth:`RunFolder.claimed`)."""
-    return output_folder(config).claimed()
 
 
 def options_to_keep(config: TrainConfig) -> dict:
@@ -535,12 +529,12 @@ def draw_batch(reads: BatchReads, backbone, x0_tables: list, encoded: EncodedDat
     (``reads``) are copied to ``device`` without waiting; tables held there (:func:`held_on`) are indexed there."""
     non_blocking = reads.rows.is_pinned()
     rows = reads.rows.to(device, non_blocking=non_blocking)
-    flipped = torch.rand(len(rows), device=rows.device) < 0.5 if config.random_flip \
-        else torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
     variants = [table[rows] for table in x0_tables] if reads.x0 is None \
         else [x0.to(device, non_blocking=non_blocking) for x0 in reads.x0]
-    cached = variants[0] if len(variants) == 1 \
-        else torch.where(flipped.view(-1, *[1] * (variants[0].dim() - 1)), variants[1], variants[0])
+    cached = variants[0]
+    if config.random_flip:  # [plain, mirror image]: one at random per row, drawn before the caption dropout
+        flipped = torch.rand(len(rows), device=rows.device) < 0.5
+        cached = torch.where(flipped.view(-1, *[1] * (cached.dim() - 1)), variants[1], cached)
     x0 = backbone.x0_from_cache(cached)
     dropped = torch.rand(len(rows), device=x0.device) < config.caption_dropout
     states = encoded.caption_states(rows) if reads.states is None \
