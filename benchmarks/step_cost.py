@@ -30,6 +30,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pogdiff.encode.loss_tables import loss_tables
+from pogdiff.objectives.forward_process import DDPMProcess
 from pogdiff.objectives.losses import METHODS, TrainBatch, neighbour_request
 from pogdiff.objectives.neighbours import find_neighbours
 from pogdiff.encode.encoded_dataset import EncodedDataset
@@ -72,7 +73,7 @@ class Bench:
         scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
         tables = EncodedDataset.of_rows(torch.randn(ROWS, tokens, dim), torch.randn(tokens, dim), torch.arange(ROWS) // 4,
                                 torch.randn(ROWS), RandomNeighbours()).to(device)
-        self.loss_fn = METHODS[method](scheduler, loss_tables(tables, neighbour_request(method, {})))
+        self.loss_fn = METHODS[method](DDPMProcess(scheduler), loss_tables(tables, neighbour_request(method, {})))
         self.tables, self.device, self.batch, self.size = tables, device, batch, size
         self.autocast_dtype = autocast_dtype
         self.scaler = torch.amp.GradScaler(device) if autocast_dtype == torch.float16 else None

@@ -1,4 +1,6 @@
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,8 +35,8 @@ def training_loss(backbone, images, tables):
         torch.manual_seed(123)
         rows = torch.arange(len(images)).repeat(8)
         batch = TrainBatch(images[rows], tables.caption_states(rows), rows, torch.zeros(len(rows), dtype=torch.bool))
-        loss = VanillaLoss(backbone.scheduler, tables)(
-            lambda x, t, c: backbone.unet(x, t, encoder_hidden_states=c).sample, batch)
+        loss = VanillaLoss(backbone.forward_process(), tables)(
+            lambda x, t, c: backbone.denoise(backbone.denoiser, x, t, c), batch)
     return loss.mean().item()
 
 
@@ -56,3 +58,24 @@ def small_synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("small-synth")
     write_dataset(root / "data", preset="small", seed=0)
     return root / "data", root / "cache"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size, read_only=False): a fresh tmpfs of that size; the test is skipped where mounting is not allowed."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk-{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'needs root'})")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)

@@ -16,6 +16,7 @@ from pogdiff.objectives.losses import METHODS, CBDMLoss, T2HLoss, TrainBatch, me
 from pogdiff.training.run_folder import run_label
 from pogdiff.backbones.shipped import SHIPPED_NAME
 from pogdiff.training.train import TrainConfig, train
+from pogdiff.objectives.forward_process import DDPMProcess
 
 
 def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
@@ -24,7 +25,7 @@ def test_cbdm_loss_and_its_stop_gradients_match_hand_computation():
     batch = make_batch(tables)  # rows 0, 2, 3; the third caption was dropped
     model = TinyDenoiser()
     torch.manual_seed(7)
-    loss = CBDMLoss(scheduler, loss_tables(tables), tau=2.0, balance="rows")(model, batch)
+    loss = CBDMLoss(DDPMProcess(scheduler), loss_tables(tables), tau=2.0, balance="rows")(model, batch)
     loss.sum().backward()
 
     torch.manual_seed(7)  # replay the draws: eps, t, then the balanced caption y_b
@@ -60,7 +61,7 @@ def t2h_tables(elbo, identity=None):
 
 def test_t2h_transfer_probabilities_follow_the_gaussian_posterior():
     scheduler = DDPMScheduler(num_train_timesteps=100)
-    loss_fn = T2HLoss(scheduler, t2h_tables([0.0, 0.0, 0.0]))
+    loss_fn = T2HLoss(DDPMProcess(scheduler), t2h_tables([0.0, 0.0, 0.0]))
     x0 = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, -1.0]]).view(3, 1, 1, 2)
     noise = torch.tensor([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.1]]).view(3, 1, 1, 2)
     t = torch.tensor([40, 60, 75])
@@ -77,7 +78,7 @@ def test_t2h_transfer_probabilities_follow_the_gaussian_posterior():
 def test_t2h_moves_targets_only_towards_captions_at_least_as_dense():
     # Batch positions 0-2 show the same image, so each draws among them uniformly (itself included);
     # position 3 is far away. Text densities (ELBO): 0 is rarest, 1 and 2 tie, 3 is densest.
-    loss_fn = T2HLoss(DDPMScheduler(num_train_timesteps=100), t2h_tables([-1.0, 0.0, 0.0, 2.0]))
+    loss_fn = T2HLoss(DDPMProcess(DDPMScheduler(num_train_timesteps=100)), t2h_tables([-1.0, 0.0, 0.0, 2.0]))
     x0 = torch.tensor([0.0, 0.0, 0.0, 50.0]).view(4, 1, 1, 1)
     noise = torch.tensor([0.1, -0.3, 0.2, 0.0]).view(4, 1, 1, 1)
     t, rows = torch.full((4,), 50), torch.arange(4)
@@ -100,7 +101,7 @@ def test_t2h_target_is_the_noise_that_makes_x_t_from_the_source(prediction_type)
     batch = TrainBatch(x0, tables.caption_states(torch.arange(4)), torch.arange(4), torch.zeros(4, dtype=torch.bool))
     model = TinyDenoiser()
     torch.manual_seed(11)
-    loss = T2HLoss(scheduler, tables)(model, batch)
+    loss = T2HLoss(DDPMProcess(scheduler), tables)(model, batch)
 
     torch.manual_seed(11)  # replay: eps, t, then j from the posterior weights
     eps = torch.randn_like(x0)
@@ -124,13 +125,13 @@ def test_cbdm_draws_y_b_uniformly_over_identities_by_default_and_over_rows_as_an
     tables.identity = torch.tensor([0, 0, 0, 1])  # three rows of one person, one of another
     scheduler = DDPMScheduler(num_train_timesteps=100)
     torch.manual_seed(0)
-    by_identity = CBDMLoss(scheduler, loss_tables(tables)).draw_balanced(20000, "cpu")
-    by_row = CBDMLoss(scheduler, loss_tables(tables), balance="rows").draw_balanced(20000, "cpu")
+    by_identity = CBDMLoss(DDPMProcess(scheduler), loss_tables(tables)).draw_balanced(20000, "cpu")
+    by_row = CBDMLoss(DDPMProcess(scheduler), loss_tables(tables), balance="rows").draw_balanced(20000, "cpu")
     share = [[(drawn == row).float().mean().item() for row in range(4)] for drawn in (by_identity, by_row)]
     assert torch.allclose(torch.tensor(share[0]), torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 2]), atol=0.015)
     assert torch.allclose(torch.tensor(share[1]), torch.tensor([1 / 4] * 4), atol=0.015)
     with pytest.raises(PogdiffError, match="balance='classes': choose one of identities, rows"):
-        CBDMLoss(scheduler, loss_tables(tables), balance="classes")
+        CBDMLoss(DDPMProcess(scheduler), loss_tables(tables), balance="classes")
 
 
 def test_t2h_frequency_is_the_identity_count_by_default_and_text_density_as_an_option():
@@ -140,14 +141,14 @@ def test_t2h_frequency_is_the_identity_count_by_default_and_text_density_as_an_o
     scheduler = DDPMScheduler(num_train_timesteps=100)
     moved = {}
     for frequency in ("identity", "text_density"):
-        loss_fn = T2HLoss(scheduler, t2h_tables([-3.0, -3.0, -3.0, 5.0], identity=[0, 0, 0, 1]), frequency=frequency)
+        loss_fn = T2HLoss(DDPMProcess(scheduler), t2h_tables([-3.0, -3.0, -3.0, 5.0], identity=[0, 0, 0, 1]), frequency=frequency)
         torch.manual_seed(0)
         sources = torch.stack([loss_fn.transfer(x0, noise, t, rows) for _ in range(400)])
         moved[frequency] = [(sources[:, i] == 3).any().item() for i in range(3)], (sources[:, 3] != 3).any().item()
     assert moved["identity"] == ([False] * 3, True)      # the single image's row borrows from the 3-image person
     assert moved["text_density"] == ([True] * 3, False)  # rare captions borrow from the dense one
     # Without an identity column the default falls back to the text density.
-    loss_fn = T2HLoss(scheduler, t2h_tables([-3.0, -3.0, -3.0, 5.0]))
+    loss_fn = T2HLoss(DDPMProcess(scheduler), t2h_tables([-3.0, -3.0, -3.0, 5.0]))
     assert torch.equal(loss_fn.condition_frequency, loss_fn.tables.elbo)
 
 
@@ -162,7 +163,7 @@ def test_every_method_trains_a_few_steps(method, toy_data, tmp_path, shared_cach
                             train_batch_size=4, cache_dir=str(shared_cache), progress=False))
     info = json.loads((run / "pogdiff_run.json").read_text())
     assert info["steps"] == 2 and info["config"]["method"] == method
-    start, trained = load_backbone(SHIPPED_NAME).unet.state_dict(), load_backbone(run).unet.state_dict()
+    start, trained = load_backbone(SHIPPED_NAME).denoiser.state_dict(), load_backbone(run).denoiser.state_dict()
     assert any(not torch.equal(start[name], trained[name]) for name in start)  # the loss carried a gradient
 
 

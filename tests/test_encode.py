@@ -17,7 +17,8 @@ from test_scale import SRC, free_port
 from test_stable_diffusion import sd_data, tiny_sd  # noqa: F401 (fixtures)
 
 from pogdiff.encode import shards as shards_module
-from pogdiff.backbones.backbone import PixelBackbone, StableDiffusionBackbone
+from pogdiff.backbones.pixel import PixelBackbone
+from pogdiff.backbones.stable_diffusion import StableDiffusionBackbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.data.image_files import ImageFiles, file_digests
@@ -197,7 +198,7 @@ def test_fp16_latents_round_off_is_below_what_mixed_precision_rounds_anyway(tiny
     t = torch.full((20,), 500)
     cond = backbone.text_encoder.encode(["An image of Chen."] * 20).states
     with torch.no_grad():
-        predicted = [backbone.unet(x, t, encoder_hidden_states=cond).sample for x in (x0, x0_fp16, x0_bf16)]
+        predicted = [backbone.denoiser(x, t, encoder_hidden_states=cond).sample for x in (x0, x0_fp16, x0_bf16)]
     moved_fp16, moved_bf16 = ((p - predicted[0]).norm() / predicted[0].norm() for p in predicted[1:])
     assert moved_fp16 < moved_bf16, (moved_fp16, moved_bf16)
 

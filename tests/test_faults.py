@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -218,7 +219,8 @@ def test_nan_from_an_encoder_names_the_row_and_caches_nothing(toy_data, tmp_path
     assert not list((tmp_path / "cache").glob("text-*"))
 
 
-def test_a_cache_write_that_fails_leaves_no_file_and_the_run_goes_on(toy_data, tmp_path, counted, monkeypatch):
+def test_a_cache_shard_that_cannot_be_written_stops_the_encode_and_leaves_no_file(toy_data, tmp_path, counted,
+                                                                                 monkeypatch):
     def disk_full(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -226,12 +228,13 @@ def test_a_cache_write_that_fails_leaves_no_file_and_the_run_goes_on(toy_data, t
     monkeypatch.setattr(cache_module, "save_file", disk_full)
     monkeypatch.setattr(shards_module, "save_file", disk_full)
     cache = tmp_path / "cache"
-    with pytest.warns(PogdiffWarning, match="cannot write this cache shard \\(No space left on device\\); keeping it "
-                      "in memory") as caught:
-        tables, table = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
-    assert any("cannot write this cache file (No space left on device)" in str(w.message) for w in caught)
-    assert len(tables) == 20 and states(tables).shape == (20, 4, 8) and table.index.shape == (20, 3)
-    assert written(cache) == []
+    with pytest.raises(PogdiffError) as stopped:  # a shard is no longer kept in memory: the encode stops
+        build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
+    message = str(stopped.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"{cache}/text-"), message
+    assert re.search(r": cannot write cache shard shard-\S+\.safetensors \(No space left on device\); free space or "
+                     r"pass --cache-dir on a larger disk$", message), message
+    assert written(cache) == [] and counted == {"neighbours": 0, "density": 0}
 
     def interrupted(tensors, path, metadata=None):
         Path(path).write_bytes(b"partial")
@@ -242,6 +245,15 @@ def test_a_cache_write_that_fails_leaves_no_file_and_the_run_goes_on(toy_data, t
     with pytest.raises(KeyboardInterrupt):
         build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
     assert written(cache) == []
+
+    # the single-file caches (a neighbour table, a density fit) still are skipped with a warning: the run goes on
+    monkeypatch.setattr(shards_module, "save_file", save_file)
+    monkeypatch.setattr(cache_module, "save_file", disk_full)
+    with pytest.warns(PogdiffWarning, match="cannot write this cache file \\(No space left on device\\); going on "
+                                            "without it"):
+        tables, table = build(toy_data, FakeTextEncoder(), FakeImageEncoder(), cache)
+    assert len(tables) == 20 and states(tables).shape == (20, 4, 8) and table.index.shape == (20, 3)
+    assert written(cache) and all(p.parent != cache and not p.name.endswith(".tmp") for p in written(cache))
 
 
 def test_cache_files_are_named_by_kind_and_key(tmp_path):
@@ -564,48 +576,43 @@ def test_resume_only_from_a_checkpoint_of_the_run_itself(checkpointed_run, tmp_p
 
 # --- really full and read-only disks: small tmpfs mounts (root only) ---
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(size, read_only=False): a fresh tmpfs of that size; the test is skipped where mounting is not allowed."""
-    mounted = []
-
-    def mount(size: str, read_only: bool = False) -> Path:
-        point = tmp_path / f"disk-{len(mounted)}"
-        point.mkdir()
-        options = f"size={size}" + (",ro" if read_only else "")
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
-                                text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'needs root'})")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=True)
+def assert_stopped_at_the_cache(err, cache, *expected):
+    """One error line naming a folder of the ``cache``, as the last line (warnings, such as the image hashes that
+    cannot be remembered, may come before it); no traceback."""
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("pogdiff: error: ")]
+    assert errors == lines[-1:] and "Traceback" not in err, err
+    assert all(line.startswith("pogdiff: warning: ") for line in lines[:-1]), err
+    assert errors[0].startswith(f"pogdiff: error: {cache}/latents-"), err
+    for text in expected:
+        assert text in errors[0], err
 
 
-def test_a_really_full_cache_disk_is_a_warning_and_the_run_goes_on(toy_data, tmp_path, small_disk, capsys):
+def test_a_cache_disk_too_small_is_refused_before_encoding_in_one_line(toy_data, tmp_path, small_disk, capsys):
     cache = small_disk("64k")
     code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", cache, "--max-train-steps", 1))
-    assert code == 0, err
-    assert "pogdiff: warning: " in err and "cannot write this cache shard (No space left on device)" in err
-    assert "Traceback" not in err and not any(p.name.endswith(".tmp") for p in cache.rglob("*"))
+    assert code == 2
+    assert_stopped_at_the_cache(err, cache, "free space or pass --cache-dir on a larger disk")
+    assert re.search(r": the 20 rows left to encode of this latents cache need about [\d.]+ kB, [\d.]+ kB free; ",
+                     err), err
+    assert not list(cache.rglob("shard-*")) and not any(p.name.endswith(".tmp") for p in cache.rglob("*"))
 
 
-def test_a_read_only_cache_disk_is_a_warning_and_the_run_goes_on(toy_data, tmp_path, small_disk, capsys):
+def test_a_read_only_cache_disk_stops_the_encode_in_one_line(toy_data, tmp_path, small_disk, capsys):
     cache = small_disk("1m", read_only=True)
     code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", cache, "--max-train-steps", 1))
-    assert code == 0, err
-    assert "cannot write this cache file (Read-only file system); going on without it" in err
+    assert code == 2
+    assert_stopped_at_the_cache(err, cache, "(Read-only file system); pass --cache-dir on a disk you can write to")
+    assert not list(cache.iterdir())
 
 
-def test_a_cache_folder_under_a_regular_file_is_a_warning_and_the_run_goes_on(toy_data, tmp_path, capsys):
+def test_a_cache_folder_under_a_regular_file_stops_the_encode_in_one_line(toy_data, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", tmp_path / "notes.txt" / "cache",
-                                             "--max-train-steps", 1))
-    assert code == 0, err
-    assert "going on without it" in err and (tmp_path / "notes.txt").read_text() == "mine"
+    cache = tmp_path / "notes.txt" / "cache"
+    code, err = run_main(capsys, *train_args(toy_data, tmp_path / "run", cache, "--max-train-steps", 1))
+    assert code == 2
+    assert_stopped_at_the_cache(err, cache, "(Not a directory); pass another --cache-dir")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_really_full_checkpoint_disk_keeps_the_previous_checkpoint(toy_data, small_disk, shared_cache, capsys):

@@ -16,7 +16,8 @@ from PIL import Image
 from test_scale import SRC
 from test_stable_diffusion import sd_data, tiny_sd  # noqa: F401 (fixtures)
 
-from pogdiff.backbones.backbone import StableDiffusionBackbone, load_backbone
+from pogdiff.backbones.backbone import load_backbone
+from pogdiff.backbones.stable_diffusion import StableDiffusionBackbone
 from pogdiff.cli import build_parser, main, train_config
 from pogdiff.data.dataset import load_dataset
 from pogdiff.objectives.losses import VanillaLoss
@@ -175,12 +176,14 @@ def test_optimizer_flags_reach_adamw(toy_data, tmp_path, cache_dir, capsys):
 def test_noise_offset_shifts_each_channel_of_the_noise_by_a_constant():
     from diffusers import DDPMScheduler
 
+    from pogdiff.objectives.forward_process import DDPMProcess
+
     scheduler = DDPMScheduler(num_train_timesteps=100)
     x0 = torch.randn(3, 4, 8, 8)
     noise = {}
     for offset in (0.0, 0.5):
         torch.manual_seed(0)
-        noise[offset] = VanillaLoss(scheduler, None, noise_offset=offset).diffuse(x0)[2]
+        noise[offset] = VanillaLoss(DDPMProcess(scheduler), None, noise_offset=offset).diffuse(x0)[2]
     shift = noise[0.5] - noise[0.0]
     assert shift.abs().min() > 0 and torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift))
     torch.manual_seed(0)
@@ -217,10 +220,10 @@ def lora_scaling(unet):
 
 def test_lora_alpha_and_target_modules_shape_the_adapters(tiny_sd, sd_data, tmp_path, capsys):
     backbone = StableDiffusionBackbone.from_pretrained(tiny_sd, 4, 8.0, ("to_q", "to_v"))
-    scaling = lora_scaling(backbone.unet)
+    scaling = lora_scaling(backbone.denoiser)
     assert scaling and set(scaling.values()) == {2.0}  # alpha / rank
     assert {name.rsplit(".", 1)[-1] for name in scaling} == {"to_q", "to_v"}
-    assert set(lora_scaling(StableDiffusionBackbone.from_pretrained(tiny_sd, 4).unet).values()) == {1.0}
+    assert set(lora_scaling(StableDiffusionBackbone.from_pretrained(tiny_sd, 4).denoiser).values()) == {1.0}
 
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", sd_data, "--pretrained", tiny_sd, "--output-dir", run,
@@ -229,7 +232,7 @@ def test_lora_alpha_and_target_modules_shape_the_adapters(tiny_sd, sd_data, tmp_
                            "--cache-dir", tmp_path / "cache", "--no-progress")
     assert code == 0, err
     assert run_info(run)["lora_alpha"] == 8 and run_info(run)["lora_target_modules"] == ["to_q", "to_v"]
-    assert lora_scaling(load_backbone(run).unet) == scaling  # the alpha travels with the saved adapters
+    assert lora_scaling(load_backbone(run).denoiser) == scaling  # the alpha travels with the saved adapters
 
 
 @pytest.mark.parametrize("options, expected", [

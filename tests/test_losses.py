@@ -8,6 +8,7 @@ from pogdiff.encode.loss_tables import loss_tables
 from pogdiff.objectives.losses import PoGDiffLoss, TrainBatch, VanillaLoss
 from pogdiff.objectives.neighbours import NeighbourRequest, NeighbourTable
 from pogdiff.encode.encoded_dataset import EncodedDataset
+from pogdiff.objectives.forward_process import DDPMProcess
 
 
 class TinyDenoiser(torch.nn.Module):
@@ -69,7 +70,7 @@ def test_pogdiff_loss_matches_hand_computation(prediction_type):
     tables = make_tables()
     batch = make_batch(tables)
     model = TinyDenoiser()
-    loss_fn = PoGDiffLoss(scheduler, loss_tables(tables, GIVEN), a1=1.0, a2=2.0, a3=1.0, psi_txt_max_ratio=100.0)
+    loss_fn = PoGDiffLoss(DDPMProcess(scheduler), loss_tables(tables, GIVEN), a1=1.0, a2=2.0, a3=1.0, psi_txt_max_ratio=100.0)
     torch.manual_seed(SEED_DRAWING_ANOTHER_IDENTITY)
     loss = loss_fn(model, batch)
 
@@ -98,7 +99,7 @@ def test_pogdiff_loss_matches_hand_computation(prediction_type):
 def test_expected_psi_per_row_matches_hand_computation():
     """Eq. 12 in expectation over Eq. 8's draw, with the defaults (a1 = 1, a2 = 10, a3 = 1, clip 2)."""
     tables = make_tables()
-    psi = PoGDiffLoss(DDPMScheduler(num_train_timesteps=100), loss_tables(tables, GIVEN)).psi_per_row()
+    psi = PoGDiffLoss(DDPMProcess(DDPMScheduler(num_train_timesteps=100)), loss_tables(tables, GIVEN)).psi_per_row()
     # make_tables: ELBO -1, 0, 1, 2 around the median 0 -> exp(1), 1, exp(-1), exp(-2), clipped to [1/2, 2]
     psi_txt = torch.tensor([2.0, 1.0, 0.5, 0.5])
     # each row: (weight, similarity) of its same-identity neighbour, then of its other-identity one
@@ -118,10 +119,10 @@ def test_min_snr_gamma_weights(prediction_type):
     abar = scheduler.alphas_cumprod[t]
     snr = abar / (1 - abar)
     expected = snr.clamp(max=5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
-    weights = VanillaLoss(scheduler, make_tables(), snr_gamma=5.0).example_weights(t)
+    weights = VanillaLoss(DDPMProcess(scheduler), make_tables(), snr_gamma=5.0).example_weights(t)
     assert torch.allclose(weights, expected.float(), rtol=1e-5)
     assert weights[0] < 0.01 and weights.max() <= 1  # clean timesteps are down-weighted
-    assert torch.equal(VanillaLoss(scheduler, make_tables()).example_weights(t), torch.ones(4))
+    assert torch.equal(VanillaLoss(DDPMProcess(scheduler), make_tables()).example_weights(t), torch.ones(4))
 
 
 def test_target_branch_has_no_gradient_by_default():
@@ -130,14 +131,14 @@ def test_target_branch_has_no_gradient_by_default():
     batch = make_batch(tables)
     model = TinyDenoiser()
     torch.manual_seed(3)
-    PoGDiffLoss(scheduler, loss_tables(tables, GIVEN))(model, batch).sum().backward()
+    PoGDiffLoss(DDPMProcess(scheduler), loss_tables(tables, GIVEN))(model, batch).sum().backward()
     assert model.calls_with_grad == [True, False]
     default_grad = model.v.grad.clone()
 
     model.v.grad = None
     model.w.grad = None
     torch.manual_seed(3)
-    PoGDiffLoss(scheduler, loss_tables(tables, GIVEN), target_grad=True)(model, batch).sum().backward()
+    PoGDiffLoss(DDPMProcess(scheduler), loss_tables(tables, GIVEN), target_grad=True)(model, batch).sum().backward()
     assert model.calls_with_grad[2:] == [True, True]
     assert not torch.allclose(model.v.grad, default_grad)
 
@@ -148,9 +149,9 @@ def test_pogdiff_with_zero_psi_equals_vanilla():
     tables.image_features.table.similarity.zero_()  # psi_img = 0 everywhere
     batch = make_batch(tables)
     torch.manual_seed(5)
-    pog = PoGDiffLoss(scheduler, loss_tables(tables, GIVEN))(TinyDenoiser(), batch)
+    pog = PoGDiffLoss(DDPMProcess(scheduler), loss_tables(tables, GIVEN))(TinyDenoiser(), batch)
     torch.manual_seed(5)
-    vanilla = VanillaLoss(scheduler, tables)(TinyDenoiser(), batch)
+    vanilla = VanillaLoss(DDPMProcess(scheduler), tables)(TinyDenoiser(), batch)
     assert torch.allclose(pog, vanilla)
 
 
@@ -159,9 +160,9 @@ def test_ablations_switch_factors_off():
     tables = make_tables()
     rows, nbrs, sims = torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([0.4, 0.4])
     given = loss_tables(tables, GIVEN)
-    full = PoGDiffLoss(scheduler, given, a2=1.0, psi_txt_max_ratio=100.0)  # the paper's footnote: a1 = a2 = 1
-    no_img = PoGDiffLoss(scheduler, given, a2=1.0, use_psi_img=False, psi_txt_max_ratio=100.0)
-    no_txt = PoGDiffLoss(scheduler, given, a2=1.0, use_psi_txt=False)
+    full = PoGDiffLoss(DDPMProcess(scheduler), given, a2=1.0, psi_txt_max_ratio=100.0)  # the paper's footnote: a1 = a2 = 1
+    no_img = PoGDiffLoss(DDPMProcess(scheduler), given, a2=1.0, use_psi_img=False, psi_txt_max_ratio=100.0)
+    no_txt = PoGDiffLoss(DDPMProcess(scheduler), given, a2=1.0, use_psi_txt=False)
     txt = torch.exp(torch.tensor(1.0))  # elbo -1 against the (lower) median 0
     assert torch.allclose(full.psi(rows, nbrs, sims), torch.stack([0.4 * txt, 0.16 * txt]))
     assert torch.allclose(no_img.psi(rows, nbrs, sims), torch.stack([txt, txt]))

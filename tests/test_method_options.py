@@ -1,7 +1,5 @@
 """Every method option reaches its loss, whether typed as a train flag or as a benchmark row's option."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -9,10 +7,11 @@ from test_losses import TinyDenoiser, make_batch, make_tables
 
 from pogdiff.cli import build_parser, train_config
 from pogdiff.compare.comparison import parse_method
+from pogdiff.objectives.forward_process import DDPMProcess
 from pogdiff.objectives.losses import METHODS, method_parameters
 from pogdiff.training.train import TrainConfig, make_loss
 
-BACKBONE = SimpleNamespace(scheduler=DDPMScheduler(num_train_timesteps=100))
+PROCESS = DDPMProcess(DDPMScheduler(num_train_timesteps=100))
 ENCODED = make_tables()  # its GivenNeighbours records which table of Eq. 8 the loss's tables were built with
 SAME, OTHER = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0.4])), (torch.tensor([0]), torch.tensor([2]),
                                                                             torch.tensor([0.4]))
@@ -20,12 +19,12 @@ SAME, OTHER = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0.4])), (torc
 
 def loss_from_flags(method, *flags):
     args = build_parser().parse_args(["train", "DATA", "--output-dir", "RUN", "--method", method, *flags])
-    return make_loss(train_config(args), BACKBONE, ENCODED)
+    return make_loss(train_config(args), PROCESS, ENCODED)
 
 
 def loss_from_benchmark(row):
     spec = parse_method(row)
-    return make_loss(TrainConfig("", "", method=spec.method, method_options=spec.options), BACKBONE, ENCODED)
+    return make_loss(TrainConfig("", "", method=spec.method, method_options=spec.options), PROCESS, ENCODED)
 
 
 def psi_txt_of_row_0(loss):  # ELBO -1 against the median 0: exp(1) before the clip and a3

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_losses import GivenNeighbours, make_tables
 
-from pogdiff.backbones.backbone import PixelBackbone
+from pogdiff.backbones.pixel import PixelBackbone
 from pogdiff.data.dataset import load_dataset
 from pogdiff.data.image_files import ImageFiles, pixels_to_float
 from pogdiff.encode.encoded_dataset import encode_dataset, training_latents
@@ -36,17 +36,17 @@ def backbone():
 def test_unet_space_is_the_mid_block_pooled_and_leaves_the_model_and_rng_alone(backbone):
     pixels = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     space = UNetSpace(backbone, pixels)
-    before = {n: p.clone() for n, p in backbone.unet.state_dict().items()}
+    before = {n: p.clone() for n, p in backbone.denoiser.state_dict().items()}
     state = torch.get_rng_state()
     features = space.embed_rows(range(5))
-    assert features.shape == (5, backbone.unet.config.block_out_channels[-1])
+    assert features.shape == (5, backbone.denoiser.config.block_out_channels[-1])
     assert torch.equal(torch.get_rng_state(), state)
-    assert all(torch.equal(p, before[n]) for n, p in backbone.unet.state_dict().items())
+    assert all(torch.equal(p, before[n]) for n, p in backbone.denoiser.state_dict().items())
     whole = []  # a whole forward pass, its mid block's output pooled: what the space stops early to compute
-    hook = backbone.unet.mid_block.register_forward_hook(lambda module, args, out: whole.append(out.mean((2, 3))))
+    hook = backbone.denoiser.mid_block.register_forward_hook(lambda module, args, out: whole.append(out.mean((2, 3))))
     with torch.no_grad():
         abar = backbone.scheduler.alphas_cumprod[space.timestep].item()
-        backbone.unet(abar ** 0.5 * pixels_to_float(pixels), torch.full((5,), space.timestep),
+        backbone.denoiser(abar ** 0.5 * pixels_to_float(pixels), torch.full((5,), space.timestep),
                       encoder_hidden_states=backbone.text_encoder.encode([""]).states.expand(5, -1, -1))
     hook.remove()
     torch.testing.assert_close(features, whole[0])
@@ -112,12 +112,13 @@ def test_pogdiff_writes_the_diagnostics_into_psi_summary(tmp_path):
     from diffusers import DDPMScheduler
 
     from pogdiff.encode.loss_tables import loss_tables, neighbour_space
+    from pogdiff.objectives.forward_process import DDPMProcess
     from pogdiff.objectives.losses import PoGDiffLoss
 
     tables = make_tables()
     tables.image_features = GivenNeighbours(tables.image_features.table, torch.eye(4))
     wanted = NeighbourRequest(DEFAULT_NEIGHBOUR_FEATURES, 2)
-    loss = PoGDiffLoss(DDPMScheduler(num_train_timesteps=100), loss_tables(tables, wanted), k=2)
+    loss = PoGDiffLoss(DDPMProcess(DDPMScheduler(num_train_timesteps=100)), loss_tables(tables, wanted), k=2)
     save_psi(tmp_path, loss.psi_per_row(), torch.tensor([False, False, True, True]), neighbour_space(tables, wanted))
     summary = json.loads((tmp_path / "psi_summary.json").read_text())
     # make_tables: rows 0, 1 are identity 0, rows 2, 3 identity 1; row 0 draws row 2 with weight 0.2, row 1

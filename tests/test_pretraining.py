@@ -86,7 +86,7 @@ def test_pretrain_runs_resumes_and_releases_verified_weights(corpus, tmp_path, c
     with pytest.raises(PogdiffError, match="unet/config.json: a file of the shipped pretrained backbone is damaged"):
         shipped_backbone_dir(release)
     released, trained = load_backbone(release, "cpu"), load_backbone(run, "cpu")
-    for (name, a), b in zip(released.unet.state_dict().items(), trained.unet.state_dict().values()):
+    for (name, a), b in zip(released.denoiser.state_dict().items(), trained.denoiser.state_dict().values()):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3, msg=name)  # fp16 storage
 
@@ -103,7 +103,8 @@ def test_a_release_never_replaces_a_folder_of_the_users(corpus, tmp_path, capsys
 
 
 def test_from_shipped_continues_the_shipped_weights_and_its_manifest_says_so(corpus, tmp_path):
-    from pogdiff.backbones.backbone import PixelBackbone, load_backbone
+    from pogdiff.backbones.backbone import load_backbone
+    from pogdiff.backbones.pixel import PixelBackbone
     from pogdiff.training.pretraining import MANIFEST_FILE
     from pogdiff.backbones.shipped import SHIPPED_DIR, SHIPPED_NAME
 
@@ -111,9 +112,9 @@ def test_from_shipped_continues_the_shipped_weights_and_its_manifest_says_so(cor
     assert main(["pretrain", str(corpus), "--output-dir", str(run), "--from-shipped", "--max-train-steps", "1",
                  "--train-batch-size", "8", "--learning-rate", "1e-6", "--no-progress",
                  "--release-dir", str(release)]) == 0
-    shipped = load_backbone(SHIPPED_NAME, "cpu").unet.state_dict()
-    continued = load_backbone(run, "cpu").unet.state_dict()
-    scratch = PixelBackbone.create(32, 56).unet.state_dict()
+    shipped = load_backbone(SHIPPED_NAME, "cpu").denoiser.state_dict()
+    continued = load_backbone(run, "cpu").denoiser.state_dict()
+    scratch = PixelBackbone.create(32, 56).denoiser.state_dict()
     name = "conv_in.weight"
     assert (continued[name] - shipped[name]).abs().max() < 1e-3 < (scratch[name] - shipped[name]).abs().max()
     manifest = json.loads((release / MANIFEST_FILE).read_text())

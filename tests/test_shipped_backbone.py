@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pogdiff.backbones.backbone import PixelBackbone, load_backbone
+from pogdiff.backbones.backbone import load_backbone
+from pogdiff.backbones.pixel import PixelBackbone
 from pogdiff.cli import main
 from pogdiff.data.synth import BACKGROUNDS
 from pogdiff.errors import PogdiffError, PogdiffWarning
@@ -97,9 +98,9 @@ def test_train_starts_from_the_shipped_weights_unless_from_scratch(toy_data, tmp
     assert read_run_info(fine_tuned)["pretrained"] == SHIPPED_NAME
     assert read_run_info(fine_tuned)["pretrained_sha256"] == sha256(SHIPPED_DIR / WEIGHTS_FILE)
     assert read_run_info(scratch)["pretrained"] is None and read_run_info(scratch)["pretrained_sha256"] is None
-    reference = shipped.unet.state_dict()
+    reference = shipped.denoiser.state_dict()
     for run, same in ((fine_tuned, True), (scratch, False)):
-        weights = load_backbone(run, "cpu").unet.state_dict()
+        weights = load_backbone(run, "cpu").denoiser.state_dict()
         close = all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
         assert close == same, run
 

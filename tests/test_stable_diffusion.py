@@ -14,7 +14,8 @@ from conftest import write_toy_dataset
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from pogdiff.backbones.backbone import StableDiffusionBackbone, load_backbone
+from pogdiff.backbones.backbone import load_backbone
+from pogdiff.backbones.stable_diffusion import StableDiffusionBackbone
 from pogdiff.cli import main
 from pogdiff.data.dataset import load_dataset
 from pogdiff.training.ownership import MARK_FILE

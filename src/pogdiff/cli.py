@@ -89,15 +89,29 @@ def train_config(args):
 
 
 def data_dir_of(typed: dict) -> str:
-    """DATA, or diffusers' --train_data_dir; '' with --dataset-name, which names the data instead."""
-    given = {typed[k] for k in ("data_dir", "train_data_dir") if typed.get(k)}
-    if len(given) > 1:
+    """DATA, or diffusers' --train_data_dir (both: they must name one folder, e.g. d1 and ./d1); '' with
+    --dataset-name, which names the data instead."""
+    from pogdiff.data.dataset import METADATA_FILE
+
+    given = [typed[k] for k in ("data_dir", "train_data_dir") if typed.get(k)]
+    if len({Path(folder).resolve() for folder in given}) > 1:
         raise PogdiffError(f"DATA {typed['data_dir']} and --train_data_dir {typed['train_data_dir']} name two "
                            "datasets; pass one of them")
     if not given and not typed.get("dataset_name"):
+        prompts = typed.get("validation_prompts")
+        if prompts and _is_file(Path(prompts[-1]) / METADATA_FILE):  # `--validation-prompts P d1` took DATA
+            raise PogdiffError(f"no dataset: {prompts[-1]} was taken as a validation prompt; put DATA before "
+                               "--validation-prompts or end the prompts with --")
         raise PogdiffError("no dataset: pass DATA (a folder with metadata.jsonl and images), --train_data_dir DATA "
                            "or --dataset-name FOLDER")
-    return given.pop() if given else ""
+    return given[0] if given else ""
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a prompt too long for a file name
+        return False
 
 
 def _pretrain(args) -> None:
@@ -201,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pogdiff.options import OneLineErrorParser, accept_underscores, install_rules
 
     parser = OneLineErrorParser(prog="pogdiff", description=__doc__, epilog=docs("cli.md"))
+    parser.add_argument("--version", action="version", version=f"pogdiff {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     seed = argparse.ArgumentParser(add_help=False)
     seed.add_argument("--seed", type=int, default=0,
@@ -220,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_benchmark_parser(sub, [runtime])
     add_demo_parser(sub, [seed, runtime])
     return accept_underscores(install_rules(parser))
+
+
+def installed_version() -> str:
+    """pogdiff's version, as installed (importlib.metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pogdiff")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def prompt_template_help() -> str:

@@ -14,11 +14,13 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 import struct
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -40,11 +42,51 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     absent, as it was, or complete.
     """
     target = Path(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temporary_path(target)
     try:
         with write_errors_as_os_errors(target):
             yield tmp
             os.replace(tmp, target)
+    finally:
+        remove_quietly(tmp)
+
+
+def temporary_path(target: str | Path) -> Path:
+    """A name next to ``target`` that no other writer uses, on this machine or another sharing the folder:
+    ``.NAME.HOST.PID.TOKEN.tmp`` (a pid alone repeats across machines and containers; the random token makes it
+    unique, the host and pid tell whose it is)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.{safe_stem(socket.gethostname(), 40)}.{os.getpid()}."
+                            f"{secrets.token_hex(4)}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path, complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """:func:`atomic_path` for a folder that other processes, here or on other machines, may be writing at the
+    same time: the folder written under :func:`temporary_path` is renamed onto ``target``. When another process
+    renamed its own first (ENOTEMPTY or EEXIST), theirs is kept if ``complete(target)`` and this one is removed; a
+    ``target`` that is not complete (damaged) is moved aside and replaced. Either way ``target`` is then complete."""
+    target = Path(target)
+    tmp = temporary_path(target)
+    try:
+        with write_errors_as_os_errors(target):
+            yield tmp
+            for _ in range(3):
+                try:
+                    os.rename(tmp, target)
+                    return
+                except OSError as error:
+                    if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                if complete(target):
+                    return  # another process's, as good as this one's (removed below)
+                aside = temporary_path(target)
+                try:
+                    os.rename(target, aside)
+                except FileNotFoundError:  # another process moved it aside first
+                    continue
+                remove_quietly(aside)
+            raise OSError(errno.ENOTEMPTY, "another process keeps writing an incomplete folder here", str(target))
     finally:
         remove_quietly(tmp)
 
@@ -90,6 +132,40 @@ def sha256(path: str | Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remembered_sha256(root: Path, names: list[str], memo_path: Path, what: str, progress: bool = False) -> list[str]:
+    """sha256 of each file ``root / name``, remembered in ``memo_path`` by (size, mtime, ctime, inode): a file is
+    read again only when one of them changes (``os.utime`` puts an mtime back, never a ctime: a rewrite in place
+    is seen). A memo that cannot be written is a warning; the digests are right either way."""
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from pogdiff.errors import PogdiffWarning
+
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    memo = memo if isinstance(memo, dict) else {}
+    digests, changed = [], False
+    for name in tqdm(names, desc=f"hash {what}", unit="file", disable=not progress, dynamic_ncols=True):
+        stat = os.stat(root / name)
+        seen = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        known = memo.get(name)
+        if not (isinstance(known, list) and len(known) == len(seen) + 1 and known[:-1] == seen):
+            known = [*seen, sha256(root / name)]
+            memo[name], changed = known, True
+        digests.append(known[-1])
+    if changed:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(memo_path, json.dumps(memo))
+        except OSError as error:
+            warnings.warn(f"{memo_path}: cannot write ({error.strerror or error}); {what} will be hashed again next "
+                          "time (free space or pass --cache-dir)", PogdiffWarning)
+    return digests
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

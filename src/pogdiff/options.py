@@ -22,12 +22,15 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable
 
 from pogdiff.errors import PogdiffError
+from pogdiff.processes import DEFAULT_TIMEOUT_S
 from pogdiff.backbones.shipped import SHIPPED_NAME
 
 SEED_MAX = 2**32 - 1  # numpy and accelerate seed with 32 bits
 TRAIN_TIMESTEPS = 1000  # both backbones' noise schedules: DDIM cannot take more steps than this
 LR_SCHEDULERS = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the UNet predicts, as diffusers' --prediction_type
+# as diffusers' SD3/Flux scripts' --weighting_scheme (pogdiff.objectives.forward_process.FlowMatchingProcess)
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 TRACKERS = ("tensorboard", "wandb")  # --report-to
 
 
@@ -110,6 +113,7 @@ DEFAULT_MAX_TRAIN_STEPS = 500
 ACCELERATE_PRECISION = "accelerate's setting (accelerate launch --mixed_precision, accelerate config), else no"
 LORA, DATA, BUDGET, OPTIMIZER = "LoRA (with --pretrained)", "data", "steps and learning rate", "optimizer (AdamW)"
 MODEL, BOOKS = "precision, memory and noise", "checkpoints, validation and logs"
+FLOW = "flow-matching backbones (SD3, Flux)"
 SAMPLER, TEXT_DENSITY = "row sampler (every method)", "text density (Eq. 10)"
 
 
@@ -175,7 +179,8 @@ class TrainConfig:
     seed: int = option(0)  # every command's --seed (pogdiff.cli.build_parser), its range in RULES
     # backbone: a diffusers Stable Diffusion checkpoint (folder or hub id), else the small pixel model
     # (the shipped pretrained one, or random weights with from_scratch)
-    pretrained: str | None = option(None, "diffusers Stable Diffusion checkpoint to fine-tune, a folder or hub id",
+    pretrained: str | None = option(None, "diffusers checkpoint to fine-tune (Stable Diffusion 1.x/2.x, SDXL, SD3, "
+                                    "Flux), a folder or hub id",
                                     aliases=("--pretrained_model_name_or_path",), metavar="PATH_OR_HUB_ID",
                                     shown=f"the small CPU backbone, pretrained and shipped as {SHIPPED_NAME}")
     from_scratch: bool = option(False, "the small CPU backbone from random weights instead of the shipped pretrained "
@@ -238,10 +243,10 @@ class TrainConfig:
     allow_tf32: bool = option(False, "TF32 matrix products on Ampere or newer GPUs: faster, slightly less precise",
                               group=MODEL, resumable=True)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower",
-                                          group=MODEL)
+                                          group=MODEL, resumable=True)  # the same gradients
     compile: bool = option(False, "torch.compile the UNet (inductor; CUDA graphs on a GPU, where the small "
                            "backbone's steps are bound by kernel launches); on a CPU the first step takes minutes and "
-                           "later ones are no faster", group=MODEL)  # accelerate's dynamo plugin
+                           "later ones are no faster", group=MODEL, resumable=True)  # accelerate's dynamo plugin
     use_ema: bool = option(False, "keep an exponential moving average of the weights and save it", group=MODEL)
     ema_decay: float = option(0.9999, "EMA decay (with warm-up)", group=MODEL, rule=number(0, 1))
     snr_gamma: float | None = option(None, "Min-SNR weighting gamma (5.0 is usual)", group=MODEL, shown="none: off",
@@ -249,6 +254,16 @@ class TrainConfig:
     noise_offset: float = option(0.0, "offset noise: each image and channel gets noise_offset x N(0, 1) added to its "
                                  "noise, as diffusers' --noise_offset (0.1 is usual; 0: off)", group=MODEL,
                                  rule=number(0))
+    # flow-matching backbones (SD3, Flux): as diffusers' DreamBooth-LoRA scripts for them
+    weighting_scheme: str | None = option(None, "how a flow-matching backbone (SD3, Flux) draws its timesteps and "
+                                          "weights its loss", group=FLOW, choices=WEIGHTING_SCHEMES,
+                                          shown="logit_normal SD3, none Flux", rule=one_of(*WEIGHTING_SCHEMES))
+    logit_mean: float = option(0.0, "mean of the logit_normal timestep density", group=FLOW)
+    logit_std: float = option(1.0, "std of the logit_normal timestep density", group=FLOW, rule=number(above=0))
+    mode_scale: float = option(1.29, "scale of the mode timestep density", group=FLOW)
+    max_sequence_length: int | None = option(None, "T5 tokens per caption (SD3, Flux); the cache holds this many "
+                                             "states per distinct caption", group=FLOW,
+                                             shown="77 SD3, 512 Flux", rule=integer(1))
     # bookkeeping: what a resumed run may change
     checkpointing_steps: int | None = option(None, "save the training state every N steps", group=BOOKS,
                                              shown="none: no checkpoint", resumable=True, rule=integer(1))
@@ -271,7 +286,7 @@ class TrainConfig:
     logging_dir: str = option("logs", "the tracker's folder, under --output-dir", group=BOOKS, resumable=True)
     tracker_project_name: str = option("pogdiff", "the project name the tracker logs under", group=BOOKS,
                                        resumable=True)
-    ddp_timeout: int = option(6 * 3600, "seconds a process of `accelerate launch` waits for the others (e.g. while "
+    ddp_timeout: int = option(DEFAULT_TIMEOUT_S, "seconds a process of `accelerate launch` waits for the others (e.g. while "
                               "one builds the neighbour table)", group=BOOKS, resumable=True)
     log_rows: bool = option(False, "write OUTPUT_DIR/rows-rank<R>.jsonl: the rows each process trained on per "
                             "micro-step and digests of its tables and weights (checks multi-process runs)",
@@ -310,7 +325,8 @@ def config_fields() -> set[str]:
     return set(train_options())
 
 
-# Options a resumed run may change: how long it runs, what it logs and saves, where it caches.
+# Options a resumed run may change: how long it runs, what it logs and saves, where it caches, and how it computes
+# the same steps (gradient checkpointing, torch.compile).
 RESUMABLE_CHANGES = frozenset(name for name, declared in train_options().items() if declared.resumable)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import TypeVar
 
 from accelerate import PartialState
@@ -12,11 +14,45 @@ from pogdiff.errors import PogdiffError, first_line
 
 T = TypeVar("T")
 
+# how long a collective waits for the other processes (--ddp-timeout's default, and the process group's when it is
+# made here): torch's own is 10 min under NCCL, shorter than building a neighbour table or converting a dataset
+DEFAULT_TIMEOUT_S = 6 * 3600
+
 
 def process_state() -> PartialState:
     """accelerate's process state. ``PartialState()`` alone ignores ``accelerate launch --cpu``
-    (ACCELERATE_USE_CPU) until an ``Accelerator`` has read it, and the first call fixes the state."""
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    (ACCELERATE_USE_CPU) until an ``Accelerator`` has read it, and the first call fixes the state. A process group
+    made here waits :data:`DEFAULT_TIMEOUT_S` for the others (:func:`set_process_group_timeout` changes it)."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))
+
+
+def set_process_group_timeout(seconds: float) -> None:
+    """Make the collectives of the process group, if there is one, wait ``seconds`` for the other processes: for a
+    group made before the ``Accelerator`` (by :func:`process_state`, e.g. while ``--dataset-name`` is converted),
+    whose timeout the Accelerator's ``InitProcessGroupKwargs`` no longer sets."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=seconds))
+
+
+@contextlib.contextmanager
+def built_once_first() -> Iterator[None]:
+    """Around work that builds something into the cache folder, then reads it (a table built from all rows, a
+    memo of file digests, a dataset's conversion): the main process runs the block first, then the local main
+    process of each other machine, then every other process, each stage waiting for the one before at a barrier
+    (the process group's timeout, --ddp-timeout).
+
+    When the cache folder is shared by the machines, the block finds what the main process built and only reads
+    it: built once in all. When each machine has its own cache folder, the first process of each machine finds
+    it missing and builds its machine's copy (atomically: :func:`pogdiff.files.atomic_path`), which that
+    machine's other processes then read. Nothing here needs to know which of the two it is (docs/scale.md,
+    "Several machines"). One process alone runs the block and nothing more."""
+    state = process_state()
+    with state.main_process_first(), state.local_main_process_first():
+        yield
 
 
 def on_main_process(work: Callable[[], T]) -> T:

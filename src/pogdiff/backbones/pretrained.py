@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from pogdiff.errors import PogdiffError, first_line
-from pogdiff.files import sha256
+from pogdiff.files import remembered_sha256
 
 PIPELINE_FILE = "model_index.json"
 CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "preprocessor_config.json")
@@ -85,14 +85,19 @@ def local_pipeline_folder(path_or_hub_id: str | Path) -> Path:
                            "pass a local diffusers pipeline folder, or a hub id the machine can download") from None
 
 
-def pipeline_fingerprint(folder: str | Path) -> str:
+def pipeline_fingerprint(folder: str | Path, cache_dir: str | Path | None = None) -> str:
     """sha256 over ``model_index.json`` and every file of the components it lists, by relative path: the
-    same weights give the same fingerprint wherever the folder lies; other weights at the same path do not."""
-    folder = Path(folder)
+    same weights give the same fingerprint wherever the folder lies; other weights at the same path do not.
+    Each file's digest is remembered in the cache folder (:func:`pogdiff.files.remembered_sha256`), so a
+    checkpoint is read once, not at every run that checks it."""
+    from pogdiff.encode.cache import cache_folder
+
+    folder = Path(folder).resolve()
+    files = sorted(file for name in components(json.loads((folder / PIPELINE_FILE).read_text()))
+                   for file in (folder / name).rglob("*") if file.is_file())
+    names = [PIPELINE_FILE] + [file.relative_to(folder).as_posix() for file in files]
+    memo = cache_folder(cache_dir) / f"pipeline-digests-{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
     digest = hashlib.sha256()
-    files = [folder / PIPELINE_FILE] + sorted(
-        file for name in components(json.loads((folder / PIPELINE_FILE).read_text()))
-        for file in (folder / name).rglob("*") if file.is_file())
-    for file in files:
-        digest.update(f"{file.relative_to(folder).as_posix()}\0{sha256(file)}\n".encode())
+    for name, file_digest in zip(names, remembered_sha256(folder, names, memo, "checkpoint files")):
+        digest.update(f"{name}\0{file_digest}\n".encode())
     return digest.hexdigest()

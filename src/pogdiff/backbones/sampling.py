@@ -1,11 +1,12 @@
-"""Sampling: DDIM, 50 steps, classifier-free guidance (the paper's App. B protocol)."""
+"""Sampling: the noise, its batches and their processes; each backbone's own sampler draws the images
+(``backbone.sample``: DDIM, 50 steps and classifier-free guidance, the paper's App. B protocol, for the small
+backbone and the UNet pipelines; a flow pipeline's own scheduler for SD3 and Flux)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 
@@ -46,34 +47,17 @@ def sample_rows(backbone, prompts: list[str], num_images: int = 1, num_inference
     process, processes = shard
     guidance = backbone.default_guidance_scale if guidance_scale is None else guidance_scale
     batch_size = batch_size or backbone.sample_batch_size
-    unet = backbone.unet.eval()
-    device, dtype = unet.device, unet.dtype
-    scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
-    prompt_states = backbone.text_encoder.encode(prompts).states
-    uncond = backbone.text_encoder.encode([""]).states
     generator = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
     total = len(prompts) * num_images
     batches = range(0, total, batch_size)
     owned = [b for b in range(len(batches)) if b % processes == process]
     bar = tqdm(total=len(owned) * num_inference_steps, desc="sampling", unit="step", disable=not progress)
     for b, start in enumerate(batches):
         rows = range(start, min(start + batch_size, total))
-        noise = torch.randn((len(rows), unet.config.in_channels, size, size), generator=generator)
+        noise = torch.randn((len(rows), *backbone.noise_shape), generator=generator)
         if b % processes != process:
             continue
-        x = (noise * scheduler.init_noise_sigma).to(device, dtype)
-        cond = prompt_states[torch.tensor(rows) // num_images].to(device, dtype)
-        if guidance != 1.0:
-            cond = torch.cat([uncond.to(device, dtype).expand_as(cond), cond])
-        for t in scheduler.timesteps:
-            model_in = torch.cat([x, x]) if guidance != 1.0 else x
-            eps = unet(scheduler.scale_model_input(model_in, t), t, encoder_hidden_states=cond).sample
-            if guidance != 1.0:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            x = scheduler.step(eps, t, x).prev_sample
-            bar.update()
-        yield rows, backbone.decode(x).float().cpu()
+        batch_prompts = [prompts[row // num_images] for row in rows]
+        images = backbone.sample(noise, batch_prompts, num_inference_steps, guidance, on_step=bar.update)
+        yield rows, images.float().cpu()
     bar.close()

@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from pogdiff.backbones.backbone import check_pipeline_folder
+from pogdiff.backbones.backbone import pipeline_backbone_class
 from pogdiff.compare.dry_run import describe_backbone
 from pogdiff.data.dataset import FEW_MAX_IMAGES, load_dataset
 from pogdiff.data.image_files import dataset_digest
@@ -192,6 +192,8 @@ def run_benchmark(out: str | Path, methods: list[str] = DEFAULT_METHODS, seeds: 
     """
     out = Path(out)
     specs, seeds = checked_cells(methods, seeds, budget, cache_dir)
+    if data:  # before benchmark.json is written: every cell's run folder would lie in the dataset
+        RunFolder(out, BENCHMARK, "--out", data_dir=data).check_inputs_outside()
     state = process_state()
 
     def prepare_folder() -> tuple[dict, Path]:  # reads every byte of the checkpoint and data: once, not per process
@@ -261,7 +263,7 @@ def backbone_weights(budget: Budget) -> dict:
     release of the shipped backbone, another checkpoint at the same path) must not continue a benchmark."""
     if budget.pretrained:
         folder = local_pipeline_folder(budget.pretrained)
-        check_pipeline_folder(folder)  # a wrong model folder is refused now, not when the first cell loads it
+        pipeline_backbone_class(folder)  # a wrong model folder is refused now, not when the first cell loads it
         return {"name": budget.pretrained, "sha256": pipeline_fingerprint(folder)}
     if budget.from_scratch:
         return {"name": "random weights"}

@@ -44,7 +44,8 @@ class BackboneShape:
     mid_channels: int  # the width of the unet neighbour space
 
 
-def backbone_shape(pretrained: str | None, resolution: int | None) -> BackboneShape:
+def backbone_shape(pretrained: str | None, resolution: int | None,
+                   max_sequence_length: int | None = None) -> BackboneShape:
     """The shape of the small backbone, or of the checkpoint ``pretrained`` from its config files alone."""
     if not pretrained:
         from pogdiff.training.run_folder import read_run_info
@@ -54,14 +55,31 @@ def backbone_shape(pretrained: str | None, resolution: int | None) -> BackboneSh
         side = resolution or SHIPPED_RESOLUTION
         mid = _json(shipped_backbone_dir() / "unet" / "config.json")["block_out_channels"][-1]
         return BackboneShape("pixel", side, 3 * side * side, tokens * 384 * 4 + 384 * 4, mid)
-    vae, unet = component_config(pretrained, "vae"), component_config(pretrained, "unet")
-    text = component_config(pretrained, "text_encoder")
-    tokens = component_config(pretrained, "tokenizer", "tokenizer_config.json").get("model_max_length", 77)
+    family = component_config(pretrained, "", "model_index.json").get("_class_name")
+    vae = component_config(pretrained, "vae")
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
+
+    def latent(side: int) -> int:  # the posterior's mean and log-variance in float16
+        return 2 * vae.get("latent_channels", 4) * (side // factor) ** 2 * 2
+
+    clip = component_config(pretrained, "text_encoder")
+    tokens = component_config(pretrained, "tokenizer", "tokenizer_config.json").get("model_max_length", 77)
+    if family in ("StableDiffusion3Pipeline", "FluxPipeline"):  # per caption: T5's states (+ CLIP's), the pooled
+        transformer = component_config(pretrained, "transformer")
+        t5 = component_config(pretrained, "text_encoder_3" if family == "StableDiffusion3Pipeline" else
+                              "text_encoder_2")
+        sequence = max_sequence_length or (77 if family == "StableDiffusion3Pipeline" else 512)
+        states = sequence + (min(tokens, 4096) if family == "StableDiffusion3Pipeline" else 0) + 1
+        side = resolution or (transformer["sample_size"] if family == "StableDiffusion3Pipeline" else 128) * factor
+        return BackboneShape("latent", side, latent(side), states * t5["d_model"] * 2 + t5["d_model"] * 4,
+                             transformer["num_attention_heads"] * transformer["attention_head_dim"])
+    unet = component_config(pretrained, "unet")
+    width = clip["hidden_size"]
+    if family == "StableDiffusionXLPipeline":  # both encoders' states side by side, and the pooled row
+        width += component_config(pretrained, "text_encoder_2")["hidden_size"]
+        tokens += 1
     side = resolution or unet["sample_size"] * factor
-    latent = 2 * vae.get("latent_channels", 4) * (side // factor) ** 2 * 2  # posterior mean + log-variance, fp16
-    width = text["hidden_size"]
-    return BackboneShape("latent", side, latent, min(tokens, 4096) * width * 2 + width * 4,
+    return BackboneShape("latent", side, latent(side), min(tokens, 4096) * width * 2 + width * 4,
                          unet["block_out_channels"][-1])
 
 
@@ -76,7 +94,7 @@ def component_config(pretrained: str, component: str, file: str = "config.json")
     from huggingface_hub import hf_hub_download
 
     try:
-        return _json(Path(hf_hub_download(pretrained, f"{component}/{file}")))
+        return _json(Path(hf_hub_download(pretrained, "/".join(part for part in (component, file) if part))))
     except Exception as error:  # offline, unknown id, gated: huggingface_hub raises several kinds
         raise PogdiffError(f"{pretrained}: cannot read {component}/{file} ({first_line(error)}); pass a "
                            "local diffusers pipeline folder or a hub id the machine can reach") from None
@@ -197,7 +215,7 @@ def training_plan(config, command: str = "train") -> str:
     processes = process_state().num_processes
     global_batch = config.train_batch_size * processes
     steps = train_steps(config, data.rows, global_batch)
-    shape = backbone_shape(config.pretrained, config.resolution)
+    shape = backbone_shape(config.pretrained, config.resolution, config.max_sequence_length)
     facts = [("data", data.describe(FEW_MAX_IMAGES)),
              ("backbone", f"{describe_backbone(config.pretrained, config.lora_rank, config.from_scratch)}, "
                          f"{shape.resolution} px")]

@@ -8,8 +8,11 @@ evaluation; without it every pair of images counts as different identities.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import posixpath
+import re
 import unicodedata
 import warnings
 from collections import Counter
@@ -26,6 +29,7 @@ METADATA_FILE = "metadata.jsonl"
 FEW_MAX_IMAGES = 5  # "Few" (minority) identities have at most this many training images
 MAX_PIXELS = 64 * 2**20  # a 50-megapixel photo fits; decoded as RGB it takes 192 MiB
 MAX_ASPECT_RATIO = 16  # a wider image would lose over 15/16 of itself to the square crop
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # https://, s3://, hf://, file://: no image of the folder
 
 
 @dataclass
@@ -130,6 +134,7 @@ def load_dataset(
     seen: dict[str, int] = {}
     identity_lines: dict[str, tuple[object, int]] = {}
     columns: dict[str, None] = {}
+    listings: dict[Path, list[str]] = {}  # folders listed to find a name in another Unicode normalisation
     for number, line in enumerate(_read_lines(metadata), start=1):
         if not line.strip():
             continue
@@ -137,6 +142,8 @@ def load_dataset(
         row = _json_object(line, where)
         columns.update(dict.fromkeys(row))
         file, caption = _image_and_caption(row, root, where, image_column, caption_column)
+        if not (root / file).is_file():
+            file = _on_disk(root, file, listings) or file
         if file in seen:
             raise DatasetError(f"{where}: {file!r} is listed twice (first on line {seen[file]}); "
                                "remove the duplicate line")
@@ -218,13 +225,47 @@ def _identity(identity, where: str, number: int, first_seen: dict[str, tuple[obj
     return name
 
 
+def _on_disk(root: Path, file: str, listings: dict[Path, list[str]]) -> str | None:
+    """``file`` as it is spelled on disk when its name (or a folder's) is there in another Unicode normalisation
+    only: metadata.jsonl in NFC, the files in NFD as macOS writes them (ext4 tells the two apart). None when
+    it is not there, or more than one spelling is."""
+    folder, parts = root, []
+    for part in PurePosixPath(file).parts:
+        if not (folder / part).exists():
+            if folder not in listings:
+                try:
+                    listings[folder] = os.listdir(folder) if folder.is_dir() else []
+                except OSError:
+                    listings[folder] = []
+            name = unicodedata.normalize("NFC", part)
+            spelled = [entry for entry in listings[folder] if unicodedata.normalize("NFC", entry) == name]
+            if len(spelled) != 1:
+                return None
+            part = spelled[0]
+        folder, parts = folder / part, [*parts, part]
+    return str(PurePosixPath(*parts)) if folder.is_file() else None
+
+
 def _check_images_exist(root: Path, metadata: Path, missing: list[tuple[str, int]]) -> None:
     """One error for every listed image that is not a file, naming the first."""
     if missing:
         (file, number), others = missing[0], [file for file, _ in missing[1:]]
-        what = "is not a file" if (root / file).exists() else "is missing"
-        raise DatasetError(f"{root / file}: image listed on line {number} of {metadata} {what}; "
+        path = root / file
+        if _is_link_loop(path):
+            raise DatasetError(f"{path}: image listed on line {number} of {metadata} is a symbolic link loop; point "
+                               f"the link at the image or remove its line{and_more(others, 'missing')}")
+        what = "is not a file" if path.exists() else "is missing"
+        raise DatasetError(f"{path}: image listed on line {number} of {metadata} {what}; "
                            f"add it or remove its line{and_more(others, 'missing')}")
+
+
+def _is_link_loop(path: Path) -> bool:
+    """Whether ``path`` (or a folder on its way) is a symbolic link that leads back to itself."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
 
 
 def _read_lines(metadata: Path) -> list[str]:
@@ -260,6 +301,9 @@ def _relative_path(value, root: Path, where: str, column: str) -> str:
     """The image path as a normalised relative POSIX path that stays inside ``root``."""
     if not isinstance(value, str) or not value.strip():
         raise DatasetError(f"{where}: '{column}' must be a path string relative to {root}")
+    if URL.match(value.strip()):
+        raise DatasetError(f"{where}: {value.strip()!r} is a URL; {column} must be a path relative to DATA; "
+                           "download the images first")
     path = PurePosixPath(posixpath.normpath(value.strip().replace("\\", "/")))
     if path.is_absolute() or path.parts[0] == "..":
         raise DatasetError(f"{where}: {value!r} is outside the dataset folder; "

@@ -13,6 +13,13 @@ local folders only (nothing is downloaded):
   ``--image-column`` name, every text, number and class-label column beside them in
   ``metadata.jsonl``. The key follows the names, sizes and modification times of the folder's
   files, so an edited dataset is converted again.
+
+Under ``accelerate launch`` the conversion is built once (:func:`pogdiff.processes.built_once_first`): the main
+process converts while the others wait, then read it, or, where each machine has its own cache folder, each
+machine's first process converts its own copy. The conversion is written into a folder of its own
+(:func:`pogdiff.files.temporary_path`) and renamed into place, so two conversions at once (two launches, two
+machines) both end with the same complete folder: the one renamed second finds the first's, keeps it and removes
+its own.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from pathlib import Path
 
 from pogdiff.encode.cache import cache_folder
 from pogdiff.errors import PogdiffError, first_line
-from pogdiff.files import atomic_path, safe_stem
+from pogdiff.files import atomic_folder, safe_stem
+from pogdiff.processes import built_once_first
 
 SAVED_TO_DISK = ("dataset_dict.json", "state.json")  # what DatasetDict / Dataset.save_to_disk write
 PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")
@@ -44,10 +52,8 @@ def data_folder(data_dir: str | Path | None, dataset_name: str | Path | None, im
 def dataset_folder(name: str | Path, image_column: str = "file_name", cache_dir: str | Path | None = None) -> Path:
     """The pogdiff dataset folder of ``--dataset-name name``: the folder itself, or its conversion (see above).
 
-    Under ``accelerate launch`` the local main process converts it while the others wait.
+    Under ``accelerate launch`` it is converted once, while the other processes wait (see above).
     """
-    from accelerate import PartialState
-
     folder = Path(name)
     if not folder.is_dir():
         raise PogdiffError(f"--dataset-name {name}: not a folder; pogdiff reads local datasets only: save a hub "
@@ -56,13 +62,22 @@ def dataset_folder(name: str | Path, image_column: str = "file_name", cache_dir:
         return folder
     target = cache_folder(cache_dir) / "datasets" / \
         f"{safe_stem(folder.resolve().name)}-{folder_key(folder, image_column)}"
-    with PartialState().local_main_process_first():
+    with built_once_first():
         if not (target / "metadata.jsonl").is_file():
             rows = load_train_split(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target) as tmp:
+            with atomic_folder(target, lambda found: converted(found, image_column)) as tmp:
                 write_image_folder(rows, tmp, image_column, folder)
     return target
+
+
+def converted(target: Path, image_column: str) -> bool:
+    """Whether ``target`` is a whole conversion: its metadata.jsonl, written last, and every image it names."""
+    try:
+        rows = [json.loads(line) for line in (target / "metadata.jsonl").read_text().splitlines() if line.strip()]
+        return all((target / row[image_column]).is_file() for row in rows)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def folder_key(folder: Path, image_column: str) -> str:

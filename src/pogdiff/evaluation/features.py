@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pogdiff.encode.encoders import HuggingFaceImageFeatures, ImageEncoder
+from pogdiff.encode.encoders import HuggingFaceImageFeatures, ImageEncoder, full_precision, process_device
 from pogdiff.errors import PogdiffError
 from pogdiff.images import to_uint8
 
@@ -35,10 +35,13 @@ ROLES = ("fd", "sim")  # fd's space; sim's, which recall and the features judge 
 
 
 def load_feature_extractor(spec=DEFAULT_FEATURES, inception_weights: str | Path | None = None,
-                           device: str | torch.device = "cpu"):
-    """The extractor named by ``spec`` (see the module docstring); an extractor object is returned as is."""
+                           device: str | torch.device | None = None):
+    """The extractor named by ``spec`` (see the module docstring), its network on ``device`` (default: this
+    process's, :func:`pogdiff.encode.encoders.process_device`: the GPU when there is one); an extractor object
+    is returned as is."""
     if not isinstance(spec, str):
         return spec
+    device = process_device() if device is None else device
     if spec == DEFAULT_FEATURES:
         return ImageEncoder(device)
     if spec == "inception":
@@ -72,20 +75,23 @@ class InceptionFeatures:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        return torch.cat([self.model(to_uint8(chunk).to(device)).float().cpu()
-                          for chunk in images.split(batch_size)])
+        with full_precision():
+            return torch.cat([self.model(to_uint8(chunk).to(device)).float().cpu()
+                              for chunk in images.split(batch_size)])
 
 
 class FeatureSpaces:
-    """The extractors of fd (``fd``) and of sim and recall (``sim``), built once on ``device``: one object
-    when both name the same space, so its features are computed once.
+    """The extractors of fd (``fd``) and of sim and recall (``sim``), built once on ``device`` (default: this
+    process's, the GPU when there is one): one object when both name the same space, so its features are
+    computed once.
 
     ``__call__`` maps images to ``{"fd": (N, D_fd), "sim": (N, D_sim)}``.
     """
 
     def __init__(self, fd=DEFAULT_FEATURES, sim=DEFAULT_FEATURES, inception_weights: str | Path | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device | None = None):
         self.specs = {"fd": fd, "sim": sim}
+        device = process_device() if device is None else device
         self.fd = load_feature_extractor(fd, inception_weights, device)
         self.sim = self.fd if sim == fd else load_feature_extractor(sim, inception_weights, device)
 

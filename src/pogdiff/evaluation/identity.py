@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pogdiff.encode.cache import cached
+from pogdiff.encode.encoders import process_device
 from pogdiff.errors import PogdiffWarning
 from pogdiff.images import from_uint8
 
@@ -53,14 +54,17 @@ class SynthIdentityJudge:
     judge that recognised 69% of held-out renders, and none of one person's), with Gaussian
     noise of random strength added to the renders so that a sample's leftover sampling noise
     does not decide its identity. It is then scored on
-    renders it has not seen; ``name`` carries that score and a weak judge is warned about.
+    renders it has not seen; ``name`` carries that score and a weak judge is warned about. It is trained and
+    predicts on this process's device (the GPU when there is one; every random draw is made on the CPU, so a
+    device changes only the arithmetic's rounding).
     """
 
     MIN_ACCURACY = 0.9  # below this on clean held-out renders, identity accuracy says little
     MIN_STEPS, STEPS_PER_IDENTITY = 300, 30
 
-    def __init__(self, model: _SmallCNN, names: list[str], size: int, heldout_accuracy: dict[str, float]):
-        self.model = model.eval()
+    def __init__(self, model: _SmallCNN, names: list[str], size: int, heldout_accuracy: dict[str, float],
+                 device: str | torch.device | None = None):
+        self.model = model.eval().to(process_device() if device is None else device)
         self.names = names
         self.size = size
         self.heldout_accuracy = heldout_accuracy
@@ -93,7 +97,7 @@ class SynthIdentityJudge:
             model, accuracy = _train_judge(identities, size, renders_per_identity, steps, batch_size, max_noise,
                                            heldout_per_identity, seed, progress)
             trained_now.append(model)
-            return {**model.state_dict(), HELDOUT_ACCURACY: accuracy}
+            return {**{name: value.cpu() for name, value in model.state_dict().items()}, HELDOUT_ACCURACY: accuracy}
 
         state = cached(cache_dir, "identity-judge", params, train_and_score)
         accuracy = state.pop(HELDOUT_ACCURACY)
@@ -109,7 +113,8 @@ class SynthIdentityJudge:
         """Identity name for each image (N, 3, H, W) in [-1, 1]."""
         if images.shape[-1] != self.size:
             images = F.interpolate(images.float(), size=self.size, mode="bilinear", antialias=True, align_corners=False)
-        logits = torch.cat([self.model(chunk.float()) for chunk in images.split(256)])
+        device = next(self.model.parameters()).device
+        logits = torch.cat([self.model(chunk.to(device, torch.float32)).cpu() for chunk in images.split(256)])
         return [self.names[i] for i in logits.argmax(1).tolist()]
 
 
@@ -120,23 +125,24 @@ def _train_judge(identities, size: int, renders_per_identity: int, steps: int, b
                  heldout_per_identity: int, seed: int, progress: bool) -> tuple[_SmallCNN, torch.Tensor]:
     """The CNN trained on noisy fresh renders, and its accuracy per identity on renders it has not seen."""
     x, y = _renders(identities, renders_per_identity, seed, size, progress)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _SmallCNN(len(identities))
+    device = process_device()
+    with torch.random.fork_rng(devices=[]):  # the CPU's generator only: torch.manual_seed would reseed the GPUs' too
+        torch.random.default_generator.manual_seed(seed)
+        model = _SmallCNN(len(identities)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
         model.train()
         for _ in tqdm(range(steps), desc="training identity judge", disable=not progress):
             rows = torch.randint(len(x), (batch_size,))
             noisy = x[rows] + max_noise * torch.rand(batch_size, 1, 1, 1) * torch.randn_like(x[rows])
-            loss = F.cross_entropy(model(noisy), y[rows])
+            loss = F.cross_entropy(model(noisy.to(device)), y[rows].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
     x, y = _renders(identities, heldout_per_identity, seed + 1, size, progress=False)
     with torch.no_grad():
-        predicted = torch.cat([model.eval()(chunk) for chunk in x.split(256)]).argmax(1)
+        predicted = torch.cat([model.eval()(chunk.to(device)).cpu() for chunk in x.split(256)]).argmax(1)
     accuracy = torch.stack([(predicted[y == i] == i).float().mean() for i in range(len(identities))])
     return model, accuracy
 

@@ -2,14 +2,15 @@
 
 Every loss shares one call contract::
 
-    loss_fn = SomeLoss(scheduler, tables, **paper_defaults)   # pure: no dataset work
+    loss_fn = SomeLoss(process, tables, **paper_defaults)   # pure: no dataset work
     per_example = loss_fn(denoiser, batch)      # (B,) tensor, mean it to step
 
-where ``tables`` is a :class:`LossTables`: what the losses look up by training row, as
+where ``process`` is the backbone's forward process (:mod:`pogdiff.objectives.forward_process`: DDPM's
+noise schedule or a flow; the losses never know which model they train), ``tables`` is a :class:`LossTables`: what the losses look up by training row, as
 tensors, built once from the encoded dataset by the encode stage
 (:func:`pogdiff.encode.loss_tables.loss_tables`, given the Eq. 8 table the method asks for with
 :meth:`~DiffusionLoss.neighbour_request`); ``denoiser(x_t, t, cond)`` returns the model
-output (epsilon or v) and ``batch`` is a :class:`TrainBatch`. Which rows a batch holds
+output (epsilon, v or a flow's velocity: the process's target) and ``batch`` is a :class:`TrainBatch`. Which rows a batch holds
 is the row sampler's business (:mod:`pogdiff.training.row_sampler`, ``--sampler``), not the
 loss's; a class only names the sampler it implies (``SAMPLER``: ``resample`` is vanilla
 on balanced batches). An optional hook, with a neutral default on :class:`DiffusionLoss`,
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pogdiff.errors import PogdiffError
+from pogdiff.objectives.forward_process import DDPMProcess
 from pogdiff.objectives.neighbours import (DEFAULT_NEIGHBOUR_FEATURES, NeighbourRequest, NeighbourTable,
                                           other_identity_share)
 from pogdiff.objectives.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
@@ -71,10 +73,10 @@ def mse_per_example(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class DiffusionLoss:
     """The standard objective L_DM = ||eps_theta(x_t, t, y) - eps||^2 (Ho et al., 2020; paper Eq. 1).
 
-    Shared by all methods: t ~ U{0..T-1}, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, the
-    target of the scheduler's prediction type, optional Min-SNR-gamma weighting, and optional
-    offset noise (``noise_offset``: eps gains noise_offset * n with n ~ N(0, 1) per example and
-    channel, constant over the image, as diffusers' ``--noise_offset``).
+    Shared by all methods: t and x_t from the backbone's forward process (``process``), the
+    target it names (eps, v, or a flow's velocity), its weighting (optional Min-SNR-gamma for
+    DDPM), and optional offset noise (``noise_offset``: eps gains noise_offset * n with
+    n ~ N(0, 1) per example and channel, constant over the image, as diffusers' ``--noise_offset``).
     """
 
     OPTION_TITLE: ClassVar[str] = ""  # heading of the method's options in `pogdiff train --help`
@@ -83,37 +85,24 @@ class DiffusionLoss:
     OPTION_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}  # text option -> its values, where fixed
     SAMPLER: ClassVar[str] = "uniform"  # the row sampler the method implies (pogdiff.training.row_sampler)
 
-    def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0):
-        self.scheduler = scheduler
+    def __init__(self, process: DDPMProcess, tables: LossTables, snr_gamma: float | None = None,
+                 noise_offset: float = 0.0):
+        self.process = process
         self.tables = tables
         self.snr_gamma = snr_gamma
         self.noise_offset = noise_offset
-        self.num_timesteps = scheduler.config.num_train_timesteps
 
     def diffuse(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw (t, eps) and return x_t, t, eps and the regression target."""
         noise = torch.randn_like(x0)
         if self.noise_offset:
             noise += self.noise_offset * torch.randn(x0.shape[:2] + (1,) * (x0.dim() - 2), device=x0.device)
-        t = torch.randint(0, self.num_timesteps, (len(x0),), device=x0.device)
-        x_t = self.scheduler.add_noise(x0, noise, t)
-        if self.scheduler.config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(x0, noise, t)
-        else:
-            target = noise
-        return x_t, t, noise, target
+        t = self.process.draw_times(len(x0), x0.device)
+        return self.process.add_noise(x0, noise, t), t, noise, self.process.target(x0, noise, t)
 
     def example_weights(self, t: torch.Tensor) -> torch.Tensor:
-        """Min-SNR-gamma weights (Hang et al., 2023) as in diffusers' scripts; ones without snr_gamma."""
-        if self.snr_gamma is None:
-            return torch.ones(len(t), device=t.device)
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(self.scheduler, t)
-        weight = snr.clamp(max=self.snr_gamma) / snr
-        if self.scheduler.config.prediction_type == "v_prediction":
-            weight = snr.clamp(max=self.snr_gamma) / (snr + 1)
-        return weight
+        """The process's weight of each example (Min-SNR-gamma with ``snr_gamma``; ones for plain DDPM)."""
+        return self.process.example_weights(t, self.snr_gamma)
 
     @classmethod
     def neighbour_request(cls, options: dict) -> NeighbourRequest | None:
@@ -165,7 +154,8 @@ class PoGDiffLoss(DiffusionLoss):
     OPTION_HELP = {
         "k": "neighbours per image, Eq. 8",
         "neighbour_features": "feature space of Eq. 8's neighbours: efficientnet-lite0, faces (dlib), unet (the "
-                              "backbone's own mid-block features) or a Hugging Face image model id or folder",
+                              "backbone's own denoiser's middle features) or a Hugging Face CLIP, SigLIP, ViT/DINO "
+                              "or DINOv2 model id or folder",
         "a1": "Eq. 9 exponent for the same identity",
         "a2": "Eq. 9 extra exponent for another identity",
         "a3": "Eq. 11 scale of the inverse text density",
@@ -176,11 +166,11 @@ class PoGDiffLoss(DiffusionLoss):
     }
     OPTION_FLAGS = {"k": "--k"}
 
-    def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
+    def __init__(self, process: DDPMProcess, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  k: int = DEFAULT_K, neighbour_features: str = DEFAULT_NEIGHBOUR_FEATURES,
                  a1: float = 1.0, a2: float = 10.0, a3: float = 1.0, psi_txt_max_ratio: float = 2.0,
                  use_psi_img: bool = True, use_psi_txt: bool = True, target_grad: bool = False):
-        super().__init__(scheduler, tables, snr_gamma, noise_offset)
+        super().__init__(process, tables, snr_gamma, noise_offset)
         if tables.neighbours is None:
             raise PogdiffError("PoGDiff draws y' from Eq. 8's neighbour table and its tables hold none; build them "
                                "with pogdiff.encode.loss_tables.loss_tables(encoded, neighbour_request('pogdiff', options))")
@@ -250,9 +240,9 @@ class CBDMLoss(DiffusionLoss):
     OPTION_FLAGS = {"tau": "--cbdm-tau", "balance": "--cbdm-balance"}
     OPTION_CHOICES = {"balance": ("identities", "rows")}
 
-    def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
+    def __init__(self, process: DDPMProcess, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  tau: float = 1.0, balance: str = "identities"):
-        super().__init__(scheduler, tables, snr_gamma, noise_offset)
+        super().__init__(process, tables, snr_gamma, noise_offset)
         self.check_choice("balance", balance)
         self.tau = tau
         self.balance = balance
@@ -271,7 +261,7 @@ class CBDMLoss(DiffusionLoss):
                         torch.cat([batch.cond, self.tables.caption_states(balanced[kept])]))
         prediction, balanced_prediction = both[:len(x_t)], both[len(x_t):]
         conditioned = prediction[kept]
-        weight = self.tau * t[kept].float() / self.num_timesteps
+        weight = self.tau * self.process.time_fraction(t[kept])
         regulariser = torch.zeros(len(x_t), device=x_t.device)
         regulariser[kept] = weight * (mse_per_example(conditioned, balanced_prediction.detach())
                                       + 0.25 * mse_per_example(conditioned.detach(), balanced_prediction))
@@ -285,9 +275,10 @@ class T2HLoss(DiffusionLoss):
     No extra term: the regression target of example i is redrawn from a batch member j
     (i itself included) with probability proportional to
 
-        exp(-||x0_i + sigma_t eps_i - x0_j||^2 / (2 sigma_t^2)),   sigma_t^2 = 1 / abar_t - 1,
+        exp(-||x0_i + sigma_t eps_i - x0_j||^2 / (2 sigma_t^2)),   x_t = a_t x0 + b_t eps,  sigma_t = b_t / a_t
 
-    i.e. the posterior that the noisy x_t came from x0_j. The draw is kept only when j's
+    (for DDPM sigma_t^2 = 1 / abar_t - 1; for a flow sigma_t / (1 - sigma_t)), i.e. the posterior
+    that the noisy x_t / a_t came from x0_j. The draw is kept only when j's
     condition is at least as frequent as i's (tail to head), else j = i; OC_LT applies it
     to every example at every step (no probability or time cut-off by default), whether
     or not the caption was dropped. The frequency of a condition, ``frequency``:
@@ -295,8 +286,8 @@ class T2HLoss(DiffusionLoss):
     OC_LT counts a class, when the dataset has an identity column, and the text density
     without one; ``"text_density"`` is always the caption's text density exp(ELBO) from the
     same VAE as PoGDiff's psi_txt (Eq. 10), as the PoGDiff paper adapted it. The new target
-    is the noise that makes x_t from x0_j: eps' = (x_t - sqrt(abar_t) x0_j) / sqrt(1 - abar_t),
-    or its velocity for v-prediction.
+    is the process's target for the noise that makes x_t from x0_j: eps' = (x_t - a_t x0_j) / b_t
+    (eps' itself, its v for v-prediction, eps' - x0_j for a flow).
     """
 
     OPTION_TITLE = "T2H (Zhang et al., 2024)"
@@ -305,9 +296,9 @@ class T2HLoss(DiffusionLoss):
     OPTION_FLAGS = {"frequency": "--t2h-frequency"}
     OPTION_CHOICES = {"frequency": ("identity", "text_density")}
 
-    def __init__(self, scheduler, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
-                 frequency: str = "identity"):
-        super().__init__(scheduler, tables, snr_gamma, noise_offset)
+    def __init__(self, process: DDPMProcess, tables: LossTables, snr_gamma: float | None = None,
+                 noise_offset: float = 0.0, frequency: str = "identity"):
+        super().__init__(process, tables, snr_gamma, noise_offset)
         self.check_choice("frequency", frequency)
         self.frequency = frequency
         # Per row, a number that grows with how frequent its condition is (only its order matters).
@@ -316,10 +307,9 @@ class T2HLoss(DiffusionLoss):
 
     def transfer_probabilities(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(B, B) row-stochastic matrix: the probability of drawing source j for example i."""
-        abar = self.scheduler.alphas_cumprod.to(x0.device, torch.float64)[t]
-        sigma2 = 1 / abar - 1
+        sigma2 = self.process.noise_to_signal(t)
         x0 = x0.double().flatten(1)
-        anchor = x0 + sigma2.sqrt()[:, None] * noise.double().flatten(1)  # x_t / sqrt(abar_t)
+        anchor = x0 + sigma2.sqrt()[:, None] * noise.double().flatten(1)  # x_t / a_t
         distance2 = torch.cdist(anchor, x0).pow(2)
         return torch.softmax(-distance2 / (2 * sigma2[:, None]), dim=1).float()
 
@@ -334,12 +324,8 @@ class T2HLoss(DiffusionLoss):
         x_t, t, noise, _ = self.diffuse(batch.x0)
         with torch.no_grad():
             source = batch.x0[self.transfer(batch.x0, noise, t, batch.index)]
-            abar = self.scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.dim() - 1))
-            new_noise = (x_t - abar.sqrt() * source) / (1 - abar).sqrt()
-            if self.scheduler.config.prediction_type == "v_prediction":
-                target = self.scheduler.get_velocity(source, new_noise, t)
-            else:
-                target = new_noise
+            a, b = (scale.view(-1, *[1] * (x_t.dim() - 1)) for scale in self.process.scales(t))
+            target = self.process.target(source, (x_t - a * source) / b, t)
         return self.example_weights(t) * mse_per_example(denoiser(x_t, t, batch.cond), target)
 
 
@@ -364,8 +350,8 @@ METHODS: dict[str, type[DiffusionLoss]] = {
 
 
 def method_parameters(method: str) -> dict[str, inspect.Parameter]:
-    """The options a method's constructor takes beyond the shared (scheduler, tables, snr_gamma, noise_offset)."""
-    shared = {"self", "scheduler", "tables", "snr_gamma", "noise_offset"}
+    """The options a method's constructor takes beyond the shared (process, tables, snr_gamma, noise_offset)."""
+    shared = {"self", "process", "tables", "snr_gamma", "noise_offset"}
     return {name: p for name, p in inspect.signature(METHODS[method].__init__).parameters.items() if name not in shared}
 
 

@@ -124,7 +124,7 @@ def heldout_loss(run_dir: str | Path, data_dir: str | Path, seed: int = 0, repea
             t = torch.randint(0, backbone.scheduler.config.num_train_timesteps, (len(rows),), generator=generator)
             eps = torch.randn(x0.shape, generator=generator)
             x_t = backbone.scheduler.add_noise(x0, eps, t)
-            predicted = backbone.unet(x_t, t, encoder_hidden_states=states[rows], return_dict=False)[0]
+            predicted = backbone.denoise(backbone.denoiser, x_t, t, states[rows])
             total += torch.nn.functional.mse_loss(predicted, eps, reduction="sum").item()
             count += eps.numel()
     return round(total / count, 5)

@@ -9,7 +9,8 @@
     RUN/psi_summary.json     their means and quantiles, majority vs minority rows; same- vs
                              other-identity cosine similarity in the neighbour feature space
     RUN/checkpoint-N/        training states (every --checkpointing-steps and the final step), with
-                             pogdiff_checkpoint.json: the options the run was started with, its global batch,
+                             pogdiff_checkpoint.json: the options the run was started with (and what those
+                             left out stand for), its global batch,
                              the sha256 of the dataset's images and of each file
     RUN/rows-rank<R>.jsonl   --log-rows (pogdiff.training.row_log)
 
@@ -38,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pogdiff.objectives import psi
+from pogdiff.data.dataset import METADATA_FILE
 from pogdiff.errors import Interrupted, PogdiffError, first_line
 from pogdiff.files import (apply_umask_to_tree, incomplete, remove_quietly, sha256, write_errors_as_os_errors,
                            write_text_atomic)
@@ -45,6 +47,7 @@ from pogdiff.training.ownership import (BENCHMARK, DEMO, EVALUATION, MARKS, RELE
                                is_marked, refuse_if_in_use)
 from pogdiff.backbones.pretrained import PIPELINE_FILE
 from pogdiff.backbones.shipped import SHIPPED_NAME
+from pogdiff.options import RESUMABLE_CHANGES
 
 RUN_FILE = "pogdiff_run.json"
 PIPELINE_BACKBONE = "stable-diffusion"  # the backbone kind of a plain pipeline folder
@@ -266,7 +269,7 @@ class RunFolder:
             raise PogdiffError(f"{out}: {self.flag} is a file; choose a folder")
         if self.kind == RUN:
             logging_folder(out, self.logging_dir)
-        self._check_inputs_outside()
+        self.check_inputs_outside()
         self._check_contents()
         if self.kind in MARKS:
             refuse_if_in_use(out, self.kind, self.flag)
@@ -277,7 +280,8 @@ class RunFolder:
             raise PogdiffError(f"{out}: cannot {what} ({parent} {why}); choose another {self.flag}")
         return out
 
-    def _check_inputs_outside(self) -> None:
+    def check_inputs_outside(self) -> None:
+        """Refuse inputs inside the folder, or the folder inside the dataset (reads nothing but the paths)."""
         out = self.path
         for what, folder in self.inputs:
             if Path(folder).resolve().is_relative_to(out.resolve()):
@@ -404,7 +408,11 @@ class RunFolder:
                                f"{CHECKPOINT_RECORD}); {restart_from_before(checkpoint)}")
         started = json.loads(json.dumps(record["options"]))
         now = json.loads(json.dumps(given, default=str))
-        differ = [k for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k) and k != DATA_CONTENT
+        # what an option left out stood for when the run started; where its record does not say (saved before
+        # defaults were recorded), what it stands for now
+        defaults = now.get(DEFAULTS) or {}
+        started, now = _comparable(started, {**defaults, **(started.get(DEFAULTS) or {})}), _comparable(now, defaults)
+        differ = [k for k in sorted(set(started) | set(now)) if started.get(k) != now.get(k)
                   and not (k == GLOBAL_BATCH and k not in started)]  # saved before the global batch was recorded
         if differ:
             shown = ", ".join(_option_change(k, started.get(k), now.get(k)) for k in differ[:3])
@@ -415,14 +423,18 @@ class RunFolder:
             self.check_steps(checkpoint, max_train_steps)
         return checkpoint
 
-    def check_data_content(self, checkpoint: Path, content: str) -> None:
-        """Refuse a resume on other image files than the run's (``content``: :func:`pogdiff.data.image_files.
-        dataset_digest`, known once the dataset is read); checkpoints saved before it was recorded are not compared."""
-        started = read_checkpoint_record(checkpoint)["options"].get(DATA_CONTENT)
+    def check_content(self, checkpoint: Path, key: str, content: str) -> None:
+        """Refuse a resume on other bytes than the run's: the dataset's images (``key`` DATA_CONTENT:
+        :func:`pogdiff.data.image_files.dataset_digest`) or the base checkpoint's weights (PRETRAINED_WEIGHTS:
+        :func:`pogdiff.backbones.pretrained.pipeline_fingerprint`), known once read; checkpoints saved before they
+        were recorded are not compared."""
+        started = read_checkpoint_record(checkpoint)["options"].get(key)
         if started is not None and started != content:
-            raise PogdiffError(f"{checkpoint}: the run was started on other data: the bytes of the dataset's images "
-                               "changed since; resume on the run's own images, or start a new run in another "
-                               "--output-dir")
+            what = {DATA_CONTENT: "the bytes of the dataset's images changed since; resume on the run's own images",
+                    PRETRAINED_WEIGHTS: "the --pretrained checkpoint's files changed since (other weights at that "
+                                        "path?); resume on the run's own base weights"}[key]
+            raise PogdiffError(f"{checkpoint}: the run was started on other {'data' if key == DATA_CONTENT else 'weights'}"
+                               f": {what}, or start a new run in another --output-dir")
 
     def check_steps(self, checkpoint: Path, max_train_steps: int) -> None:
         """Refuse a resume from ``checkpoint`` past ``max_train_steps``, or of a run finished at
@@ -438,7 +450,33 @@ class RunFolder:
 
 
 GLOBAL_BATCH = "global_batch"  # in a checkpoint record's options: "<processes> x <--train-batch-size>"
-DATA_CONTENT = "data_content"  # in a checkpoint record's options: the dataset's bytes (RunFolder.check_data_content)
+DATA_CONTENT = "data_content"  # in a checkpoint record's options: the dataset's bytes (RunFolder.check_content)
+PRETRAINED_WEIGHTS = "pretrained_weights"  # in a checkpoint record's options: the base checkpoint's fingerprint
+# in a checkpoint record's options: what each option left out stands for, where that is known before the backbone
+# loads (pogdiff.training.train.options_to_keep); a method's options: the loss's defaults
+DEFAULTS = "defaults"
+PATH_OPTIONS = ("pretrained", "dataset_name")  # a folder (or a hub id, compared as typed)
+
+
+def _comparable(options: dict, defaults: dict) -> dict:
+    """A checkpoint record's options as a resume compares them: those a resume may change (RESUMABLE_CHANGES, the
+    data's content) left out; an option left out as the value it stands for (``defaults``), so that typing the
+    run's own default out is no change; a method's options without those at their default; a folder as its resolved
+    path, and --dataset-name of a folder that holds metadata.jsonl (read as DATA is: by its content) as none."""
+    compared = {}
+    for key, value in options.items():
+        if key in RESUMABLE_CHANGES or key in (DEFAULTS, DATA_CONTENT, PRETRAINED_WEIGHTS):
+            continue
+        default = defaults.get(key)
+        if value is None and key in defaults:
+            value = default
+        elif isinstance(value, dict) and isinstance(default, dict):
+            value = {k: v for k, v in value.items() if k not in default or default[k] != v}
+        if key in PATH_OPTIONS and isinstance(value, str) and value and os.path.exists(value):
+            folder = Path(value).resolve()
+            value = None if key == "dataset_name" and (folder / METADATA_FILE).is_file() else str(folder)
+        compared[key] = value
+    return compared
 
 
 def _option_change(key: str, started, now) -> str:

@@ -35,10 +35,12 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pogdiff.backbones.backbone import PixelBackbone, StableDiffusionBackbone
+from pogdiff.backbones.backbone import pretrained_backbone
+from pogdiff.backbones.pretrained import pipeline_fingerprint
+from pogdiff.backbones.pixel import PixelBackbone
 from pogdiff.encode.cache import cache_folder, check_cache_dir
 from pogdiff.data.dataset import METADATA_FILE, ImageTextDataset, load_dataset
-from pogdiff.processes import on_main_process
+from pogdiff.processes import built_once_first, on_main_process, set_process_group_timeout
 from pogdiff.data.image_files import dataset_digest
 from pogdiff.encode.encoded_dataset import EncodedDataset, encode_for_training
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
@@ -51,9 +53,10 @@ from pogdiff.objectives.neighbours import NeighbourRequest
 from pogdiff.options import DEFAULT_MAX_TRAIN_STEPS, RESUMABLE_CHANGES, TrainConfig, check_sampler, check_values
 from pogdiff.training.row_log import RowLog
 from pogdiff.training.row_sampler import RowSchedule, row_weights
-from pogdiff.training.run_folder import (DATA_CONTENT, GLOBAL_BATCH, PSI_FILE, RunFolder, checkpoint_step,
-                                         checkpoint_trained_weights_only, load_checkpoint, reported_write_errors,
-                                         save_checkpoint, save_psi, write_run_info, written_by_train)
+from pogdiff.training.run_folder import (DATA_CONTENT, GLOBAL_BATCH, PRETRAINED_WEIGHTS, PSI_FILE, RunFolder,
+                                         checkpoint_step, checkpoint_trained_weights_only, load_checkpoint,
+                                         reported_write_errors, save_checkpoint, save_psi, write_run_info,
+                                         written_by_train)
 from pogdiff.backbones.sampling import generate
 from pogdiff.backbones.shipped import SHIPPED_NAME, SHIPPED_RESOLUTION, loading_shipped, shipped_backbone_dir
 
@@ -89,10 +92,10 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
         checkpoint = on_main_process(lambda: folder.check_resume(started_with, steps))
     dataset = load_dataset(config.data_dir, config.caption_column, config.identity_column, config.image_column)
     if config.resume_from_checkpoint or config.checkpointing_steps:
-        with accelerator.local_main_process_first():  # the others read the file digests this one remembered
+        with built_once_first():  # the others read the file digests this one remembered
             started_with = {**started_with, DATA_CONTENT: dataset_digest(dataset, config.cache_dir)}
     if config.resume_from_checkpoint:
-        folder.check_data_content(checkpoint, started_with[DATA_CONTENT])
+        folder.check_content(checkpoint, DATA_CONTENT, started_with[DATA_CONTENT])
     global_batch = config.train_batch_size * accelerator.num_processes
     check_batch_fits(dataset, global_batch, config)
     check_neighbours_fit(dataset, neighbours_of(config))
@@ -102,6 +105,13 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
 
     # Model: the same initial weights (or LoRA adapters) on every rank and for every method.
     backbone = make_backbone(config)
+    process = forward_process(config, backbone)  # before any encoding: refuses options it cannot take
+    if config.pretrained:  # the base's files, not its path: other weights moved there are another run
+        with built_once_first():  # a memo of the files' digests in the cache folder
+            backbone.pretrained_sha256 = pipeline_fingerprint(backbone.pretrained, config.cache_dir)
+        started_with = {**started_with, PRETRAINED_WEIGHTS: backbone.pretrained_sha256}
+        if config.resume_from_checkpoint:
+            folder.check_content(checkpoint, PRETRAINED_WEIGHTS, backbone.pretrained_sha256)
     config = replace(config, resolution=config.resolution or backbone.resolution,
                      learning_rate=learning_rate(config, backbone, global_batch))
 
@@ -110,9 +120,12 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     encoded, x0_tables = encode_for_training(dataset, backbone, config, accelerator.device,
                                              accelerator.mixed_precision, neighbours_of(config))
     encoded = encoded.to(accelerator.device)
+    if not config.validation_prompts:  # the captions are cached: the text encoders (T5-XXL: 9.5 GB) leave the device
+        for model in backbone.text_encoder.models:
+            model.to("cpu")
     if backbone.kind == PixelBackbone.kind:  # small tables: held on the device, nothing copied per step
         x0_tables, encoded = held_on(accelerator.device, x0_tables, encoded)
-    loss_fn = make_loss(config, backbone, encoded)
+    loss_fn = make_loss(config, process, encoded)
     sampling_weights = row_weights(sampler_of(config), encoded, config.density_max_ratio)
     psi_per_row = loss_fn.psi_per_row()
 
@@ -129,17 +142,17 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
             save_psi(out, psi_per_row, few_rows(dataset), neighbour_space(encoded, neighbours_of(config)))
 
     # Optimizer: the whole UNet, or its LoRA adapters.
-    unet = backbone.unet.train()
+    denoiser = backbone.denoiser.train()
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    trained = [p for p in unet.parameters() if p.requires_grad]
+        denoiser.enable_gradient_checkpointing()
+    trained = [p for p in denoiser.parameters() if p.requires_grad]
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     optimizer = make_optimizer(config, trained)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_train_steps * accelerator.num_processes)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, lr_scheduler)
     checkpoint_trained_weights_only(accelerator)
     ema = make_ema(accelerator, trained, config) if config.use_ema else None
     clock = TrainClock(accelerator.device)
@@ -159,8 +172,8 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
         global_step = checkpoint_step(checkpoint)
 
     # Loop.
-    def denoiser(x_t, t, cond):
-        return unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+    def denoise(x_t, t, cond):
+        return backbone.denoise(denoiser, x_t, t, cond)
 
     bar = tqdm(total=config.max_train_steps, initial=global_step, desc=f"train {config.method}", unit="step",
                disable=not (config.progress and accelerator.is_local_main_process))
@@ -174,9 +187,9 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
         micro_step += 1
         if row_log:
             row_log.step(micro_step, step_reads.rows)
-        with accelerator.accumulate(unet):
+        with accelerator.accumulate(denoiser):
             batch = draw_batch(step_reads, backbone, x0_tables, encoded, config, accelerator.device)
-            loss = loss_fn(denoiser, batch).mean()
+            loss = loss_fn(denoise, batch).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(trained, config.max_grad_norm)
@@ -208,9 +221,9 @@ def _train(config: TrainConfig, run_folder: contextlib.ExitStack) -> Path:
     # Save: the weights (the EMA ones with --use-ema), then RUN_FILE last.
     accelerator.wait_for_everyone()
     if row_log:
-        row_log.final_weights(accelerator.unwrap_model(unet))
+        row_log.final_weights(accelerator.unwrap_model(denoiser))
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(unet)
+        final = accelerator.unwrap_model(denoiser)
         if ema is not None:
             ema.copy_to(trained)
         info = {**backbone.run_info(), "config": asdict(config),
@@ -261,6 +274,7 @@ def make_accelerator(config: TrainConfig, out: Path | None = None) -> Accelerato
                               mixed_precision=config.mixed_precision, log_with=config.report_to if out else None,
                               project_config=project, dynamo_plugin=dynamo,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))])
+    set_process_group_timeout(config.ddp_timeout)  # a group made before (--dataset-name's conversion) ignores the above
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise PogdiffError("accelerate's mixed precision is fp16 (accelerate launch --mixed_precision or accelerate "
                            "config), which needs a CUDA GPU, and none is visible; pass --mixed-precision bf16 or no")
@@ -338,10 +352,24 @@ def output_folder(config: TrainConfig) -> RunFolder:
 
 
 def options_to_keep(config: TrainConfig) -> dict:
-    """The options, as given, that a resumed run must be given again, and the dataset's metadata (its sha256)."""
+    """The options, as given, that a resumed run must be given again (its folders as resolved paths), the dataset's
+    metadata (its sha256), and under ``defaults`` what each option left out stands for where that is known before
+    the backbone loads: the small backbone's resolution and learning rate, a LoRA's alpha, the method's sampler and
+    loss options. A resume that types such a default out is the same run (:meth:`RunFolder.check_resume`)."""
+    from pogdiff.training.run_folder import DEFAULTS, PATH_OPTIONS
+
     options = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    for key in PATH_OPTIONS:  # a hub id stays as typed
+        if options[key] and os.path.exists(options[key]):
+            options[key] = str(Path(options[key]).resolve())
+    defaults = {"sampler": METHODS[config.method].SAMPLER, "method_options": options_in_effect(config.method, {})}
+    if not config.pretrained:  # as make_backbone and learning_rate
+        defaults.update(resolution=32 if config.from_scratch else SHIPPED_RESOLUTION,
+                        learning_rate=PixelBackbone.default_learning_rate)
+    if config.lora_rank:
+        defaults["lora_alpha"] = config.lora_rank
     metadata = Path(config.data_dir) / METADATA_FILE
-    return {**options, "data": sha256(metadata) if metadata.is_file() else None}
+    return {**options, "data": sha256(metadata) if metadata.is_file() else None, DEFAULTS: defaults}
 
 
 def train_steps(config: TrainConfig, num_rows: int, global_batch: int) -> int:
@@ -368,14 +396,17 @@ def make_backbone(config: TrainConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.pretrained:
-            backbone = StableDiffusionBackbone.from_pretrained(config.pretrained, config.lora_rank, config.lora_alpha,
-                                                               config.lora_target_modules)
+            backbone = pretrained_backbone(config.pretrained, config.lora_rank, config.lora_alpha,
+                                           config.lora_target_modules, config.max_sequence_length, config.resolution)
         elif config.from_scratch:
             backbone = PixelBackbone.create(config.resolution or 32, config.text_max_length, config.block_out_channels)
         else:
             with loading_shipped(shipped_backbone_dir()):
                 backbone = PixelBackbone.from_run(shipped_backbone_dir(), name=SHIPPED_NAME)
     if config.prediction_type:  # as diffusers' --prediction_type: the run saves the scheduler with it
+        if "prediction_type" not in backbone.scheduler.config:
+            raise PogdiffError(f"--prediction-type {config.prediction_type}: a flow-matching backbone ({backbone.kind}) "
+                               "always predicts the velocity; drop --prediction-type")
         backbone.scheduler.register_to_config(prediction_type=config.prediction_type)
     return backbone
 
@@ -391,10 +422,17 @@ def neighbours_of(config: TrainConfig) -> NeighbourRequest | None:
     return neighbour_request(config.method, config.method_options)
 
 
-def make_loss(config: TrainConfig, backbone, encoded: EncodedDataset) -> DiffusionLoss:
-    """The method's loss with its options (``config.method_options``), on the tables it looks up by row (for
-    PoGDiff, Eq. 8's table as ``encode_for_training`` built it)."""
-    return METHODS[config.method](backbone.scheduler, loss_tables(encoded, neighbours_of(config)),
+def forward_process(config: TrainConfig, backbone):
+    """The backbone's forward process (DDPM or a flow) with the run's options."""
+    return backbone.forward_process(weighting_scheme=config.weighting_scheme, logit_mean=config.logit_mean,
+                                    logit_std=config.logit_std, mode_scale=config.mode_scale,
+                                    snr_gamma=config.snr_gamma)
+
+
+def make_loss(config: TrainConfig, process, encoded: EncodedDataset) -> DiffusionLoss:
+    """The method's loss with its options (``config.method_options``) under the backbone's forward ``process``, on
+    the tables it looks up by row (for PoGDiff, Eq. 8's table as ``encode_for_training`` built it)."""
+    return METHODS[config.method](process, loss_tables(encoded, neighbours_of(config)),
                                   snr_gamma=config.snr_gamma, noise_offset=config.noise_offset,
                                   **config.method_options)
 
@@ -554,7 +592,7 @@ def log_validation(accelerator: Accelerator, backbone, config: TrainConfig, out:
         ema.copy_to(trained)
     images = generate(backbone, config.validation_prompts, config.num_validation_images, seed=config.seed,
                       progress=False)
-    backbone.unet.train()
+    backbone.denoiser.train()
     if ema is not None:
         ema.restore(trained)
     per_prompt = images.view(len(config.validation_prompts), config.num_validation_images, *images.shape[1:])
