@@ -252,3 +252,13 @@ def test_other_weights_at_the_base_path_are_refused_on_resume_and_sample(pipelin
     err = one_line_error(capsys, ["sample", finished, "--prompt", PROMPT, "--out", tmp_path / "samples",
                                   "--no-progress"])
     assert "not the weights the LoRA run" in err and not (tmp_path / "samples").exists()
+
+
+def test_a_flux_resolution_that_does_not_pack_is_refused(pipelines):
+    """Flux packs 2x2 latent patches: with its tiny VAE's factor 2, 34 px is an odd 17-wide latent (FLUX.1's factor
+    8 makes it multiples of 16, finer than --resolution's multiples of 8)."""
+    from pogdiff.backbones.backbone import pretrained_backbone
+    from pogdiff.errors import PogdiffError
+
+    with pytest.raises(PogdiffError, match="--resolution 34: a FluxPipeline takes multiples of 4"):
+        pretrained_backbone(pipelines["tiny-flux"], resolution=34)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -94,7 +95,7 @@ def data_dir_of(typed: dict) -> str:
     from pogdiff.data.dataset import METADATA_FILE
 
     given = [typed[k] for k in ("data_dir", "train_data_dir") if typed.get(k)]
-    if len({Path(folder).resolve() for folder in given}) > 1:
+    if len({os.path.realpath(folder) for folder in given}) > 1:  # realpath: a symbolic link loop is no traceback
         raise PogdiffError(f"DATA {typed['data_dir']} and --train_data_dir {typed['train_data_dir']} name two "
                            "datasets; pass one of them")
     if not given and not typed.get("dataset_name"):

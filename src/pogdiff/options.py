@@ -189,15 +189,15 @@ class TrainConfig:
                                          "and saved with the run", choices=PREDICTION_TYPES,
                                          shown="the checkpoint scheduler's, epsilon for SD v1.5 and the small backbone",
                                          rule=one_of(*PREDICTION_TYPES))
-    lora_rank: int | None = option(None, "train LoRA adapters of this rank instead of the whole UNet", group=LORA,
-                                   aliases=("--rank",), metavar="R", shown="none: the whole UNet", rule=integer(1))
+    lora_rank: int | None = option(None, "train LoRA adapters of this rank instead of the whole denoiser", group=LORA,
+                                   aliases=("--rank",), metavar="R", shown="none: the whole denoiser", rule=integer(1))
     # as train_text_to_image_lora.py: the rank (scale 1)
     lora_alpha: float | None = option(None, "LoRA alpha: the adapters' output is scaled by alpha / rank", group=LORA,
                                       metavar="ALPHA", shown="the rank", rule=number(above=0))
-    # None: the attention projections (StableDiffusionBackbone)
+    # None: the family's (pogdiff.backbones: LatentBackbone.lora_target_modules)
     lora_target_modules: tuple[str, ...] | None = option(
-        None, "the UNet's modules (names or name suffixes) that get adapters", group=LORA, metavar="MODULE",
-        shown="to_k to_q to_v to_out.0, the attention projections")
+        None, "the denoiser's modules (names or name suffixes) that get adapters", group=LORA, metavar="MODULE",
+        shown="what diffusers' LoRA script for the family targets: to_k to_q to_v to_out.0 for SD and SDXL")
     caption_column: str = option("text", "metadata column holding the caption", group=DATA)
     identity_column: str = option("identity", "metadata column holding the identity (Eq. 9 indicator, All/Few split)",
                                   group=DATA)
@@ -263,7 +263,8 @@ class TrainConfig:
     mode_scale: float = option(1.29, "scale of the mode timestep density", group=FLOW)
     max_sequence_length: int | None = option(None, "T5 tokens per caption (SD3, Flux); the cache holds this many "
                                              "states per distinct caption", group=FLOW,
-                                             shown="77 SD3, 512 Flux", rule=integer(1))
+                                             shown="77 SD3, 512 Flux",
+                                             rule=integer(1, 512, why="the SD3 and Flux pipelines read at most 512"))
     # bookkeeping: what a resumed run may change
     checkpointing_steps: int | None = option(None, "save the training state every N steps", group=BOOKS,
                                              shown="none: no checkpoint", resumable=True, rule=integer(1))
@@ -463,3 +464,10 @@ def _checked(convert: Callable[[str], Any], rule: Rule) -> Callable[[str], Any]:
 
     parse.rule = rule
     return parse
+
+
+def option_defaults() -> dict:
+    """Each training option's default, as JSON would hold it (what a checkpoint record of a version without the
+    option means by leaving it out)."""
+    return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+            for f in fields(TrainConfig) if f.default is not MISSING}

@@ -33,8 +33,10 @@ def set_process_group_timeout(seconds: float) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-
+        try:
+            from torch.distributed.distributed_c10d import _set_pg_timeout
+        except ImportError:  # torch < 2.2: the group keeps the timeout it was made with (process_state's)
+            return
         _set_pg_timeout(timedelta(seconds=seconds))
 
 

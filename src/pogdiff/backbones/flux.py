@@ -23,6 +23,7 @@ class FluxBackbone(FlowTransformerBackbone):
     kind = "flux"
     pipeline_class = "FluxPipeline"
     lora_target_modules = FLUX_LORA_TARGETS
+    latent_multiple = 2  # latents are packed in 2x2 patches
     default_guidance_scale = 3.5
     guidance = 3.5
     default_max_sequence_length = 512

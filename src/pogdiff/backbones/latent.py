@@ -80,6 +80,7 @@ class LatentBackbone:
     # training applies to the denoiser's input anyway (docs/scale.md has the measurement).
     cache_dtype: ClassVar[torch.dtype] = torch.float16
     load_options: ClassVar[dict] = {}  # for the pipeline's from_pretrained
+    latent_multiple: ClassVar[int] = 1  # what the latent's side must be a multiple of (Flux's 2x2 patches: 2)
 
     def __init__(self, pipeline, pretrained: str, lora_rank: int | None = None, max_sequence_length: int | None = None,
                  resolution: int | None = None):
@@ -94,6 +95,10 @@ class LatentBackbone:
         # the image size trained and sampled: the checkpoint's default unless a run says otherwise
         self.resolution = resolution or (getattr(pipeline, "default_sample_size", None)
                                          or self.denoiser.config.sample_size) * self.vae_scale_factor
+        multiple = self.vae_scale_factor * self.latent_multiple
+        if self.resolution % multiple:
+            raise PogdiffError(f"--resolution {self.resolution}: a {self.pipeline_class} takes multiples of {multiple} "
+                               "(its VAE's factor times its latent patches); pass one")
         self.text_encoder = self.make_text()
         for module in self.text_encoder.models:
             module.eval().requires_grad_(False)
@@ -117,8 +122,8 @@ class LatentBackbone:
     @staticmethod
     def training_scheduler(scheduler):
         """The noise schedule training draws from: the checkpoint's scheduler config in the scheduler class of
-        diffusers' training scripts (a copy: sampling may change the pipeline's)."""
-        return copy.deepcopy(scheduler)
+        diffusers' training scripts (a new one: sampling may change the pipeline's)."""
+        return type(scheduler).from_config(scheduler.config)
 
     def sampling_scheduler(self):
         """The scheduler sampling runs (the paper's DDIM for UNet backbones; a flow's own Euler)."""
@@ -283,7 +288,10 @@ class LatentBackbone:
         return {}
 
     def to(self, device, dtype: torch.dtype = torch.float32):
-        move_frozen_to(device, dtype, self.denoiser, self.vae, *self.text_encoder.models)
+        """On ``device``, the frozen weights in ``dtype`` but a VAE that overflows in float16 (``force_upcast``, SDXL's
+        among them), which stays float32, as diffusers' pipelines upcast it to decode."""
+        move_frozen_to(device, dtype, self.denoiser, *self.text_encoder.models)
+        move_frozen_to(device, torch.float32 if self.vae.config.get("force_upcast") else dtype, self.vae)
         return self
 
     def run_info(self) -> dict:

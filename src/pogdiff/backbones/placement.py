@@ -11,10 +11,12 @@ def precision_dtype(precision: str | None) -> torch.dtype:
 
 
 def move_frozen_to(device, dtype: torch.dtype, *modules: torch.nn.Module) -> None:
-    """Move modules to ``device``; parameters not being trained go to ``dtype`` (half precision
-    under mixed precision), trained ones stay float32, as diffusers' training scripts keep them."""
+    """Move modules to ``device``; parameters not being trained go to ``dtype`` (half precision under mixed
+    precision), except those a transformers model keeps in float32 (``_keep_in_fp32_modules``, T5's ``wo``); trained
+    ones keep their dtype (float32), as diffusers' training scripts keep them."""
     for module in modules:
         module.to(device)
-        for param in module.parameters():
-            if not param.requires_grad:
+        kept = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+        for name, param in module.named_parameters():
+            if not param.requires_grad and not kept.intersection(name.split(".")):
                 param.data = param.data.to(dtype)

@@ -39,9 +39,10 @@ class FlowTransformerBackbone(LatentBackbone):
 
 
 class StableDiffusion3Backbone(FlowTransformerBackbone):
-    """An SD3/SD3.5 checkpoint, trained as diffusers' ``train_dreambooth_lora_sd3.py`` does (velocity target,
-    logit-normal timesteps by default); without its T5 encoder (``text_encoder_3`` left out) T5's states are zeros,
-    as the pipeline has them."""
+    """An SD3/SD3.5 checkpoint, trained as diffusers' ``train_dreambooth_lora_sd3.py`` does (logit-normal timesteps
+    by default) on the velocity target: that script's default ``--precondition_outputs`` regresses x0 instead, which
+    is the velocity loss weighted by sigma_t^2 per example (docs/choices.md); without its T5 encoder
+    (``text_encoder_3`` left out) T5's states are zeros, as the pipeline has them."""
 
     kind = "stable-diffusion-3"
     pipeline_class = "StableDiffusion3Pipeline"

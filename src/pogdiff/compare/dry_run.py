@@ -66,12 +66,11 @@ def backbone_shape(pretrained: str | None, resolution: int | None,
     tokens = component_config(pretrained, "tokenizer", "tokenizer_config.json").get("model_max_length", 77)
     if family in ("StableDiffusion3Pipeline", "FluxPipeline"):  # per caption: T5's states (+ CLIP's), the pooled
         transformer = component_config(pretrained, "transformer")
-        t5 = component_config(pretrained, "text_encoder_3" if family == "StableDiffusion3Pipeline" else
-                              "text_encoder_2")
+        width = transformer["joint_attention_dim"]  # T5's width (SD3 without its T5 has zeros of it)
         sequence = max_sequence_length or (77 if family == "StableDiffusion3Pipeline" else 512)
         states = sequence + (min(tokens, 4096) if family == "StableDiffusion3Pipeline" else 0) + 1
         side = resolution or (transformer["sample_size"] if family == "StableDiffusion3Pipeline" else 128) * factor
-        return BackboneShape("latent", side, latent(side), states * t5["d_model"] * 2 + t5["d_model"] * 4,
+        return BackboneShape("latent", side, latent(side), states * width * 2 + width * 4,
                              transformer["num_attention_heads"] * transformer["attention_head_dim"])
     unet = component_config(pretrained, "unet")
     width = clip["hidden_size"]

@@ -7,7 +7,7 @@ loss never knows which model it trains (the backbone chooses its process):
 - ``add_noise(x0, noise, t)`` = a_t x0 + b_t eps, with ``scales(t) = (a_t, b_t)``;
 - ``target(x0, noise, t)``: the regression target of the model's output;
 - ``noise_to_signal(t)`` = (b_t / a_t)^2: x_t / a_t = x0 + (b_t / a_t) eps (T2H's posterior over sources);
-- ``time_fraction(t)`` in [0, 1]: how far along the process t is (CBDM's w = tau t / T);
+- ``time_fraction(t)`` in [0, 1]: the noise level of t (t / T for DDPM, sigma_t for a flow; CBDM's w = tau t / T);
 - ``example_weights(t, snr_gamma)``: the process's loss weighting (Min-SNR-gamma where it applies);
 - ``feature_time`` and ``signal_scale(t)``: where the 'unet' neighbour features read the denoiser,
   x = a_t x0 (almost no signal lost, no noise added).
@@ -77,8 +77,9 @@ class FlowMatchingProcess:
     """Rectified flow (Liu et al., 2023; Esser et al., 2024), as diffusers' SD3 and Flux DreamBooth-LoRA scripts
     train it: x_t = (1 - sigma_t) x0 + sigma_t eps and the target is the velocity eps - x0.
 
-    sigma_t is the scheduler's training schedule (``FlowMatchEulerDiscreteScheduler.sigmas``, its shift
-    included); t's index is drawn by ``weighting_scheme`` (``none``: uniform; ``logit_normal`` with
+    sigma_t is the scheduler's training schedule as the scheduler makes it (``FlowMatchEulerDiscreteScheduler``'s
+    sigmas: shifted by its ``shift`` for SD3, unshifted where it shifts by resolution at sampling, Flux's
+    ``use_dynamic_shifting``, as diffusers' scripts train it); t's index is drawn by ``weighting_scheme`` (``none``: uniform; ``logit_normal`` with
     ``logit_mean``, ``logit_std``; ``mode`` with ``mode_scale``), which also weights the loss
     (``sigma_sqrt``, ``cosmap``), all as those scripts' options of the same names.
     """
@@ -92,8 +93,8 @@ class FlowMatchingProcess:
                                "weighted by --weighting-scheme instead: drop --snr-gamma")
         self.scheduler = scheduler
         self.num_timesteps = scheduler.config.num_train_timesteps
-        self.sigmas = scheduler.sigmas[:self.num_timesteps].float()  # the last entry is the terminal 0
-        self.timesteps = scheduler.timesteps.float()
+        schedule = type(scheduler).from_config(scheduler.config)  # its training schedule, whatever sampling set
+        self.sigmas = schedule.sigmas.float()
         self.weighting_scheme, self.logit_mean, self.logit_std = weighting_scheme, logit_mean, logit_std
         self.mode_scale = mode_scale
 
@@ -106,10 +107,6 @@ class FlowMatchingProcess:
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigmas.to(t.device)[t]
-
-    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        """The timestep the transformer is given (sigma * 1000, as the scheduler's ``timesteps``)."""
-        return self.timesteps.to(t.device)[t]
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, b = self.scales(t)

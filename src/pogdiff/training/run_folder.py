@@ -47,7 +47,7 @@ from pogdiff.training.ownership import (BENCHMARK, DEMO, EVALUATION, MARKS, RELE
                                is_marked, refuse_if_in_use)
 from pogdiff.backbones.pretrained import PIPELINE_FILE
 from pogdiff.backbones.shipped import SHIPPED_NAME
-from pogdiff.options import RESUMABLE_CHANGES
+from pogdiff.options import RESUMABLE_CHANGES, option_defaults
 
 RUN_FILE = "pogdiff_run.json"
 PIPELINE_BACKBONE = "stable-diffusion"  # the backbone kind of a plain pipeline folder
@@ -284,10 +284,10 @@ class RunFolder:
         """Refuse inputs inside the folder, or the folder inside the dataset (reads nothing but the paths)."""
         out = self.path
         for what, folder in self.inputs:
-            if Path(folder).resolve().is_relative_to(out.resolve()):
+            if Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(out)):  # no traceback on a link loop
                 raise PogdiffError(f"{folder}: {what} is inside {self.flag} {out}, where --overwrite or a new run "
                                    f"would mix with it; choose an {self.flag} outside it")
-        if self.data_dir is not None and out.resolve().is_relative_to(Path(self.data_dir).resolve()):
+        if self.data_dir is not None and Path(os.path.realpath(out)).is_relative_to(os.path.realpath(self.data_dir)):
             raise PogdiffError(f"{out}: {self.flag} is inside the dataset {self.data_dir}, whose folder should hold "
                                f"only its images and metadata; choose an {self.flag} outside it")
 
@@ -406,7 +406,8 @@ class RunFolder:
         if changed:
             raise PogdiffError(f"{checkpoint}: {changed} is damaged (missing, or its bytes differ from the sha256 in "
                                f"{CHECKPOINT_RECORD}); {restart_from_before(checkpoint)}")
-        started = json.loads(json.dumps(record["options"]))
+        # an option the saving version did not have yet ran as its default
+        started = {**option_defaults(), **json.loads(json.dumps(record["options"]))}
         now = json.loads(json.dumps(given, default=str))
         # what an option left out stood for when the run started; where its record does not say (saved before
         # defaults were recorded), what it stands for now
