@@ -109,7 +109,7 @@ def run_workers(tmp_path, mode, caches, group, extra_env=None):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
         results.append(json.loads(out.read_text()))
-    return results, log.read_text().split()
+    return results, log.read_text().split() if log.exists() else []
 
 
 def written_by(shard):
@@ -160,6 +160,13 @@ def test_two_machines_build_once_when_they_share_the_cache_and_each_for_itself_w
         assert not leftovers(cache)
 
 
+def test_an_error_of_the_first_stage_stops_every_process_with_its_line(tmp_path):
+    """The main process fails inside built_once_first: the other machine's first process does not run the block,
+    nor wait for a stage that will not come; both stop with the main process's line."""
+    results, _ = run_workers(tmp_path, "fail", [tmp_path / "cache"] * 2, group=True)
+    assert results == [{"error": "CACHE/table: broken; compute it again"}] * 2
+
+
 # --- the worker ---
 
 def rendezvous():
@@ -207,7 +214,19 @@ def fake_datasets(log):
 
 def worker(mode, saved, cache, out, log):
     from pogdiff.data.hf_datasets import dataset_folder
+    from pogdiff.errors import PogdiffError
     from pogdiff.files import sha256
+    from pogdiff.processes import built_once_first, process_state
+
+    if mode == "fail":
+        try:
+            with built_once_first():
+                if process_state().is_main_process:
+                    raise PogdiffError("CACHE/table: broken; compute it again")
+                Path(out).write_text(json.dumps({"ran": "the block of a later stage"}))
+        except PogdiffError as error:
+            Path(out).write_text(json.dumps({"error": str(error)}))
+        return end_process_group()
 
     sys.modules["datasets"] = fake_datasets(log)
     folder = dataset_folder(saved, cache_dir=cache)
@@ -221,7 +240,6 @@ def worker(mode, saved, cache, out, log):
         from pogdiff.data.image_files import ImageFiles
         from pogdiff.encode.cache import tensor_digest
         from pogdiff.encode.encoded_dataset import encode_dataset
-        from pogdiff.processes import built_once_first
 
         dataset = load_dataset(folder)
         torch.manual_seed(0)
@@ -233,6 +251,17 @@ def worker(mode, saved, cache, out, log):
         result.update(digests=digests, elbo=tensor_digest(encoded.elbo), states=tensor_digest(
             encoded.caption_table.read_all()), captions=len(encoded.caption_table))
     Path(out).write_text(json.dumps(result))
+    end_process_group()
+
+
+def end_process_group():
+    """As pogdiff.cli ends its process group at exit: gloo aborts a process ("terminate called without an active
+    exception") that exits with its group alive while its peer still talks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -40,12 +40,16 @@ def set_process_group_timeout(seconds: float) -> None:
         _set_pg_timeout(timedelta(seconds=seconds))
 
 
+BUILD_STAGES = 3  # the main process; the first process of each other machine; every other process
+
+
 @contextlib.contextmanager
 def built_once_first() -> Iterator[None]:
     """Around work that builds something into the cache folder, then reads it (a table built from all rows, a
     memo of file digests, a dataset's conversion): the main process runs the block first, then the local main
-    process of each other machine, then every other process, each stage waiting for the one before at a barrier
-    (the process group's timeout, --ddp-timeout).
+    process of each other machine, then every other process, each stage waiting for the one before (the
+    process group's timeout, --ddp-timeout). An error in a stage reaches every process at the end of that stage:
+    all stop with its line, none waits for a stage that will not come.
 
     When the cache folder is shared by the machines, the block finds what the main process built and only reads
     it: built once in all. When each machine has its own cache folder, the first process of each machine finds
@@ -53,8 +57,31 @@ def built_once_first() -> Iterator[None]:
     machine's other processes then read. Nothing here needs to know which of the two it is (docs/scale.md,
     "Several machines"). One process alone runs the block and nothing more."""
     state = process_state()
-    with state.main_process_first(), state.local_main_process_first():
+    if state.num_processes == 1:
         yield
+        return
+    mine = 0 if state.is_main_process else 1 if state.is_local_main_process else 2
+    for _ in range(mine):  # the stages before this process's
+        _end_of_stage(None)
+    try:
+        yield
+    except Exception as error:  # every error, not only ours: the others would wait at the end of the stage
+        _end_of_stage(str(error) if isinstance(error, PogdiffError) else f"another process: {first_line(error)}",
+                      error)
+        raise
+    _end_of_stage(None)
+    for _ in range(mine + 1, BUILD_STAGES):
+        _end_of_stage(None)
+
+
+def _end_of_stage(failure: str | None, error: Exception | None = None) -> None:
+    """Every process's outcome of a stage of :func:`built_once_first`; the first failure is raised everywhere (the
+    failing process raises its own ``error``)."""
+    from accelerate.utils import gather_object
+
+    failures = [f for f in gather_object([failure]) if f is not None]
+    if failures and error is None:
+        raise PogdiffError(failures[0])
 
 
 def on_main_process(work: Callable[[], T]) -> T:

@@ -75,7 +75,6 @@ class LatentBackbone:
     lora_target_modules: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     default_guidance_scale: ClassVar[float] = 7.5
     sample_batch_size: ClassVar[int] = 8
-    encode_batch_size: ClassVar[int] = 16
     # Latents in float16: a relative round-off of 2^-11, below the bf16/fp16 rounding that mixed-precision
     # training applies to the denoiser's input anyway (docs/scale.md has the measurement).
     cache_dtype: ClassVar[torch.dtype] = torch.float16
@@ -211,6 +210,11 @@ class LatentBackbone:
         return 1e-4 if self.lora_rank else 1e-5
 
     @property
+    def encode_batch_size(self) -> int:
+        """Images the VAE encodes at once: 16 up to 512 px, fewer above (a 1024-px image takes ~2.5 GB in float32)."""
+        return max(1, min(16, 16 * 512 ** 2 // self.resolution ** 2))
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -286,6 +290,12 @@ class LatentBackbone:
     def sample_options(self) -> dict:
         """Options of the pipeline's call beyond the prompts, noise, steps, guidance and size."""
         return {}
+
+    def encoders_to(self, device):
+        """The VAE and the text encoders alone on ``device`` in float32, to encode the dataset; the denoiser stays
+        where it is until the run's precision is known (Flux's transformer is 48 GB in float32)."""
+        move_frozen_to(device, torch.float32, self.vae, *self.text_encoder.models)
+        return self
 
     def to(self, device, dtype: torch.dtype = torch.float32):
         """On ``device``, the frozen weights in ``dtype`` but a VAE that overflows in float16 (``force_upcast``, SDXL's

@@ -124,6 +124,11 @@ class PixelBackbone:
             on_step()
         return self.decode(x)
 
+    def encoders_to(self, device) -> "PixelBackbone":
+        """The frozen encoders alone on ``device`` in float32, to encode the dataset; the denoiser stays where it is."""
+        move_frozen_to(device, torch.float32, self.text_encoder.model)
+        return self
+
     def to(self, device, dtype: torch.dtype = torch.float32) -> "PixelBackbone":
         move_frozen_to(device, dtype, self.denoiser, self.text_encoder.model)
         return self

@@ -284,11 +284,12 @@ def encode_for_training(dataset: ImageTextDataset, backbone, config, device, pre
     its cache.
 
     ``config`` holds the data options of :class:`pogdiff.training.train.TrainConfig`. The frozen encoders run in
-    float32 on ``device``; the 'unet' neighbour features run under ``precision``, after the backbone is
-    cast to it, as the training loop will.
+    float32 on ``device`` (the denoiser joins them only once cast to ``precision``: a large one never sits there in
+    float32); the 'unet' neighbour features run under ``precision``, after the backbone is cast to it, as the
+    training loop will.
     """
     state = PartialState()
-    backbone.to(device)
+    backbone.encoders_to(device)
     images = ImageFiles(dataset, config.resolution, config.center_crop, config.dataloader_num_workers,
                         config.cache_dir, config.progress and state.is_local_main_process)
     with built_once_first():
