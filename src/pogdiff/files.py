@@ -134,10 +134,16 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def stat_signature(path: str | Path) -> list[int]:
+    """What tells a file unchanged since it was read: size, mtime, ctime and inode (a rewrite in place whose mtime
+    was put back with ``os.utime`` still changes the ctime)."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
 def remembered_sha256(root: Path, names: list[str], memo_path: Path, what: str, progress: bool = False) -> list[str]:
-    """sha256 of each file ``root / name``, remembered in ``memo_path`` by (size, mtime, ctime, inode): a file is
-    read again only when one of them changes (``os.utime`` puts an mtime back, never a ctime: a rewrite in place
-    is seen). A memo that cannot be written is a warning; the digests are right either way."""
+    """sha256 of each file ``root / name``, remembered in ``memo_path`` by its :func:`stat_signature`: a file is
+    read again only when it changes. A memo that cannot be written is a warning; the digests are right either way."""
     import warnings
 
     from tqdm.auto import tqdm
@@ -151,8 +157,7 @@ def remembered_sha256(root: Path, names: list[str], memo_path: Path, what: str, 
     memo = memo if isinstance(memo, dict) else {}
     digests, changed = [], False
     for name in tqdm(names, desc=f"hash {what}", unit="file", disable=not progress, dynamic_ncols=True):
-        stat = os.stat(root / name)
-        seen = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+        seen = stat_signature(root / name)
         known = memo.get(name)
         if not (isinstance(known, list) and len(known) == len(seen) + 1 and known[:-1] == seen):
             known = [*seen, sha256(root / name)]

@@ -81,15 +81,14 @@ class LatentBackbone:
     load_options: ClassVar[dict] = {}  # for the pipeline's from_pretrained
     latent_multiple: ClassVar[int] = 1  # what the latent's side must be a multiple of (Flux's 2x2 patches: 2)
 
-    def __init__(self, pipeline, pretrained: str, lora_rank: int | None = None, max_sequence_length: int | None = None,
-                 resolution: int | None = None):
+    def __init__(self, pipeline, pretrained: str, max_sequence_length: int | None = None, resolution: int | None = None):
         self.pipeline = pipeline
         self.denoiser = getattr(pipeline, self.denoiser_name)
         self.vae = pipeline.vae.eval().requires_grad_(False)
         self.scheduler = self.training_scheduler(pipeline.scheduler)
         self.pretrained = pretrained
         self.pretrained_sha256: str | None = None  # of the checkpoint's files, where known (a LoRA run's base)
-        self.lora_rank = lora_rank
+        self.lora_rank: int | None = None  # set by add_lora, or from a LoRA run
         self.max_sequence_length = max_sequence_length
         # the image size trained and sampled: the checkpoint's default unless a run says otherwise
         self.resolution = resolution or (getattr(pipeline, "default_sample_size", None)

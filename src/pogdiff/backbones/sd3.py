@@ -23,10 +23,8 @@ class FlowTransformerBackbone(LatentBackbone):
     default_max_sequence_length: int  # diffusers' script's --max_sequence_length
     default_weighting_scheme: str  # diffusers' script's --weighting_scheme
 
-    def __init__(self, pipeline, pretrained: str, lora_rank: int | None = None, max_sequence_length: int | None = None,
-                 resolution: int | None = None):
-        super().__init__(pipeline, pretrained, lora_rank, max_sequence_length or self.default_max_sequence_length,
-                         resolution)
+    def __init__(self, pipeline, pretrained: str, max_sequence_length: int | None = None, resolution: int | None = None):
+        super().__init__(pipeline, pretrained, max_sequence_length or self.default_max_sequence_length, resolution)
 
     def forward_process(self, weighting_scheme: str | None = None, **options) -> FlowMatchingProcess:
         return FlowMatchingProcess(self.scheduler, weighting_scheme or self.default_weighting_scheme, **options)

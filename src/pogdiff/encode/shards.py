@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -54,7 +53,8 @@ from tqdm.auto import tqdm
 from pogdiff.encode.cache import cache_folder, cache_key, tensors_sha256
 from pogdiff.data.dataset import and_more
 from pogdiff.errors import DatasetError, PogdiffError, PogdiffWarning
-from pogdiff.files import atomic_path, apply_umask, remove_quietly, write_text_atomic
+from pogdiff.files import atomic_path, apply_umask, remove_quietly, stat_signature, write_text_atomic
+from pogdiff.processes import process_state
 
 Tensors = dict[str, torch.Tensor]
 
@@ -139,14 +139,13 @@ class ShardedTable:
     """(N, ...) rows, read like a tensor: ``table[index]`` (a long tensor, a list, a slice), ``len``, ``shape``,
     ``dtype``, ``device``, ``to(device)``.
 
-    The rows are in consecutive shards (of at most ``rows_per_shard`` rows when they were written; their own
-    lengths say where each starts), each a file read as it is asked for (:class:`MappedArray`); or in one
+    The rows are in consecutive shards (their own lengths say where each starts), each a file read as it is asked for (:class:`MappedArray`); or in one
     tensor on a device (:meth:`held_on`). A read lands on :attr:`device`: the host for shards, the device a
     table is held on.
     """
 
-    def __init__(self, parts: Sequence[MappedArray | HeldRows], rows_per_shard: int):
-        self.parts, self.rows_per_shard = list(parts), rows_per_shard
+    def __init__(self, parts: Sequence[MappedArray | HeldRows]):
+        self.parts = list(parts)
         self.row_shape, self.dtype, self.device = tuple(parts[0].shape[1:]), parts[0].dtype, parts[0].device
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])  # where each part's rows start
         self.num_rows = int(self.starts[-1])
@@ -154,7 +153,7 @@ class ShardedTable:
     @classmethod
     def holding(cls, rows: torch.Tensor) -> "ShardedTable":
         """A table of the rows of one tensor, held where it is."""
-        return cls([HeldRows(rows)], max(1, len(rows)))
+        return cls([HeldRows(rows)])
 
     def __len__(self) -> int:
         return self.num_rows
@@ -198,13 +197,6 @@ class CacheWriteError(PogdiffError):
 
 def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def _signature(path: Path) -> list[int]:
-    """What tells a shard file unchanged since it was verified: size, mtime, ctime and inode (a rewrite in place
-    whose mtime was put back still changes the ctime)."""
-    stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def _amount(size: float) -> str:
@@ -327,7 +319,7 @@ class ShardedCache:
         if not path.is_file():
             return "absent"
         try:
-            signature = _signature(path)
+            signature = stat_signature(path)
             meta, arrays = _open(path)
         except (OSError, SafetensorError) as error:
             return f"unreadable cache shard ({error})"
@@ -365,7 +357,7 @@ class ShardedCache:
         that cannot hold the missing shards (estimated from the first one computed), or a shard that cannot be
         written, stops this process's encoding: every process raises that one line instead.
         """
-        state = PartialState()
+        state = process_state()
         self._layout = self.plan()
         share, processes, shared = state.process_index, state.num_processes, True
         if state.num_processes > 1:  # every process has planned before any writes: all take process 0's plan
@@ -435,7 +427,7 @@ class ShardedCache:
         one a process does not see only costs work (every machine then encodes every shard)."""
         seen = probe is None or (self.folder.parent / probe).is_file()
         everyone = all(gather_object([seen]))
-        if probe is not None and PartialState().is_main_process:
+        if probe is not None and process_state().is_main_process:
             remove_quietly(self.folder.parent / probe)
         return everyone
 
@@ -465,7 +457,7 @@ class ShardedCache:
             with atomic_path(path) as tmp:
                 save_file({name: t.contiguous() for name, t in tensors.items()}, tmp, metadata=metadata)
                 apply_umask(tmp)
-            self._verified_now[path.name] = _signature(path)
+            self._verified_now[path.name] = stat_signature(path)
         except OSError as error:
             raise write_error(self.folder, error, f"cache shard {path.name}") from None
 
@@ -499,7 +491,7 @@ class ShardedCache:
                                    "cache?); run the command again")
             for name, array in _open(self.path(s))[1].items():
                 parts.setdefault(name, []).append(array)
-        return {name: ShardedTable(p, self.rows_per_shard) for name, p in parts.items()}
+        return {name: ShardedTable(p) for name, p in parts.items()}
 
 
 def local_processes() -> int:
@@ -511,7 +503,7 @@ def local_processes() -> int:
 
 def _signature_or_none(path: Path) -> list[int] | None:
     try:
-        return _signature(path)
+        return stat_signature(path)
     except OSError:
         return None
 

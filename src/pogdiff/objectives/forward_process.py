@@ -135,3 +135,6 @@ class FlowMatchingProcess:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigma(t))
+
+
+ForwardProcess = DDPMProcess | FlowMatchingProcess  # what a loss is given (the interface of the module docstring)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pogdiff.errors import PogdiffError
-from pogdiff.objectives.forward_process import DDPMProcess
+from pogdiff.objectives.forward_process import ForwardProcess
 from pogdiff.objectives.neighbours import (DEFAULT_NEIGHBOUR_FEATURES, NeighbourRequest, NeighbourTable,
                                           other_identity_share)
 from pogdiff.objectives.psi import image_similarity_weight, inverse_text_density_weight, pog_weight
@@ -85,7 +85,7 @@ class DiffusionLoss:
     OPTION_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}  # text option -> its values, where fixed
     SAMPLER: ClassVar[str] = "uniform"  # the row sampler the method implies (pogdiff.training.row_sampler)
 
-    def __init__(self, process: DDPMProcess, tables: LossTables, snr_gamma: float | None = None,
+    def __init__(self, process: ForwardProcess, tables: LossTables, snr_gamma: float | None = None,
                  noise_offset: float = 0.0):
         self.process = process
         self.tables = tables
@@ -166,7 +166,7 @@ class PoGDiffLoss(DiffusionLoss):
     }
     OPTION_FLAGS = {"k": "--k"}
 
-    def __init__(self, process: DDPMProcess, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
+    def __init__(self, process: ForwardProcess, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  k: int = DEFAULT_K, neighbour_features: str = DEFAULT_NEIGHBOUR_FEATURES,
                  a1: float = 1.0, a2: float = 10.0, a3: float = 1.0, psi_txt_max_ratio: float = 2.0,
                  use_psi_img: bool = True, use_psi_txt: bool = True, target_grad: bool = False):
@@ -240,7 +240,7 @@ class CBDMLoss(DiffusionLoss):
     OPTION_FLAGS = {"tau": "--cbdm-tau", "balance": "--cbdm-balance"}
     OPTION_CHOICES = {"balance": ("identities", "rows")}
 
-    def __init__(self, process: DDPMProcess, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
+    def __init__(self, process: ForwardProcess, tables: LossTables, snr_gamma: float | None = None, noise_offset: float = 0.0,
                  tau: float = 1.0, balance: str = "identities"):
         super().__init__(process, tables, snr_gamma, noise_offset)
         self.check_choice("balance", balance)
@@ -296,7 +296,7 @@ class T2HLoss(DiffusionLoss):
     OPTION_FLAGS = {"frequency": "--t2h-frequency"}
     OPTION_CHOICES = {"frequency": ("identity", "text_density")}
 
-    def __init__(self, process: DDPMProcess, tables: LossTables, snr_gamma: float | None = None,
+    def __init__(self, process: ForwardProcess, tables: LossTables, snr_gamma: float | None = None,
                  noise_offset: float = 0.0, frequency: str = "identity"):
         super().__init__(process, tables, snr_gamma, noise_offset)
         self.check_choice("frequency", frequency)
